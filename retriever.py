@@ -1,0 +1,317 @@
+"""Retrieval for igsearch: BM25 over a wiki-18 style corpus, and the Search-R1 HTTP server.
+
+Corpus (SPEC §5): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
+Server and client speak the Search-R1 schema: POST /retrieve with
+{"queries": [str], "topk": int, "return_scores": true} ->
+{"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}.
+Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
+
+    python retriever.py serve --corpus corpus.jsonl --port 8000
+    python retriever.py search --corpus corpus.jsonl --topk 3 "who wrote hamlet"
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import http.client
+import http.server
+import json
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+
+class InputError(ValueError):
+    """Bad user input. str(e) is one line: 'FILE:LINE: problem' (LINE omitted when not applicable)."""
+
+
+class RetrieverError(RuntimeError):
+    """The remote retriever could not answer; message names the URL and the last error."""
+
+
+@dataclass
+class Passage:
+    id: str
+    title: str
+    text: str
+    score: float
+
+
+def parse_contents(contents: str) -> tuple[str, str]:
+    """'"Title"\\ntext' -> ("Title", "text"); without a newline the whole string is the text."""
+    title, newline, text = contents.partition("\n")
+    if not newline:
+        return "", contents
+    title = title.strip()
+    if len(title) >= 2 and title[0] == title[-1] == '"':  # remove one pair only: titles may hold quotes
+        title = title[1:-1]
+    return title, text
+
+
+def _contents(passage: Passage) -> str:
+    """Inverse of parse_contents, the wiki-18 form the server sends back."""
+    return f'"{passage.title}"\n{passage.text}'
+
+
+def format_passages(passages: list[Passage], max_words: int | None = None) -> str:
+    """Search-R1 rendering; max_words keeps each text's first words (short CPU runs)."""
+    lines = []
+    for i, p in enumerate(passages, 1):
+        text = p.text
+        if max_words is not None and len(text.split()) > max_words:
+            text = " ".join(text.split()[:max_words])
+        lines.append(f'Doc {i}(Title: "{p.title}") {text}')
+    return "\n".join(lines)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case \\w+ words; the same function for corpus and queries."""
+    return re.findall(r"\w+", text.lower())
+
+
+def load_corpus(path: str) -> list[dict]:
+    """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row index."""
+    rows: list[dict] = []
+    first_line: dict[str, int] = {}  # id -> line it was first seen on, for the duplicate message
+    try:
+        with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte gets its line number
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:  # a BOM may open the file; the \r of CRLF is JSON whitespace
+                    line = raw.removeprefix(codecs.BOM_UTF8 if lineno == 1 else b"").decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(f"{where}: not UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{where}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                contents = row.get("contents")
+                if not isinstance(contents, str) or not contents.strip():
+                    raise InputError(f"{where}: 'contents' missing, empty or not a string")
+                doc_id = row.get("id", len(rows))
+                if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                    raise InputError(f"{where}: 'id' must be a string or an integer")
+                doc_id = str(doc_id)
+                if doc_id in first_line:
+                    raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+                first_line[doc_id] = lineno
+                rows.append({"id": doc_id, "contents": contents})
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise InputError(f"{path}: {e.strerror}") from None
+    if not rows:
+        raise InputError(f"{path}: corpus is empty")
+    return rows
+
+
+def _check_args(queries: list[str], topk: int) -> None:
+    if isinstance(queries, str):  # a bare string would be searched character by character
+        raise TypeError("queries must be a list of strings, not a string")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+
+
+class BM25Retriever:
+    """In-memory BM25 (rank_bm25.BM25Okapi) over tokenize(title + " " + text)."""
+
+    def __init__(self, corpus: str | list[dict]):
+        rows = load_corpus(corpus) if isinstance(corpus, str) else corpus
+        if not rows:
+            raise InputError("corpus is empty")
+        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0) for i, r in enumerate(rows)]
+        tokens = [tokenize(p.title + " " + p.text) for p in self.passages]
+        if not any(tokens):  # BM25Okapi divides by the vocabulary size
+            raise InputError("corpus has no words")
+        self.bm25 = BM25Okapi(tokens)
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
+        """Top-k passages per query; ties (and an empty query: all zeros) keep corpus order."""
+        _check_args(queries, topk)
+        results = []
+        for query in queries:
+            scores = self.bm25.get_scores(tokenize(query))  # (N,)
+            order = np.argsort(-scores, kind="stable")[:topk]
+            results.append([replace(self.passages[i], score=float(scores[i])) for i in order])
+        return results
+
+
+def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passage]]:
+    """Validate a Search-R1 response; items are {"document", "score"} or bare documents."""
+    result = payload.get("result") if isinstance(payload, dict) else None
+    if not isinstance(result, list) or len(result) != n_queries:
+        raise ValueError(f"expected 'result' as a list of {n_queries} lists")
+    out = []
+    for hits in result:
+        if not isinstance(hits, list):
+            raise ValueError("expected 'result' as a list of lists")
+        passages = []
+        for item in hits[:topk]:  # a server that ignores topk must not inflate the context
+            if isinstance(item, dict) and isinstance(item.get("document"), dict):
+                doc, score = item["document"], item.get("score", 0.0)
+            elif isinstance(item, dict) and "contents" in item:  # return_scores=false servers: bare documents
+                doc, score = item, 0.0
+            else:
+                raise ValueError("a result item is neither {document, score} nor a document")
+            if not isinstance(doc.get("contents"), str):
+                raise ValueError("a result document has no 'contents' string")
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise ValueError(f"score is not a number: {score!r}")
+            passages.append(Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score)))
+        out.append(passages)
+    return out
+
+
+class RemoteRetriever:
+    """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
+
+    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
+        if retries < 1:
+            raise ValueError("retries counts tries and must be at least 1")
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+
+    def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
+        """POST the batch; retry connection errors, timeouts, 5xx and bad bodies, never 4xx."""
+        _check_args(queries, topk)
+        if not queries:
+            return []
+        body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
+        last = ""
+        for attempt in range(self.retries):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return _parse_result(json.loads(response.read()), len(queries), topk)
+            except urllib.error.HTTPError as e:  # before URLError/OSError: it is a subclass of both
+                last = f"HTTP {e.code} {e.reason}: {e.read()[:200].decode('utf-8', 'replace')}"
+                if e.code < 500:  # the request itself is wrong: asking again will not help
+                    break
+            except urllib.error.URLError as e:
+                last = f"{e.reason}"
+            except (OSError, http.client.HTTPException) as e:  # timeouts while reading, dropped connections
+                last = f"{type(e).__name__}: {e}"
+            except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
+                last = f"bad response: {e}"
+        raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
+
+
+def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000, max_queries: int = 512,
+                max_query_chars: int = 2000, max_topk: int = 50) -> http.server.ThreadingHTTPServer:
+    """A Search-R1 compatible POST /retrieve server (not started: call serve_forever)."""
+
+    def read_request(body: bytes) -> tuple[list[str], int, bool]:
+        """Validate a request body; ValueError's message becomes the 400 reason."""
+        try:
+            request = json.loads(body)
+        except ValueError:
+            raise ValueError("body is not JSON") from None
+        queries = request.get("queries") if isinstance(request, dict) else None
+        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+            raise ValueError("'queries' must be a list of strings")
+        if len(queries) > max_queries:
+            raise ValueError(f"too many queries: {len(queries)} > {max_queries}")
+        if any(len(q) > max_query_chars for q in queries):
+            raise ValueError(f"a query is longer than {max_query_chars} characters")
+        topk = request.get("topk", 3)  # optional in Search-R1: the server's default when absent
+        topk = 3 if topk is None else topk
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= max_topk:
+            raise ValueError(f"'topk' must be an integer in 1..{max_topk}")
+        return_scores = request.get("return_scores", False)  # Search-R1's default
+        if not isinstance(return_scores, bool):
+            raise ValueError("'return_scores' must be true or false")
+        return queries, topk, return_scores
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 60  # a client that stalls mid-body frees its thread
+
+        def log_message(self, format: str, *args: object) -> None:  # one stderr line per request is noise
+            pass
+
+        def reply(self, code: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self.reply(405 if self.path == "/retrieve" else 404, {"error": "use POST /retrieve"})
+
+        def do_POST(self) -> None:
+            if self.path != "/retrieve":
+                return self.reply(404, {"error": f"unknown path {self.path}"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self.reply(400, {"error": "missing or bad Content-Length"})
+            if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:  # '\\uXXXX': 6 bytes a char
+                return self.reply(413, {"error": "request body too large"})
+            try:
+                queries, topk, return_scores = read_request(self.rfile.read(length))
+            except ValueError as e:
+                return self.reply(400, {"error": str(e)})
+            result = [[{"document": {"id": p.id, "contents": _contents(p)}, "score": p.score} if return_scores
+                       else {"id": p.id, "contents": _contents(p)} for p in hits]
+                      for hits in retriever.search(queries, topk)]
+            self.reply(200, {"result": result})
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True  # request threads must not keep the process alive on exit
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="BM25 retrieval: Search-R1 server or one-off search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve POST /retrieve")
+    serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max_queries", type=int, default=512, help="queries per request")
+    serve.add_argument("--max_query_chars", type=int, default=2000, help="characters per query")
+    serve.add_argument("--max_topk", type=int, default=50)
+    search = sub.add_parser("search", help="print the top passages for each query")
+    search.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
+    search.add_argument("--topk", type=int, default=3)
+    search.add_argument("queries", nargs="+", metavar="QUERY")
+    args = parser.parse_args(argv)
+    try:
+        retriever = BM25Retriever(args.corpus)
+        if args.command == "search":
+            for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
+                print(f"# {query}\n{format_passages(hits)}")
+            return 0
+        server = make_server(retriever, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk)
+    except (InputError, RetrieverError, ValueError, OSError) as e:  # OSError: port in use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"serving {len(retriever)} passages on http://{host}:{port}/retrieve", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
