@@ -54,11 +54,6 @@ def parse_contents(contents: str) -> tuple[str, str]:
     return title, text
 
 
-def _contents(passage: Passage) -> str:
-    """Inverse of parse_contents, the wiki-18 form the server sends back."""
-    return f'"{passage.title}"\n{passage.text}'
-
-
 def format_passages(passages: list[Passage], max_words: int | None = None) -> str:
     """Search-R1 rendering; max_words keeps each text's first words (short CPU runs)."""
     lines = []
@@ -144,7 +139,7 @@ class BM25Retriever:
         results = []
         for query in queries:
             scores = self.bm25.get_scores(tokenize(query))  # (N,)
-            order = np.argsort(-scores, kind="stable")[:topk]
+            order = np.argsort(-scores, kind="stable")[:topk]  # ties: corpus order
             results.append([replace(self.passages[i], score=float(scores[i])) for i in order])
         return results
 
@@ -215,6 +210,10 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 max_query_chars: int = 2000, max_topk: int = 50) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever)."""
 
+    def document(p: Passage) -> dict:
+        """A wiki-18 row again: the inverse of parse_contents."""
+        return {"id": p.id, "contents": f'"{p.title}"\n{p.text}'}
+
     def read_request(body: bytes) -> tuple[list[str], int, bool]:
         """Validate a request body; ValueError's message becomes the 400 reason."""
         try:
@@ -245,11 +244,14 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
 
         def reply(self, code: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): no one to tell
+                pass
 
         def do_GET(self) -> None:
             self.reply(405 if self.path == "/retrieve" else 404, {"error": "use POST /retrieve"})
@@ -267,8 +269,7 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 queries, topk, return_scores = read_request(self.rfile.read(length))
             except ValueError as e:
                 return self.reply(400, {"error": str(e)})
-            result = [[{"document": {"id": p.id, "contents": _contents(p)}, "score": p.score} if return_scores
-                       else {"id": p.id, "contents": _contents(p)} for p in hits]
+            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in hits]
                       for hits in retriever.search(queries, topk)]
             self.reply(200, {"result": result})
 
@@ -283,27 +284,33 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve POST /retrieve")
     serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max_queries", type=int, default=512, help="queries per request")
     serve.add_argument("--max_query_chars", type=int, default=2000, help="characters per query")
     serve.add_argument("--max_topk", type=int, default=50)
     search = sub.add_parser("search", help="print the top passages for each query")
-    search.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
+    source = search.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="JSON lines {id, contents}")
+    source.add_argument("--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve")
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
     args = parser.parse_args(argv)
     try:
-        retriever = BM25Retriever(args.corpus)
         if args.command == "search":
+            retriever = RemoteRetriever(args.url) if args.url else BM25Retriever(args.corpus)
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
-        server = make_server(retriever, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk)
-    except (InputError, RetrieverError, ValueError, OSError) as e:  # OSError: port in use
+        bm25 = BM25Retriever(args.corpus)
+        server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk)
+    except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # from make_server: port in use, unknown host
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
-    print(f"serving {len(retriever)} passages on http://{host}:{port}/retrieve", flush=True)
+    print(f"serving {len(bm25)} passages on http://{host}:{port}/retrieve", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
