@@ -124,10 +124,11 @@ class BM25Retriever:
         rows = load_corpus(corpus) if isinstance(corpus, str) else corpus
         if not rows:
             raise InputError("corpus is empty")
-        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0) for i, r in enumerate(rows)]
+        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
+                         for i, r in enumerate(rows)]
         tokens = [tokenize(p.title + " " + p.text) for p in self.passages]
-        if not any(tokens):  # BM25Okapi divides by the vocabulary size
-            raise InputError("corpus has no words")
+        if not any(tokens):  # BM25Okapi would divide by the (zero) vocabulary size
+            raise InputError(f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words")
         self.bm25 = BM25Okapi(tokens)
 
     def __len__(self) -> int:

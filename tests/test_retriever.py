@@ -28,7 +28,8 @@ PASSAGES = [
     ("Photosynthesis", "Photosynthesis converts light energy into chemical energy in plants."),
     ("Moon", "The Moon is the only natural satellite of the Earth."),
 ]
-QUERIES = ["who wrote hamlet", "capital of germany", "highest mountain", "Nobel prize physicist", "zzz unknown", ""]
+QUERIES = ["who wrote hamlet", "capital of germany", "highest mountain", "Nobel prize physicist",
+           "zzz unknown", ""]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -106,7 +107,8 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def ok_body(n_queries: int) -> bytes:
-    return json.dumps({"result": [[{"document": {"id": "9", "contents": '"T"\nx'}, "score": 1.5}]] * n_queries}).encode()
+    hit = {"document": {"id": "9", "contents": '"T"\nx'}, "score": 1.5}
+    return json.dumps({"result": [[hit]] * n_queries}).encode()
 
 
 def test_parse_contents():
@@ -270,6 +272,9 @@ def test_load_corpus_empty_and_missing(tmp_path: Path):
         load_corpus(str(tmp_path / "empty.jsonl"))
     with pytest.raises(InputError, match=r"nope\.jsonl: no such file"):
         load_corpus(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "punct.jsonl").write_text('{"contents": "?!"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"punct\.jsonl: corpus has no words"):
+        BM25Retriever(str(tmp_path / "punct.jsonl"))
 
 
 def test_load_corpus_bom_crlf_and_missing_id(tmp_path: Path):
