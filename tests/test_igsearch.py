@@ -310,3 +310,24 @@ def test_loss_gradient_is_zero_on_masked_tokens(tokenizer, tiny_model):
     tiny_model.zero_grad()
     ig.policy_loss(logp, adv, batch["loss_mask"])[0].backward()
     assert any(p.grad.abs().sum() > 0 for p in tiny_model.parameters())
+
+
+def test_policy_logprobs_equal_full_logits_at_trained_positions(tokenizer, tiny_model):
+    """The LM head on trained positions only must give the same log-probs as the full forward."""
+    trajs = []
+    for q, a in [("Question?", "<answer> a </answer>"), ("A much longer question here?", "<answer> Paris </answer>")]:
+        t = Trajectory(tokenizer(q).input_ids, q)
+        t.append(tokenizer("<search> q </search>").input_ids, "", True)
+        t.append(tokenizer("<documents> d </documents>").input_ids, "", False)
+        t.append(tokenizer(a).input_ids, "", True)
+        trajs.append(t)
+    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    logp, entropy = ig.policy_logprobs(tiny_model, batch)
+    for b, t in enumerate(trajs):  # reference: each sequence alone, full logits, no padding
+        ids = torch.tensor([t.prompt_ids + t.response_ids])
+        full = torch.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), -1)  # (T-1, V)
+        ref = full.gather(-1, ids[0, 1:, None])[:, 0][-len(t.response_ids):]  # (R_b,)
+        mask = torch.tensor(t.loss_mask).bool()
+        R = len(t.response_ids)
+        assert torch.allclose(logp[b, -R:][mask], ref[mask], atol=1e-5)
+        assert torch.all(logp[b, -R:][~mask] == 0) and torch.all(entropy[b, -R:][mask] > 0)

@@ -1,0 +1,144 @@
+"""Exact-match evaluation of a search policy on FlashRAG question files.
+
+    python evaluate.py                                  # the offline default model on the held-out wiki split
+    python evaluate.py --model runs/default/checkpoint --data nq.jsonl hotpotqa.jsonl --show 2
+
+Greedy rollouts through the same loop as training; prints dataset, n, EM, F1, searches per
+question and valid-answer rate, with an average row, and writes the results (config, retriever,
+corpus and top-k stated) atomically to a JSON file. `--show N` prints N trajectories with the
+information gain of each search step against the gold answer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import igsearch as ig
+import prepare
+from retriever import BM25Retriever, InputError, RemoteRetriever, RetrieverError, format_passages
+
+
+def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None):
+    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
+    backend = RemoteRetriever(retriever_url) if retriever_url else BM25Retriever(corpus)
+    return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int = 16, with_ig: bool = False,
+             template: str = "igsearch", desc: str = "eval", **rollout_kw) -> tuple[dict, list]:
+    """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs."""
+    tpl = ig.TEMPLATES[template]
+    was_training = model.training
+    model.eval()
+    pairs, em, f1 = [], [], []
+    for k in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
+        batch = questions[k: k + batch_size]
+        prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
+        trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0, **rollout_kw)
+        if with_ig:
+            ig.information_gain(model, tokenizer, trajs, [q["golden_answers"] for q in batch], template=tpl)
+        for q, t in zip(batch, trajs):
+            pred = ig.extract_answer(t)
+            em.append(ig.exact_match(pred, q["golden_answers"]))
+            f1.append(ig.f1_score(pred, q["golden_answers"]))
+            pairs.append((q, t))
+    model.train(was_training)
+    n = len(pairs)
+    summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
+               "searches": sum(len(t.steps) for _, t in pairs) / n,
+               "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n}
+    return summary, pairs
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Dataset | n | EM | F1 | searches | valid, with an average row when there are several datasets."""
+    lines = [f"{'dataset':<24}{'n':>6}{'EM':>8}{'F1':>8}{'search/q':>10}{'valid':>8}"]
+    rows = dict(rows)
+    if len(rows) > 1:
+        keys = ("em", "f1", "searches", "valid")
+        rows["average"] = {"n": sum(r["n"] for r in rows.values()),
+                           **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}}
+    for name, r in rows.items():
+        lines.append(f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}")
+    return "\n".join(lines)
+
+
+def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
+    """A trajectory as a reader should see it: each search step with its query, passages and IG."""
+    out = [f"Q: {question['question']}   gold: {question['golden_answers']}"]
+    for t, step in enumerate(traj.steps):
+        igv = "n/a" if step.ig is None else f"{step.ig:+.3f}"
+        out.append(f"  step {t + 1}: <search> {step.query} </search>   IG = {igv}")
+        out += ["      " + line for line in step.documents.strip().splitlines()]
+        if step.refine:
+            out.append(f"      refine: {step.refine}")
+    pred = ig.extract_answer(traj)
+    out.append(f"  answer: {pred!r}   EM = {ig.exact_match(pred, question['golden_answers']):.0f}")
+    out.append("  --- full response ---\n" + traj.response_text.strip())
+    return "\n".join(out)
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically: a temporary file, then rename."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
+    p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
+    p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
+    p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--doc_words", type=int, default=40, help="words kept per passage (0 = all)")
+    p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0 = all)")
+    p.add_argument("--template", default="igsearch", choices=sorted(ig.TEMPLATES))
+    p.add_argument("--max_searches", type=int, default=2)
+    p.add_argument("--max_turn_tokens", type=int, default=48)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
+    p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
+    args = p.parse_args(argv)
+    try:
+        data = prepare.default_data() if not (args.data and args.corpus) else {}
+        files = args.data or [data["test"]]
+        model, tokenizer = prepare.load_model(args.model)
+        search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
+        rows, shown = {}, []
+        for path in files:
+            questions = prepare.load_questions(path)[: args.limit or None]
+            summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,
+                                      with_ig=args.show > 0, template=args.template, max_searches=args.max_searches,
+                                      max_turn_tokens=args.max_turn_tokens, desc=Path(path).stem)
+            rows[Path(path).stem] = summary
+            shown += pairs[: max(0, args.show - len(shown))]
+    except (InputError, RetrieverError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for q, t in shown:
+        print(show_trajectory(q, t) + "\n")
+    print(format_table(rows))
+    out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
+    write_json(out, {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "offline default",
+                     "retriever": args.retriever_url or f"BM25 over {args.corpus or data.get('corpus')}",
+                     "topk": args.topk, "doc_words": args.doc_words, "config": vars(args), "results": rows})
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

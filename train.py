@@ -1,0 +1,323 @@
+"""Train a search policy with IG-Search: REINFORCE over groups of rollouts, information gain on queries.
+
+    python train.py                          # offline default: SmolLM2-135M, wiki QA, BM25, 2 CPU cores
+    python train.py --preset paper           # the paper's setting (Qwen2.5-3B, GPU)
+    python train.py --outcome_only           # the Search-R1 GRPO baseline (alpha = 0)
+    python train.py --resume runs/default    # continue a run from its last checkpoint
+
+Each step: sample questions -> G rollouts each -> exact-match reward and IG per search step ->
+group advantages plus alpha * IG on query tokens -> one REINFORCE update -> one log line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import igsearch as ig
+import prepare
+from evaluate import evaluate, format_table, make_search, write_json
+from retriever import InputError, RetrieverError
+
+
+@dataclass
+class Config:
+    # data, model, retriever ("" = the offline default built by prepare.py)
+    model: str = ""  # HF name or folder (paper: Qwen/Qwen2.5-3B)
+    train_data: str = ""  # FlashRAG JSON lines (paper: NQ + HotpotQA train)
+    test_data: str = ""  # held-out questions for the before/after table
+    corpus: str = ""  # wiki-18 JSON lines for in-memory BM25 (paper: wiki-18 with E5)
+    retriever_url: str = ""  # Search-R1 /retrieve endpoint; replaces corpus when set
+    topk: int = 3  # passages per search (paper 3)
+    doc_words: int = 40  # words kept per passage, 0 = all (paper: up to 512 tokens)
+    template: str = "igsearch"  # prompt and tags: igsearch (documents + refine) or searchr1
+    # rollout
+    questions_per_step: int = 4  # prompts per step (paper 256)
+    group_size: int = 4  # G rollouts per question, the baseline's group (paper 5)
+    max_searches: int = 2  # searches per rollout before the final answer turn (paper 5)
+    max_turn_tokens: int = 48  # new tokens per turn (paper 512)
+    max_response_tokens: int = 512  # response budget, documents included (paper ~4096)
+    temperature: float = 1.0  # sampling temperature (paper 1.0)
+    # reward
+    outcome_only: bool = False  # alpha = 0: the Search-R1 GRPO baseline
+    ig_alpha: float = 0.3  # weight of IG on the query tokens (paper 0.3)
+    ig_n_random: int = 3  # N counterfactual document sets per step (paper 3)
+    ig_baseline: str = "random"  # random (paper) or empty (the paper's ablation)
+    ig_head_weight: float = 3.0  # weight of the first 3 answer tokens in s(a*|C) (official code 3; 1 = plain mean)
+    ig_all_golds: bool = False  # score every gold answer and keep the best (default: the first)
+    ig_dead_zone: float = 0.0  # |IG| below this counts as 0 (paper: delta, value not public)
+    ig_neg_scale: float = 1.0  # factor on negative IG (paper: eta < 1, value not public)
+    ig_clip: float = 0.0  # clip IG to [-c, c], 0 = off
+    ig_max_len: int = 1024  # scoring contexts are left-truncated to this many tokens
+    ig_batch_size: int = 16  # scoring sequences per forward pass
+    normalize_std: bool = True  # divide the group advantage by the group's std
+    # optimisation
+    steps: int = 20  # RL steps (paper 200)
+    lr: float = 2e-6  # AdamW learning rate (paper 1e-6)
+    kl_coef: float = 0.0  # k3 KL penalty to the frozen start model (paper 0.001)
+    grad_clip: float = 1.0  # gradient-norm clip
+    micro_batch: int = 8  # rollouts per forward/backward in the update (gradient accumulation)
+    warmup_examples: int = 0  # format warm-up: supervised trajectories from the train split (0 = off)
+    warmup_lr: float = 5e-5  # learning rate of the warm-up
+    warmup_batch: int = 8  # trajectories per warm-up step
+    # evaluation, logging, checkpoints
+    eval_questions: int = 100  # held-out questions in the before/after table (0 = skip)
+    eval_batch: int = 32  # questions per evaluation rollout batch
+    out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
+    save_every: int = 10  # checkpoint every K steps (and at the end)
+    seed: int = 0  # one seed for data order, sampling and counterfactual draws
+
+
+PRESETS = {
+    "default": {},
+    "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
+                  max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
+                  kl_coef=0.001, micro_batch=8, ig_batch_size=32, ig_max_len=4096, eval_questions=0,
+                  out_dir="runs/paper"),
+}
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
+    """--field value for every Config field, --preset NAME, --resume RUN_DIR. Returns (config, resume)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
+    for f in dataclasses.fields(Config):
+        if f.type == "bool":  # --flag, or --flag true/false
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
+        else:
+            p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str), default=None)
+    args = p.parse_args(argv)
+    values = dataclasses.asdict(Config())
+    if args.resume:
+        values.update(json.loads((Path(args.resume) / "config.json").read_text()))
+    values.update(PRESETS[args.preset] if not args.resume else {})
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg, args.resume
+
+
+def check_config(cfg: Config) -> None:
+    """Values out of range stop the run with one line naming the field and what it accepts."""
+    rules = [("group_size", cfg.group_size >= 2, "an integer >= 2"), ("ig_alpha", cfg.ig_alpha >= 0, ">= 0"),
+             ("topk", cfg.topk >= 1, "an integer >= 1"), ("questions_per_step", cfg.questions_per_step >= 1, ">= 1"),
+             ("max_searches", cfg.max_searches >= 0, ">= 0"), ("max_turn_tokens", cfg.max_turn_tokens >= 1, ">= 1"),
+             ("ig_n_random", cfg.ig_n_random >= 1, ">= 1"), ("micro_batch", cfg.micro_batch >= 1, ">= 1"),
+             ("ig_baseline", cfg.ig_baseline in ("random", "empty"), "random or empty"),
+             ("template", cfg.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
+             ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0")]
+    for name, ok, accepted in rules:
+        if not ok:
+            raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range (accepted: {accepted})")
+
+
+def rng_state(gens: dict[str, torch.Generator]) -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            **{k: g.get_state() for k, g in gens.items()}}
+
+
+def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, cfg: Config, gens: dict) -> None:
+    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+    tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(gens)}, tmp / "state.pt")
+    (tmp / "config.json.igsearch").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(run: Path, optimizer, gens: dict) -> int:
+    """Restore optimizer and every RNG state; returns the step to continue from."""
+    ckpt = run / "checkpoint" if (run / "checkpoint").exists() else run / "checkpoint.old"
+    state = torch.load(ckpt / "state.pt", weights_only=False)  # python/numpy RNG states are tuples
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    for k, g in gens.items():
+        g.set_state(state["rng"][k])
+    return state["step"]
+
+
+def warmup(model, tokenizer, questions: list[dict], search, cfg: Config, gen: torch.Generator) -> None:
+    """Format warm-up: supervised steps on trajectories built mechanically from the train split.
+
+    question -> <search> question </search> -> inserted documents (mask 0) -> <answer> gold </answer>,
+    kept only where the gold answer appears in the retrieved documents. Loss on the search and answer
+    tokens only, through the same mask and loss as the RL update.
+    """
+    tpl = ig.TEMPLATES[cfg.template]
+    order = torch.randperm(len(questions), generator=gen).tolist()
+    pool = [questions[i] for i in order[: cfg.warmup_examples * 2]]
+    docs = search([q["question"] for q in pool])
+    trajs = []
+    for q, d in zip(pool, docs):
+        gold = q["golden_answers"][0]
+        if gold.lower() not in d.lower() or len(trajs) >= cfg.warmup_examples:
+            continue
+        d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
+        trajs.append(ig.supervised_trajectory(tokenizer, ig.build_prompt(tokenizer, q["question"], tpl), [
+            (f"<search> {q['question']} </search>", True), (ig.observation_text(d, tpl), False),
+            (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    model.train()
+    for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up"):
+        batch = ig.response_batch(trajs[k: k + cfg.warmup_batch], tokenizer.pad_token_id, model.device)
+        logp, _ = ig.policy_logprobs(model, batch)
+        loss, _ = ig.policy_loss(logp, torch.ones_like(logp), batch["loss_mask"])  # = -mean log p(target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+
+def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) -> dict:
+    """One REINFORCE step over the batch, in micro-batches with gradient accumulation."""
+    model.train()
+    optimizer.zero_grad()
+    n_tokens = float(sum(sum(t.loss_mask) for t in trajs))  # sum_p mask_p over the whole batch
+    loss_sum, kl_sum, ent_sum = 0.0, 0.0, 0.0
+    for k in range(0, len(trajs), cfg.micro_batch):
+        mb = trajs[k: k + cfg.micro_batch]
+        batch = ig.response_batch(mb, tokenizer.pad_token_id, model.device)
+        R = batch["targets"].shape[1]
+        adv = torch.stack([torch.cat([a.new_zeros(R - len(a)), a]) for a in tok_adv[k: k + cfg.micro_batch]])  # (b, R)
+        logp, entropy = ig.policy_logprobs(model, batch)  # (b, R)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = ig.policy_logprobs(ref_model, batch)
+        loss, kl = ig.policy_loss(logp, adv.to(logp.device), batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens)
+        loss.backward()
+        loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
+        ent_sum += float((entropy * batch["loss_mask"]).sum())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    finite = np.isfinite(loss_sum) and np.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad()
+    return {"loss": loss_sum, "kl": kl_sum, "entropy": ent_sum / max(n_tokens, 1), "grad_norm": grad_norm,
+            "skipped": not finite}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def train(cfg: Config, resume: str = "") -> dict:
+    # ---- setup: device once, seeds, model, data, retriever, run folder
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
+    gens = {"data": torch.Generator().manual_seed(cfg.seed), "ig": torch.Generator().manual_seed(cfg.seed + 1),
+            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2)}
+    run = Path(resume or cfg.out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    data = prepare.default_data() if not (cfg.train_data and (cfg.corpus or cfg.retriever_url)) else {}
+    train_q = prepare.load_questions(cfg.train_data or data["train"])
+    test_path = cfg.test_data or data.get("test", "")
+    test_q = prepare.load_questions(test_path)[: cfg.eval_questions] if test_path and cfg.eval_questions else []
+    search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk, cfg.doc_words or None)
+    start_model = str(run / "checkpoint") if resume else cfg.model
+    model, tokenizer = prepare.load_model(start_model, device)
+    tpl = ig.TEMPLATES[cfg.template]
+    rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
+                      max_response_tokens=cfg.max_response_tokens)
+    eval_kw = dict(batch_size=cfg.eval_batch, template=cfg.template, max_searches=cfg.max_searches,
+                   max_turn_tokens=cfg.max_turn_tokens)
+    table, step = {}, 0
+    if not resume:
+        if test_q:
+            table["untrained"] = evaluate(model, tokenizer, test_q, search, desc="eval untrained", **eval_kw)[0]
+        if cfg.warmup_examples:
+            warmup(model, tokenizer, train_q, search, cfg, gens["data"])
+            if test_q:
+                table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up", **eval_kw)[0]
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if resume:
+        step = load_state(run, optimizer, gens)
+        table = json.loads((run / "table.json").read_text()) if (run / "table.json").exists() else {}
+    alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
+    bar = tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps)
+    for step in bar:
+        # ---- 1. sample questions, G rollouts each (consecutive rows share a question)
+        t0 = time.time()
+        idx = torch.randint(len(train_q), (cfg.questions_per_step,), generator=gens["data"]).tolist()
+        qs = [train_q[i] for i in idx for _ in range(cfg.group_size)]
+        prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in qs]
+        model.eval()
+        trajs = ig.rollout(model, tokenizer, prompts, search, temperature=cfg.temperature,
+                           generator=gens["sample"], **rollout_kw)
+        t1 = time.time()
+        # ---- 2. outcome rewards and information gain
+        golds = [q["golden_answers"] for q in qs]
+        rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, golds)])  # (B,)
+        if alpha > 0:
+            ig.information_gain(model, tokenizer, trajs, golds, template=tpl, n_random=cfg.ig_n_random,
+                                baseline=cfg.ig_baseline, all_golds=cfg.ig_all_golds, max_len=cfg.ig_max_len,
+                                batch_size=cfg.ig_batch_size, head_weight=cfg.ig_head_weight, generator=gens["ig"])
+        t2 = time.time()
+        # ---- 3. advantages: group baseline, plus alpha * IG~ / |Q_t| on the query tokens
+        adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
+        tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale, cfg.ig_clip or None)
+        # ---- 4. one on-policy update
+        stats = update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg)
+        t3 = time.time()
+        # ---- 5. log
+        igs = [s.ig for t in trajs for s in t.steps if s.ig is not None]
+        rec = {"step": step + 1, "reward": rewards.mean().item(), "em": rewards.mean().item(),
+               "ig_mean": float(np.mean(igs)) if igs else 0.0, "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
+               "searches": float(np.mean([len(t.steps) for t in trajs])),
+               "length": float(np.mean([len(t.response_ids) for t in trajs])),
+               "zero_adv_groups": float((rewards.view(-1, cfg.group_size).std(-1) == 0).float().mean()),
+               "valid": float(np.mean([ig.extract_answer(t) is not None for t in trajs])),
+               "truncated": float(np.mean([t.truncated for t in trajs])), **stats,
+               "t_rollout": t1 - t0, "t_ig": t2 - t1, "t_update": t3 - t2, "mem_gb": peak_memory_gb(device)}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(run, model, tokenizer, optimizer, step + 1, cfg, gens)
+    if test_q:
+        table["IG-Search" if alpha > 0 else "outcome-only"] = evaluate(
+            model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
+        write_json(str(run / "table.json"), table)
+        print(format_table(table))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_config(argv)
+        train(cfg, resume)
+    except (InputError, RetrieverError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
