@@ -10,7 +10,6 @@ information gain of each search step against the gold answer.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 import igsearch as ig
 import prepare
-from retriever import BM25Retriever, InputError, RemoteRetriever, RetrieverError, format_passages
+from retriever import BM25Retriever, InputError, OneLineParser, RemoteRetriever, RetrieverError, format_passages
 
 
 def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None):
@@ -98,7 +97,7 @@ def write_json(path: str, obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
     p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
     p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
@@ -112,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
         model, tokenizer = prepare.load_model(args.model)
@@ -124,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,
                                       with_ig=args.show > 0, template=args.template, max_searches=args.max_searches,
                                       max_turn_tokens=args.max_turn_tokens, desc=Path(path).stem)
-            rows[Path(path).stem] = summary
+            name = Path(path).stem
+            rows[name if name not in rows else f"{name}_{len(rows) + 1}"] = summary
             shown += pairs[: max(0, args.show - len(shown))]
     except (InputError, RetrieverError) as e:
         print(f"error: {e}", file=sys.stderr)

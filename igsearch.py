@@ -49,10 +49,9 @@ import torch
 # ----------------------------------------------------------------------------- 1. protocol
 
 IGSEARCH_INSTRUCTION = (
-    "Answer the question. Think inside <think> </think>. To search, write <search> query </search>; "
-    "results come back inside <documents> </documents>. Then write the useful facts inside "
-    "<refine> </refine>. Search as often as you need. Give the final answer, a few words, inside "
-    "<answer> </answer>. Question: "
+    "Answer the question. Think in <think> </think>. To search, write <search> query </search>; results "
+    "come in <documents> </documents>. Write the useful facts in <refine> </refine>. Give the final answer, "
+    "a few words, in <answer> </answer>. Question: "
 )
 SEARCHR1_INSTRUCTION = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
@@ -86,12 +85,16 @@ TEMPLATES = {
 
 
 def build_prompt(tokenizer, question: str, template: Template) -> str:
-    """The chat-templated prompt text (generation prompt included) for one question."""
-    content = template.instruction + question.strip() + "\n"
+    """The chat-templated prompt text (generation prompt included) for one question.
+
+    The instruction goes in the system turn, so templates that add a default system prompt
+    (SmolLM2, Qwen2.5) do not add theirs: fewer tokens, same content.
+    """
+    instruction, question = template.instruction.removesuffix("Question: ").strip(), question.strip()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": content}]
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": "Question: " + question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return content
+    return f"{instruction}\nQuestion: {question}\n"
 
 
 def sanitize_documents(text: str, special_tokens: list[str] = ()) -> str:
@@ -390,6 +393,67 @@ def answer_scores(model, contexts: list[list[int]], answers: list[list[int]], pa
             scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
     return scores
 
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Number of leading tokens that all sequences share."""
+    n = min(len(s) for s in seqs)
+    return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), n)
+
+
+@torch.no_grad()
+def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[list[int]], group_sizes: list[int],
+                                pad_id: int, max_len: int, batch_size: int = 16, head_tokens: int = 3,
+                                head_weight: float = 3.0) -> list[float]:
+    """answer_scores, with the tokens that a group of contexts shares computed once.
+
+    group_sizes[g] consecutive (context, answer) pairs form group g: the 1 + N contexts of one search
+    step, equal up to step t's documents. Each group's shared prefix runs once; its key/value cache
+    is repeated for the group's continuations (the rest of each context, then the answer), which run
+    batched, left-padded, with positions continuing after the prefix. Same scores as answer_scores
+    (same truncation and positions); batch_size counts continuation rows. A model that returns no
+    cache (the test fakes) is scored by answer_scores.
+    """
+    device = next(model.parameters()).device
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]
+    groups, first = [], 0  # (request indices, shared length)
+    for n in group_sizes:
+        idx = list(range(first, first + n))
+        first += n
+        # every continuation keeps at least one context token: it predicts the first answer token
+        shared = min([common_prefix_len([seqs[i] for i in idx])] + [len(seqs[i]) - len(answers[i]) - 1 for i in idx])
+        groups.append((idx, shared))
+    scores = [0.0] * len(seqs)
+    loose = [i for idx, shared in groups if shared < 1 for i in idx]  # nothing shared: score them whole
+    groups = sorted((g for g in groups if g[1] >= 1), key=lambda g: max(len(seqs[i]) for i in g[0]))
+    k = 0
+    while k < len(groups):
+        batch = [groups[k]]  # consecutive groups while their continuations fit batch_size rows
+        while k + len(batch) < len(groups) and sum(len(g[0]) for g in batch + [groups[k + len(batch)]]) <= batch_size:
+            batch.append(groups[k + len(batch)])
+        k += len(batch)
+        ids, attn, pos = left_pad([seqs[idx[0]][:shared] for idx, shared in batch], pad_id, device)  # (G, P)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            return answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
+        rows = torch.tensor([g for g, (idx, _) in enumerate(batch) for _ in idx], device=device)  # group of each row
+        cache.batch_select_indices(rows)  # (G, ...) -> (rows, ...): the prefix repeated for its continuations
+        req = [i for idx, _ in batch for i in idx]
+        cont_ids, cont_attn, cont_pos = left_pad([seqs[i][shared:] for idx, shared in batch for i in idx], pad_id, device)
+        cont_pos = cont_pos + attn.sum(-1)[rows][:, None]  # (rows, C): positions continue after the prefix
+        L = max(len(answers[i]) for i in req)
+        logits = model(input_ids=cont_ids, attention_mask=torch.cat([attn[rows], cont_attn], 1), position_ids=cont_pos,
+                       logits_to_keep=L + 1, **{cache_kw: cache}).logits  # (rows, L+1, V)
+        logp = token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L): position p predicts token p+1
+        for row, i in enumerate(req):
+            lp = logp[row, L - len(answers[i]):].cpu()  # (n,) the answer tokens in order
+            scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
+    if loose:
+        for i, s in zip(loose, answer_scores(model, [contexts[i] for i in loose], [answers[i] for i in loose], pad_id,
+                                             max_len, batch_size, head_tokens, head_weight)):
+            scores[i] = s
+    return scores
+
 
 def ig_context(traj: Trajectory, t: int, template: Template, replace: tuple[str, str] | None = None) -> str:
     """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then "\\n<answer> ".
@@ -421,22 +485,17 @@ def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: i
     return [others[i] for i in idx]
 
 
-@torch.no_grad()
-def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]], *,
-                     template: Template = TEMPLATES["igsearch"], n_random: int = 3, baseline: str = "random",
-                     all_golds: bool = False, max_len: int = 2048, batch_size: int = 16,
-                     head_tokens: int = 3, head_weight: float = 3.0,
-                     generator: torch.Generator | None = None) -> list[list[float | None]]:
-    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
+def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, template: Template,
+                n_random: int = 3, baseline: str = "random", all_golds: bool = False,
+                generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
+    """The scoring work of a batch: context ids, answer ids, and a plan of (i, t, first request, 1 + N).
 
-    All scoring sequences of the batch go through the model together (mini-batches).
-    Returns, per trajectory, the list of raw IG values (None where a step gets no IG).
+    The 1 + N requests of one (step, gold) are consecutive: the real context first, then the baselines.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     pool = [(s.documents, s.refine or "") for t in trajs for s in t.steps if len(s.documents.strip()) >= 10]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     requests: list[tuple[str, list[int]]] = []  # (context text, answer ids)
-    plan = []  # (traj, step, gold index, index of the real request, indices of the baseline requests)
+    plan = []  # (traj, step, index of the real request, number of requests)
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
             step.ig = None
@@ -455,8 +514,29 @@ def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list
                 requests += [(c, ans) for c in contexts]
                 plan.append((i, t, first, len(contexts)))
     ctx_ids = {c: tokenizer(c, add_special_tokens=False).input_ids for c in {r[0] for r in requests}}
-    scores = answer_scores(model, [ctx_ids[c] for c, _ in requests], [a for _, a in requests], pad_id,
-                           max_len, batch_size, head_tokens, head_weight)
+    return [ctx_ids[c] for c, _ in requests], [a for _, a in requests], plan
+
+
+@torch.no_grad()
+def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]], *,
+                     template: Template = TEMPLATES["igsearch"], n_random: int = 3, baseline: str = "random",
+                     all_golds: bool = False, max_len: int = 2048, batch_size: int = 16,
+                     head_tokens: int = 3, head_weight: float = 3.0, shared_prefix: bool = True,
+                     generator: torch.Generator | None = None) -> list[list[float | None]]:
+    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
+
+    All scoring sequences of the batch go through the model together (mini-batches); with
+    shared_prefix the part that a step's 1 + N contexts share runs once (same values).
+    Returns, per trajectory, the list of raw IG values (None where a step gets no IG).
+    """
+    contexts, answers, plan = ig_requests(tokenizer, trajs, golds, template=template, n_random=n_random,
+                                          baseline=baseline, all_golds=all_golds, generator=generator)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if shared_prefix:
+        scores = answer_scores_shared_prefix(model, contexts, answers, [n for *_, n in plan], pad_id, max_len,
+                                             batch_size, head_tokens, head_weight)
+    else:
+        scores = answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
     best: dict[tuple[int, int], tuple[float, float]] = {}  # (i, t) -> (real score, IG) of the best gold
     for i, t, first, n in plan:
         real, rand = scores[first], scores[first + 1: first + n]

@@ -31,6 +31,13 @@ class InputError(ValueError):
     """Bad user input. str(e) is one line: 'FILE:LINE: problem' (LINE omitted when not applicable)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes end in one line naming the problem and a non-zero exit."""
+
+    def error(self, message: str):
+        raise InputError(f"command line: {message} (see --help)")
+
+
 class RetrieverError(RuntimeError):
     """The remote retriever could not answer; message names the URL and the last error."""
 

@@ -10,10 +10,10 @@ group advantages plus alpha * IG on query tokens -> one REINFORCE update -> one 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
+import os
 import random
 import resource
 import shutil
@@ -29,7 +29,7 @@ from tqdm import tqdm
 import igsearch as ig
 import prepare
 from evaluate import evaluate, format_table, make_search, write_json
-from retriever import InputError, RetrieverError
+from retriever import InputError, OneLineParser, RetrieverError
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Config:
     lr: float = 2e-6  # AdamW learning rate (paper 1e-6)
     kl_coef: float = 0.0  # k3 KL penalty to the frozen start model (paper 0.001)
     grad_clip: float = 1.0  # gradient-norm clip
+    max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
     micro_batch: int = 8  # rollouts per forward/backward in the update (gradient accumulation)
     warmup_examples: int = 0  # format warm-up: supervised trajectories from the train split (0 = off)
     warmup_lr: float = 5e-5  # learning rate of the warm-up
@@ -78,6 +79,10 @@ class Config:
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
     save_every: int = 10  # checkpoint every K steps (and at the end)
     seed: int = 0  # one seed for data order, sampling and counterfactual draws
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps); the message says what is on disk."""
 
 
 PRESETS = {
@@ -91,7 +96,7 @@ PRESETS = {
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     """--field value for every Config field, --preset NAME, --resume RUN_DIR. Returns (config, resume)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
     for f in dataclasses.fields(Config):
@@ -102,6 +107,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     args = p.parse_args(argv)
     values = dataclasses.asdict(Config())
     if args.resume:
+        if not (Path(args.resume) / "config.json").exists():
+            raise InputError(f"{args.resume}: not a run folder (no config.json)")
         values.update(json.loads((Path(args.resume) / "config.json").read_text()))
     values.update(PRESETS[args.preset] if not args.resume else {})
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
@@ -125,7 +132,10 @@ def check_config(cfg: Config) -> None:
 
 
 def rng_state(gens: dict[str, torch.Generator]) -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             **{k: g.get_state() for k, g in gens.items()}}
 
 
@@ -147,14 +157,37 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, cfg: Conf
 def load_state(run: Path, optimizer, gens: dict) -> int:
     """Restore optimizer and every RNG state; returns the step to continue from."""
     ckpt = run / "checkpoint" if (run / "checkpoint").exists() else run / "checkpoint.old"
-    state = torch.load(ckpt / "state.pt", weights_only=False)  # python/numpy RNG states are tuples
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # no arbitrary unpickling
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     for k, g in gens.items():
-        g.set_state(state["rng"][k])
+        g.set_state(rng[k])
     return state["step"]
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Replace a text file atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def load_metrics(path: Path, upto: int) -> list[dict]:
+    """The records of metrics.jsonl up to step `upto`; a partial line from a crash is skipped with a warning."""
+    records = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{n}: skipped an incomplete record (the run was interrupted)", file=sys.stderr)
+            continue
+        if rec.get("step", 0) <= upto:
+            records.append(rec)
+    return records
 
 
 def warmup(model, tokenizer, questions: list[dict], search, cfg: Config, gen: torch.Generator) -> None:
@@ -259,17 +292,25 @@ def train(cfg: Config, resume: str = "") -> dict:
     if resume:
         step = load_state(run, optimizer, gens)
         table = json.loads((run / "table.json").read_text()) if (run / "table.json").exists() else {}
+        kept = load_metrics(run / "metrics.jsonl", step)  # drop records logged after the checkpoint
+        write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])
+    elif table:
+        write_json(str(run / "table.json"), table)
     alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
-    bar = tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps)
-    for step in bar:
+    bad_steps = 0
+    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
         # ---- 1. sample questions, G rollouts each (consecutive rows share a question)
         t0 = time.time()
         idx = torch.randint(len(train_q), (cfg.questions_per_step,), generator=gens["data"]).tolist()
         qs = [train_q[i] for i in idx for _ in range(cfg.group_size)]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in qs]
         model.eval()
-        trajs = ig.rollout(model, tokenizer, prompts, search, temperature=cfg.temperature,
-                           generator=gens["sample"], **rollout_kw)
+        try:
+            trajs = ig.rollout(model, tokenizer, prompts, search, temperature=cfg.temperature,
+                               generator=gens["sample"], **rollout_kw)
+        except RetrieverError:  # keep the work so far, then stop with the retriever's message
+            save_checkpoint(run, model, tokenizer, optimizer, step, cfg, gens)
+            raise
         t1 = time.time()
         # ---- 2. outcome rewards and information gain
         golds = [q["golden_answers"] for q in qs]
@@ -295,10 +336,14 @@ def train(cfg: Config, resume: str = "") -> dict:
                "valid": float(np.mean([ig.extract_answer(t) is not None for t in trajs])),
                "truncated": float(np.mean([t.truncated for t in trajs])), **stats,
                "t_rollout": t1 - t0, "t_ig": t2 - t1, "t_update": t3 - t2, "mem_gb": peak_memory_gb(device)}
-        with open(run / "metrics.jsonl", "a") as f:
+        with open(run / "metrics.jsonl", "a") as f:  # one whole line per step, flushed
             f.write(json.dumps(rec) + "\n")
             f.flush()
         tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        bad_steps = bad_steps + 1 if stats["skipped"] else 0
+        if bad_steps >= cfg.max_bad_steps:
+            raise TrainingError(f"{run}: {bad_steps} steps in a row had a non-finite loss or gradient; "
+                                f"stopped at step {step + 1}, the last good checkpoint is {run / 'checkpoint'}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(run, model, tokenizer, optimizer, step + 1, cfg, gens)
     if test_q:
@@ -313,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse_config(argv)
         train(cfg, resume)
-    except (InputError, RetrieverError) as e:
+    except (InputError, RetrieverError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -331,3 +331,39 @@ def test_policy_logprobs_equal_full_logits_at_trained_positions(tokenizer, tiny_
         R = len(t.response_ids)
         assert torch.allclose(logp[b, -R:][mask], ref[mask], atol=1e-5)
         assert torch.all(logp[b, -R:][~mask] == 0) and torch.all(entropy[b, -R:][mask] > 0)
+
+
+# ----------------------------------------------------------------------------- shared-prefix scoring
+
+
+def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
+    """The prefix computed once and its cache repeated (left-padded prefixes and continuations of
+    different lengths, answers of different lengths) gives the scores of each full context."""
+    prefixes = ["PROMPT What is the capital of France? <search> capital </search>", "Who wrote Hamlet? <search> a </search>"]
+    docs = ["<documents> Doc 1 Paris is the capital of France </documents>", "<documents> x </documents>",
+            "<documents> Berlin is in Germany, the largest city </documents> <refine> Berlin </refine>"]
+    ctxs, answers, groups = [], [], []
+    for p, ans in zip(prefixes, ["Paris", "William Shakespeare the writer"]):
+        ctxs += [tokenizer(p + d + "\n<answer> ").input_ids for d in docs]
+        answers += [tokenizer(ans).input_ids] * len(docs)
+        groups.append(len(docs))
+    ctxs.append(tokenizer("alone <answer> ").input_ids)  # a group of one shares its whole context
+    answers.append(tokenizer("x").input_ids)
+    groups.append(1)
+    pad = tokenizer.pad_token_id
+    for max_len, batch_size in [(512, 16), (512, 3), (20, 16)]:  # 20: left truncation, nothing shared
+        full = ig.answer_scores(tiny_model, ctxs, answers, pad, max_len, batch_size=1)
+        shared = ig.answer_scores_shared_prefix(tiny_model, ctxs, answers, groups, pad, max_len, batch_size)
+        assert shared == pytest.approx(full, abs=1e-4)
+
+
+def test_information_gain_shared_prefix_equals_full_contexts(tokenizer, tiny_model):
+    trajs = ig_batch([True, False, False, True, False])
+    for k, t in enumerate(trajs):  # a second step, so the shared prefix holds a whole earlier step
+        t.steps.append(Step("second", f'Doc 1(Title: "Rome") Rome is in Italy {k}', (0, 0), "Rome"))
+    golds = [["Paris"], ["Paris"], ["Berlin Germany"], ["Paris"], ["Rome"]]
+    kw = dict(template=TPL, max_len=512, batch_size=8)
+    full = ig.information_gain(tiny_model, tokenizer, trajs, golds, shared_prefix=False, **kw)
+    shared = ig.information_gain(tiny_model, tokenizer, trajs, golds, shared_prefix=True, **kw)
+    assert sum(v is not None for row in full for v in row) == 10
+    assert [v for row in shared for v in row] == pytest.approx([v for row in full for v in row], abs=1e-4)

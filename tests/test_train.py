@@ -1,0 +1,167 @@
+"""train.py and evaluate.py on a tiny local model and a ten-passage corpus."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import igsearch as ig
+import train
+from train import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSAGES = [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is the capital of Germany."),
+            ("Rome", "Rome is the capital of Italy."), ("Madrid", "Madrid is the capital of Spain."),
+            ("Hamlet", "Hamlet is a tragedy by Shakespeare."), ("Everest", "Everest is the highest mountain."),
+            ("Nile", "The Nile is a long river in Africa."), ("Moon", "The Moon orbits the Earth."),
+            ("Python", "Python is a programming language."), ("Oxygen", "Oxygen is a chemical element.")]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_files(tmp_path_factory, tokenizer, tiny_model):
+    """A tiny model folder, a ten-passage corpus and question files, as a user would point at them."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model.save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    with open(d / "corpus.jsonl", "w") as f:
+        for i, (title, text) in enumerate(PASSAGES):
+            f.write(json.dumps({"id": str(i), "contents": f'"{title}"\n{text}'}) + "\n")
+    with open(d / "qa.jsonl", "w") as f:
+        for i, (title, text) in enumerate(PASSAGES):
+            f.write(json.dumps({"id": str(i), "question": text.replace(title, "What"), "golden_answers": [title]}) + "\n")
+    return {"model": str(d / "model"), "corpus": str(d / "corpus.jsonl"), "train_data": str(d / "qa.jsonl"),
+            "test_data": str(d / "qa.jsonl")}
+
+
+def tiny_config(files, out_dir, **kw) -> Config:
+    base = dict(questions_per_step=2, group_size=2, max_searches=1, max_turn_tokens=6, eval_questions=0,
+                steps=2, save_every=1, lr=1e-3, out_dir=str(out_dir), **files)
+    base.update(kw)
+    return Config(**base)
+
+
+def strip_times(records):
+    return [{k: v for k, v in r.items() if not k.startswith("t_") and k != "mem_gb"} for r in records]
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(tiny_run_files, tmp_path):
+    train.train(tiny_config(tiny_run_files, tmp_path / "full", steps=3))
+    train.train(tiny_config(tiny_run_files, tmp_path / "cut", steps=1))
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward"')  # a partial line, as a crash mid-write leaves it
+    cfg, resume = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
+    assert cfg.steps == 3 and cfg.lr == 1e-3  # the run's own config, overridden on the command line
+    train.train(cfg, resume)
+    full, cut = strip_times(read_metrics(tmp_path / "full")), strip_times(read_metrics(tmp_path / "cut"))
+    assert [r["step"] for r in cut] == [1, 2, 3]
+    assert cut == full
+    state = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 3
+
+
+def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, tmp_path, monkeypatch, scripted):
+    """Rollouts come from a scripted policy that always searches; IG is scored and the update run by the
+    tiny model. With IG the query tokens' advantages differ from A_i; with --outcome_only they do not."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_run_files["model"])
+    keys = [p[1].split()[-1] for p in PASSAGES]  # each question's last word: different documents per question
+    scripts = {k: [f"<search> {k.strip('.')} </search>", "<answer> Paris </answer>"] for k in keys}
+    real_rollout, seen = ig.rollout, {}
+
+    def scripted_rollout(model, tokenizer, prompts, search, **kw):
+        return real_rollout(scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0})
+
+    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg):
+        seen.setdefault(cfg.outcome_only, []).append((trajs, tok_adv))
+        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg)
+
+    real_update = train.update
+    monkeypatch.setattr(ig, "rollout", scripted_rollout)
+    monkeypatch.setattr(train, "update", spy_update)
+    for outcome_only in (False, True):
+        train.train(tiny_config(tiny_run_files, tmp_path / str(outcome_only), steps=1, outcome_only=outcome_only,
+                                questions_per_step=3, max_turn_tokens=24))
+    for outcome_only, differs in ((True, False), (False, True)):
+        trajs, tok_adv = seen[outcome_only][0]
+        deltas = []
+        for t, a in zip(trajs, tok_adv):
+            lo, hi = t.steps[0].query_span
+            deltas.append(float((a[lo:hi] - a[0]).abs().sum()))
+        assert (max(deltas) > 1e-6) == differs
+
+
+def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_model):
+    model = __import__("copy").deepcopy(tiny_model)
+    good, bad = (ig.supervised_trajectory(tokenizer, "Question?", [(f"<answer> {a} </answer>", True)])
+                 for a in ("Paris", "Berlin"))
+    adv = ig.group_advantages(torch.tensor([1.0, 0.0]), 2)
+    tok_adv = ig.token_advantages([good, bad], adv, alpha=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = Config(micro_batch=1)
+
+    def seq_logp():
+        with torch.no_grad():
+            logp, _ = ig.policy_logprobs(model, ig.response_batch([good, bad], tokenizer.pad_token_id))
+        return logp.sum(-1)
+
+    before = seq_logp()
+    for _ in range(5):
+        stats = train.update(model, None, tokenizer, [good, bad], tok_adv, opt, cfg)
+    after = seq_logp()
+    assert not stats["skipped"] and after[0] > before[0] and after[1] < before[1]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(ig, "policy_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True),
+                                                             torch.tensor(0.0)))
+    with pytest.raises(train.TrainingError, match="non-finite"):
+        train.train(tiny_config(tiny_run_files, tmp_path / "nan", steps=5, max_bad_steps=2))
+    records = read_metrics(tmp_path / "nan")
+    assert [r["skipped"] for r in records] == [True, True]
+    assert (tmp_path / "nan" / "checkpoint").exists()  # saved at step 1, before the run stopped
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--group_size", "1"], "group_size"),
+    (["--ig_alpha", "-1"], "ig_alpha"),
+    (["--topk", "0"], "topk"),
+    (["--no_such_field", "3"], "no_such_field"),
+    (["--steps", "many"], "steps"),
+    (["--model", "./no/such/model"], "no/such/model"),
+    (["--resume", "/nonexistent/run"], "not a run folder"),
+])
+def test_bad_config_gets_one_line_and_exit_2(args, needle, tiny_run_files):
+    files = ["--corpus", tiny_run_files["corpus"], "--train_data", tiny_run_files["train_data"]]
+    r = run_cli("train.py", *files, *args)
+    assert r.returncode == 2 and needle in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_question_file_names_file_and_line(tiny_run_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "golden_answers": ["a"]}\n{"question": "q2"}\n')
+    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus", tiny_run_files["corpus"],
+                "--data", str(bad))
+    assert r.returncode == 2 and f"{bad}:2:" in r.stderr and "golden_answers" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_evaluate_writes_table_and_shows_trajectories(tiny_run_files, tmp_path):
+    out = tmp_path / "res.json"
+    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus", tiny_run_files["corpus"],
+                "--data", tiny_run_files["test_data"], tiny_run_files["test_data"], "--limit", "3",
+                "--max_turn_tokens", "4", "--show", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Q: ") == 2 and "average" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["topk"] == 3 and "BM25" in res["retriever"] and res["results"]["qa"]["n"] == 3
