@@ -41,13 +41,13 @@ class Config:
     corpus: str = ""  # wiki-18 JSON lines for in-memory BM25 (paper: wiki-18 with E5)
     retriever_url: str = ""  # Search-R1 /retrieve endpoint; replaces corpus when set
     topk: int = 3  # passages per search (paper 3)
-    doc_words: int = 40  # words kept per passage, 0 = all (paper: up to 512 tokens)
+    doc_words: int = 30  # words kept per passage, 0 = all (paper: up to 512 tokens)
     template: str = "igsearch"  # prompt and tags: igsearch (documents + refine) or searchr1
     # rollout
     questions_per_step: int = 4  # prompts per step (paper 256)
     group_size: int = 4  # G rollouts per question, the baseline's group (paper 5)
     max_searches: int = 2  # searches per rollout before the final answer turn (paper 5)
-    max_turn_tokens: int = 48  # new tokens per turn (paper 512)
+    max_turn_tokens: int = 32  # new tokens per turn (paper 512)
     max_response_tokens: int = 512  # response budget, documents included (paper ~4096)
     temperature: float = 1.0  # sampling temperature (paper 1.0)
     # reward
@@ -64,20 +64,20 @@ class Config:
     ig_batch_size: int = 16  # scoring sequences per forward pass
     normalize_std: bool = True  # divide the group advantage by the group's std
     # optimisation
-    steps: int = 20  # RL steps (paper 200)
-    lr: float = 2e-6  # AdamW learning rate (paper 1e-6)
+    steps: int = 6  # RL steps (paper 200)
+    lr: float = 1e-5  # AdamW learning rate (paper 1e-6)
     kl_coef: float = 0.0  # k3 KL penalty to the frozen start model (paper 0.001)
     grad_clip: float = 1.0  # gradient-norm clip
     max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
     micro_batch: int = 8  # rollouts per forward/backward in the update (gradient accumulation)
-    warmup_examples: int = 0  # format warm-up: supervised trajectories from the train split (0 = off)
+    warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split (0 = off)
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
     # evaluation, logging, checkpoints
-    eval_questions: int = 100  # held-out questions in the before/after table (0 = skip)
-    eval_batch: int = 32  # questions per evaluation rollout batch
+    eval_questions: int = 48  # held-out questions in the before/after table (0 = skip)
+    eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
-    save_every: int = 10  # checkpoint every K steps (and at the end)
+    save_every: int = 5  # checkpoint every K steps (and at the end)
     seed: int = 0  # one seed for data order, sampling and counterfactual draws
 
 
@@ -87,10 +87,12 @@ class TrainingError(RuntimeError):
 
 PRESETS = {
     "default": {},
+    # the README's learning experiment on 2 CPU cores: start from a warm-up checkpoint, more steps
+    "learn": dict(steps=24, eval_questions=100, warmup_examples=0, out_dir="runs/learn"),
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
-                  kl_coef=0.001, micro_batch=8, ig_batch_size=32, ig_max_len=4096, eval_questions=0,
-                  out_dir="runs/paper"),
+                  kl_coef=0.001, micro_batch=8, ig_batch_size=32, ig_max_len=4096, warmup_examples=0,
+                  eval_questions=0, eval_batch=64, save_every=10, out_dir="runs/paper"),
 }
 
 
@@ -346,7 +348,9 @@ def train(cfg: Config, resume: str = "") -> dict:
                                 f"stopped at step {step + 1}, the last good checkpoint is {run / 'checkpoint'}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(run, model, tokenizer, optimizer, step + 1, cfg, gens)
-    if test_q:
+    if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
+        save_checkpoint(run, model, tokenizer, optimizer, 0, cfg, gens)
+    if test_q and cfg.steps > 0:
         table["IG-Search" if alpha > 0 else "outcome-only"] = evaluate(
             model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
