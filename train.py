@@ -284,7 +284,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     table, step = {}, 0
     if not resume:
         if test_q:
-            table["untrained"] = evaluate(model, tokenizer, test_q, search, desc="eval untrained", **eval_kw)[0]
+            table["start model"] = evaluate(model, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
         if cfg.warmup_examples:
             warmup(model, tokenizer, train_q, search, cfg, gens["data"])
             if test_q:
@@ -351,7 +351,8 @@ def train(cfg: Config, resume: str = "") -> dict:
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
         save_checkpoint(run, model, tokenizer, optimizer, 0, cfg, gens)
     if test_q and cfg.steps > 0:
-        table["IG-Search" if alpha > 0 else "outcome-only"] = evaluate(
+        name = "outcome-only" if alpha == 0 else "IG-Search" + (" (empty baseline)" if cfg.ig_baseline == "empty" else "")
+        table[name] = evaluate(
             model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
         print(format_table(table))
