@@ -70,6 +70,48 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_runs(runs: list[str]) -> str:
+    """Held-out results of several runs (their table.json), grouped by row name: mean +- std over runs."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        path = Path(run) / "table.json"
+        if not path.exists():
+            raise InputError(f"{path}: no such file (is {run} a finished run folder?)")
+        for name, row in json.loads(path.read_text()).items():
+            groups.setdefault(name, []).append(row)
+    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'F1':>15}{'search/q':>10}{'valid':>8}"]
+    for name, rows in groups.items():
+        stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
+        pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
+        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{pm['f1']:>15}"
+                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}")
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[str], out: str) -> None:
+    """Training curves (reward, IG mean, searches, response length against step), one line per run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install matplotlib") from None
+    keys = ("reward", "ig_mean", "searches", "length")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for run in runs:
+        path = Path(run) / "metrics.jsonl"
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for ax, key in zip(axes, keys):
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=Path(run).name)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
 def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
     """A trajectory as a reader should see it: each search step with its query, passages and IG."""
     out = [f"Q: {question['question']}   gold: {question['golden_answers']}"]
@@ -111,8 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="print the held-out table of finished runs, no model")
+    p.add_argument("--plot", metavar="PNG", help="with --compare: also draw the runs' training curves to PNG")
     try:
         args = p.parse_args(argv)
+        if args.compare:
+            print(compare_runs(args.compare))
+            if args.plot:
+                plot_runs(args.compare, args.plot)
+                print(f"curves written to {args.plot}")
+            return 0
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
         model, tokenizer = prepare.load_model(args.model)
