@@ -165,3 +165,21 @@ def test_evaluate_writes_table_and_shows_trajectories(tiny_run_files, tmp_path):
     assert r.stdout.count("Q: ") == 2 and "average" in r.stdout
     res = json.loads(out.read_text())
     assert res["topk"] == 3 and "BM25" in res["retriever"] and res["results"]["qa"]["n"] == 3
+
+
+def test_compare_runs_mean_and_spread(tmp_path):
+    import evaluate
+    for k, em in enumerate((0.4, 0.6)):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        row = {"n": 10, "em": em, "f1": em, "searches": 1.0, "valid": 1.0}
+        (run / "table.json").write_text(json.dumps({"IG-Search": row}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": em, "ig_mean": 0.1, "searches": 1,
+                                                               "length": 50}) + "\n" for s in (1, 2)))
+    text = evaluate.compare_runs([str(tmp_path / "run0"), str(tmp_path / "run1")])
+    assert "IG-Search" in text and "0.500 ± 0.100" in text
+    with pytest.raises(evaluate.InputError, match="table.json"):
+        evaluate.compare_runs([str(tmp_path / "missing")])
+    pytest.importorskip("matplotlib")
+    evaluate.plot_runs([str(tmp_path / "run0")], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000
