@@ -180,6 +180,12 @@ def test_compare_runs_mean_and_spread(tmp_path):
     assert "IG-Search" in text and "0.500 ± 0.100" in text
     with pytest.raises(evaluate.InputError, match="table.json"):
         evaluate.compare_runs([str(tmp_path / "missing")])
+
+
+def test_plot_runs_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    evaluate.plot_runs([str(tmp_path / "run0")], str(tmp_path / "c.png"))
+    import evaluate
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s, "ig_mean": 0.1,
+                                                                "searches": 1, "length": 50}) + "\n" for s in (1, 2)))
+    evaluate.plot_runs([str(tmp_path)], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
