@@ -24,9 +24,10 @@ import prepare
 from retriever import BM25Retriever, InputError, OneLineParser, RemoteRetriever, RetrieverError, format_passages
 
 
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None):
+def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None, timeout: float = 30.0,
+                retries: int = 3):
     """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url) if retriever_url else BM25Retriever(corpus)
+    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
@@ -141,6 +142,7 @@ def write_json(path: str, obj) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
+    p.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
     p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
     p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
     p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
-        model, tokenizer = prepare.load_model(args.model)
+        model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
         search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
         rows, shown = {}, []
         for path in files:

@@ -36,10 +36,13 @@ from retriever import InputError, OneLineParser, RetrieverError
 class Config:
     # data, model, retriever ("" = the offline default built by prepare.py)
     model: str = ""  # HF name or folder (paper: Qwen/Qwen2.5-3B)
+    trust_remote_code: bool = False  # run Python code shipped with the model (only for repositories you trust)
     train_data: str = ""  # FlashRAG JSON lines (paper: NQ + HotpotQA train)
     test_data: str = ""  # held-out questions for the before/after table
     corpus: str = ""  # wiki-18 JSON lines for in-memory BM25 (paper: wiki-18 with E5)
     retriever_url: str = ""  # Search-R1 /retrieve endpoint; replaces corpus when set
+    retriever_timeout: float = 30.0  # seconds per retriever request before it counts as failed
+    retriever_retries: int = 3  # tries per retriever request (back-off 0.5 s, 1 s, ...) before the run stops
     topk: int = 3  # passages per search (paper 3)
     doc_words: int = 30  # words kept per passage, 0 = all (paper: up to 512 tokens)
     template: str = "igsearch"  # prompt and tags: igsearch (documents + refine) or searchr1
@@ -127,7 +130,9 @@ def check_config(cfg: Config) -> None:
              ("ig_n_random", cfg.ig_n_random >= 1, ">= 1"), ("micro_batch", cfg.micro_batch >= 1, ">= 1"),
              ("ig_baseline", cfg.ig_baseline in ("random", "empty"), "random or empty"),
              ("template", cfg.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
-             ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0")]
+             ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0"),
+             ("retriever_retries", cfg.retriever_retries >= 1, ">= 1"),
+             ("retriever_timeout", cfg.retriever_timeout > 0, "> 0")]
     for name, ok, accepted in rules:
         if not ok:
             raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range (accepted: {accepted})")
@@ -156,9 +161,15 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, cfg: Conf
     shutil.rmtree(old, ignore_errors=True)
 
 
+def last_checkpoint(run: Path) -> Path:
+    """run/checkpoint, or checkpoint.old when a crash fell between save_checkpoint's two renames."""
+    return run / "checkpoint.old" if not (run / "checkpoint").exists() and (run / "checkpoint.old").exists() \
+        else run / "checkpoint"
+
+
 def load_state(run: Path, optimizer, gens: dict) -> int:
     """Restore optimizer and every RNG state; returns the step to continue from."""
-    ckpt = run / "checkpoint" if (run / "checkpoint").exists() else run / "checkpoint.old"
+    ckpt = last_checkpoint(run)
     state = torch.load(ckpt / "state.pt", weights_only=True)  # no arbitrary unpickling
     optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"]
@@ -273,9 +284,10 @@ def train(cfg: Config, resume: str = "") -> dict:
     train_q = prepare.load_questions(cfg.train_data or data["train"])
     test_path = cfg.test_data or data.get("test", "")
     test_q = prepare.load_questions(test_path)[: cfg.eval_questions] if test_path and cfg.eval_questions else []
-    search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk, cfg.doc_words or None)
-    start_model = str(run / "checkpoint") if resume else cfg.model
-    model, tokenizer = prepare.load_model(start_model, device)
+    search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk, cfg.doc_words or None,
+                         cfg.retriever_timeout, cfg.retriever_retries)
+    start_model = str(last_checkpoint(run)) if resume else cfg.model
+    model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code)
     tpl = ig.TEMPLATES[cfg.template]
     rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
                       max_response_tokens=cfg.max_response_tokens)
