@@ -485,26 +485,52 @@ def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: i
     return [others[i] for i in idx]
 
 
-def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, template: Template,
-                n_random: int = 3, baseline: str = "random", all_golds: bool = False,
-                generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
-    """The scoring work of a batch: context ids, answer ids, and a plan of (i, t, first request, 1 + N).
+def step_pairs(traj: Trajectory) -> list[tuple[str, str]]:
+    """The (documents, refine) pair of every search step of a trajectory."""
+    return [(s.documents, s.refine or "") for s in traj.steps]
 
-    The 1 + N requests of one (step, gold) are consecutive: the real context first, then the baselines.
+
+def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3, baseline: str = "random",
+                         generator: torch.Generator | None = None) -> list[list[list[tuple[str, str]]]]:
+    """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = the step gets no IG).
+
+    pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents hold
+    at least 10 characters; steps draw in batch order from one generator, so ranks of a data-parallel
+    run that plan over the same gathered list draw exactly what a single process draws.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    pool = [(s.documents, s.refine or "") for t in trajs for s in t.steps if len(s.documents.strip()) >= 10]
+    pool = [p for steps in pairs for p in steps if len(p[0].strip()) >= 10]
+    draws = []
+    for steps in pairs:
+        row = []
+        for own in steps:
+            if len(own[0].strip()) == 0:
+                row.append([])  # steps whose documents are empty get no IG
+            elif baseline == "empty":
+                row.append([("", "")])
+            else:
+                row.append(draw_counterfactuals(own, pool, n_random, generator))
+        draws.append(row)
+    return draws
+
+
+def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, template: Template,
+                n_random: int = 3, baseline: str = "random", all_golds: bool = False,
+                generator: torch.Generator | None = None,
+                draws: list[list[list[tuple[str, str]]]] | None = None) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
+    """The scoring work of a batch: context ids, answer ids, and a plan of (i, t, first request, 1 + N).
+
+    draws: the counterfactuals of each step (plan_counterfactuals); planned over trajs when None.
+    The 1 + N requests of one (step, gold) are consecutive: the real context first, then the baselines.
+    """
+    if draws is None:
+        draws = plan_counterfactuals([step_pairs(t) for t in trajs], n_random, baseline, generator)
     requests: list[tuple[str, list[int]]] = []  # (context text, answer ids)
     plan = []  # (traj, step, index of the real request, number of requests)
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
             step.ig = None
-            if len(step.documents.strip()) == 0:
-                continue  # steps whose documents are empty get no IG
-            if baseline == "empty":
-                others = [("", "")]
-            else:
-                others = draw_counterfactuals((step.documents, step.refine or ""), pool, n_random, generator)
+            others = draws[i][t]
             if not others:
                 continue
             contexts = [ig_context(traj, t, template)] + [ig_context(traj, t, template, o) for o in others]
@@ -522,15 +548,18 @@ def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list
                      template: Template = TEMPLATES["igsearch"], n_random: int = 3, baseline: str = "random",
                      all_golds: bool = False, max_len: int = 2048, batch_size: int = 16,
                      head_tokens: int = 3, head_weight: float = 3.0, shared_prefix: bool = True,
-                     generator: torch.Generator | None = None) -> list[list[float | None]]:
+                     generator: torch.Generator | None = None,
+                     draws: list[list[list[tuple[str, str]]]] | None = None) -> list[list[float | None]]:
     """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
 
-    All scoring sequences of the batch go through the model together (mini-batches); with
-    shared_prefix the part that a step's 1 + N contexts share runs once (same values).
+    Two parts: plan_counterfactuals draws the baselines (given as `draws`, e.g. planned over the
+    global batch of a data-parallel run; else planned here over trajs), then scoring. All scoring
+    sequences of the batch go through the model together (mini-batches); with shared_prefix the
+    part that a step's 1 + N contexts share runs once (same values).
     Returns, per trajectory, the list of raw IG values (None where a step gets no IG).
     """
     contexts, answers, plan = ig_requests(tokenizer, trajs, golds, template=template, n_random=n_random,
-                                          baseline=baseline, all_golds=all_golds, generator=generator)
+                                          baseline=baseline, all_golds=all_golds, generator=generator, draws=draws)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if shared_prefix:
         scores = answer_scores_shared_prefix(model, contexts, answers, [n for *_, n in plan], pad_id, max_len,
@@ -612,7 +641,7 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """
     R = batch["targets"].shape[1]
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (B, T, H)
     hidden = hidden[:, -R - 1:-1]  # (B, R, H): position p predicts token p + 1
     sel = batch["loss_mask"].bool()  # (B, R)
     logits = model.get_output_embeddings()(hidden[sel])  # (M, V), M = number of trained tokens
