@@ -106,6 +106,7 @@ def kill_after_new_record(cmd: list[str], run: Path, rng: random.Random, log: Pa
     return count()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_keeps_a_checkpoint_that_resumes(tiny_run_files, reference_run, tmp_path):  # noqa: F811
     """SIGKILL `python train.py` twice, each time just after a step is logged (its checkpoint is being
     written): a whole checkpoint is always on disk, and `--resume` ends with the uninterrupted run's metrics."""
@@ -148,6 +149,7 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point, expected_step", [("writing checkpoint.tmp", 1), ("between the renames", 1),
                                                   ("removing checkpoint.old", 2)])
 def test_sigkill_at_each_point_of_save_checkpoint_resumes(point, expected_step, tiny_run_files, reference_run,  # noqa: F811
@@ -379,7 +381,7 @@ def test_model_code_runs_only_when_asked(tiny_run_files, tmp_path, monkeypatch):
 
     asked = []
 
-    def stop(name, device=None, trust_remote_code=False):
+    def stop(name, device=None, trust_remote_code=False, **kw):
         asked.append(trust_remote_code)
         raise InputError("stop here")
 
