@@ -172,11 +172,12 @@ def default_data() -> dict[str, str]:
         return build_data(json.load(f), out_dir)
 
 
-def load_model(name_or_path: str = "", device: str | None = None, trust_remote_code: bool = False):
+def load_model(name_or_path: str = "", device: str | None = None, trust_remote_code: bool = False, dtype=None):
     """(model, tokenizer) from a Hub name or a local folder; "" is the offline default.
 
-    fp32 on CPU, bf16 on CUDA. No code shipped with the model runs unless trust_remote_code. A folder
-    that does not exist and does not look like a Hub name 'org/model' stops with one line.
+    fp32 on CPU, bf16 on CUDA, unless dtype says otherwise (train.py keeps fp32 weights on CUDA too).
+    No code shipped with the model runs unless trust_remote_code. A folder that does not exist and
+    does not look like a Hub name 'org/model' stops with one line.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +186,7 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise InputError(f"{path}: model folder not found")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)

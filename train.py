@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed as dd
 import igsearch as ig
 import prepare
 from evaluate import evaluate, format_table, make_search, write_json
@@ -73,6 +74,8 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clip
     max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
     micro_batch: int = 8  # rollouts per forward/backward in the update (gradient accumulation)
+    rollout_batch: int = 0  # sequences generated together, at most (0 = all at once): bounds the KV cache
+    grad_checkpointing: bool = False  # recompute each layer's activations in the backward pass (paper preset: on)
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split (0 = off)
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
@@ -95,6 +98,7 @@ PRESETS = {
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
                   kl_coef=0.001, micro_batch=8, ig_batch_size=32, ig_max_len=4096, warmup_examples=0,
+                  grad_checkpointing=True, rollout_batch=64,
                   eval_questions=0, eval_batch=64, save_every=10, out_dir="runs/paper"),
 }
 
@@ -132,7 +136,7 @@ def check_config(cfg: Config) -> None:
              ("template", cfg.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
              ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0"),
              ("retriever_retries", cfg.retriever_retries >= 1, ">= 1"),
-             ("retriever_timeout", cfg.retriever_timeout > 0, "> 0")]
+             ("retriever_timeout", cfg.retriever_timeout > 0, "> 0"), ("rollout_batch", cfg.rollout_batch >= 0, ">= 0")]
     for name, ok, accepted in rules:
         if not ok:
             raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range (accepted: {accepted})")
@@ -225,36 +229,44 @@ def warmup(model, tokenizer, questions: list[dict], search, cfg: Config, gen: to
             (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     model.train()
-    for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up"):
+    for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):
         batch = ig.response_batch(trajs[k: k + cfg.warmup_batch], tokenizer.pad_token_id, model.device)
-        logp, _ = ig.policy_logprobs(model, batch)
-        loss, _ = ig.policy_loss(logp, torch.ones_like(logp), batch["loss_mask"])  # = -mean log p(target)
+        with bf16(model.device):
+            logp, _ = ig.policy_logprobs(model, batch)
+            loss, _ = ig.policy_loss(logp, torch.ones_like(logp), batch["loss_mask"])  # = -mean log p(target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+    dd.broadcast_params(model)  # every rank ran the same steps; rank 0's weights are the ones kept
 
 
 def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) -> dict:
-    """One REINFORCE step over the batch, in micro-batches with gradient accumulation."""
+    """One REINFORCE step over the batch, in micro-batches with gradient accumulation.
+
+    Data-parallel, trajs is this rank's share: each rank's loss is divided by the global batch's token
+    count and the gradients are summed over ranks, so the step equals the single-process step.
+    """
     model.train()
     optimizer.zero_grad()
-    n_tokens = float(sum(sum(t.loss_mask) for t in trajs))  # sum_p mask_p over the whole batch
-    loss_sum, kl_sum, ent_sum = 0.0, 0.0, 0.0
+    n_tokens = dd.all_sum([float(sum(sum(t.loss_mask) for t in trajs))])[0]  # sum_p mask_p over the global batch
+    sums = [0.0, 0.0, 0.0]  # loss, KL, entropy summed over tokens
     for k in range(0, len(trajs), cfg.micro_batch):
         mb = trajs[k: k + cfg.micro_batch]
         batch = ig.response_batch(mb, tokenizer.pad_token_id, model.device)
         R = batch["targets"].shape[1]
         adv = torch.stack([torch.cat([a.new_zeros(R - len(a)), a]) for a in tok_adv[k: k + cfg.micro_batch]])  # (b, R)
-        logp, entropy = ig.policy_logprobs(model, batch)  # (b, R)
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_logp, _ = ig.policy_logprobs(ref_model, batch)
-        loss, kl = ig.policy_loss(logp, adv.to(logp.device), batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens)
+        with bf16(model.device):
+            logp, entropy = ig.policy_logprobs(model, batch)  # (b, R)
+            ref_logp = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = ig.policy_logprobs(ref_model, batch)
+            loss, kl = ig.policy_loss(logp, adv.to(logp.device), batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens)
         loss.backward()
-        loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
-        ent_sum += float((entropy * batch["loss_mask"]).sum())
+        sums = [sums[0] + loss.item(), sums[1] + kl.item(), sums[2] + float((entropy * batch["loss_mask"]).sum())]
+    dd.all_reduce_grads(model)
+    loss_sum, kl_sum, ent_sum = dd.all_sum(sums)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     finite = np.isfinite(loss_sum) and np.isfinite(grad_norm)
     if finite:
@@ -270,16 +282,57 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def bf16(device: torch.device):
+    """bf16 autocast on CUDA, off on CPU. The trained weights stay fp32: AdamW steps of lr 1e-6 would
+    round away on bf16 weights (spacing ~1e-4 near 0.02)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def rollouts(model, tokenizer, prompts: list[str], search, cfg: Config, generator, **kw) -> list[ig.Trajectory]:
+    """ig.rollout in chunks of at most cfg.rollout_batch sequences (0 = all at once)."""
+    size = cfg.rollout_batch or len(prompts)
+    return [t for k in range(0, len(prompts), size) for t in ig.rollout(
+        model, tokenizer, prompts[k: k + size], search, temperature=cfg.temperature, generator=generator, **kw)]
+
+
+def counterfactual_draws(trajs: list[ig.Trajectory], cfg: Config, gen: torch.Generator) -> list:
+    """This rank's share of the IG baselines, drawn over every rank's steps in rank order: the same
+    pool and draw as one process holding the whole batch."""
+    parts = dd.all_gather([ig.step_pairs(t) for t in trajs])  # one list per rank
+    first = sum(len(p) for p in parts[: dd.rank()])
+    draws = ig.plan_counterfactuals([x for p in parts for x in p], cfg.ig_n_random, cfg.ig_baseline, gen)
+    return draws[first: first + len(trajs)]
+
+
+def step_record(step: int, trajs: list[ig.Trajectory], rewards: torch.Tensor, cfg: Config, stats: dict,
+                times: list[float], device: torch.device) -> dict:
+    """The step's log line over the global batch: every rank's rollouts gathered (times are rank 0's)."""
+    mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated, peak_memory_gb(device),
+             [s.ig for s in t.steps if s.ig is not None]) for t, r in zip(trajs, rewards.tolist())]
+    r, searches, length, valid, truncated, mem, ig_lists = zip(*[x for part in dd.all_gather(mine) for x in part])
+    igs = [v for vs in ig_lists for v in vs]
+    return {"step": step + 1, "reward": float(np.mean(r)), "em": float(np.mean(r)),
+            "ig_mean": float(np.mean(igs)) if igs else 0.0, "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
+            "searches": float(np.mean(searches)), "length": float(np.mean(length)),
+            "zero_adv_groups": float((torch.tensor(r).view(-1, cfg.group_size).std(-1) == 0).float().mean()),
+            "valid": float(np.mean(valid)), "truncated": float(np.mean(truncated)), **stats,
+            "t_rollout": times[1] - times[0], "t_ig": times[2] - times[1], "t_update": times[3] - times[2],
+            "mem_gb": max(mem)}
+
+
 def train(cfg: Config, resume: str = "") -> dict:
-    # ---- setup: device once, seeds, model, data, retriever, run folder
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # ---- setup: device once (one rank of torchrun, or alone), seeds, model, data, retriever, run folder
+    device, main = dd.setup(), dd.is_main()  # only rank 0 (main) prints and writes files
+    if cfg.questions_per_step < dd.world_size():
+        raise InputError(f"config: questions_per_step={cfg.questions_per_step} is fewer than the {dd.world_size()} ranks")
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     gens = {"data": torch.Generator().manual_seed(cfg.seed), "ig": torch.Generator().manual_seed(cfg.seed + 1),
-            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2)}
+            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank())}  # per rank
     run = Path(resume or cfg.out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     data = prepare.default_data() if not (cfg.train_data and (cfg.corpus or cfg.retriever_url)) else {}
     train_q = prepare.load_questions(cfg.train_data or data["train"])
     test_path = cfg.test_data or data.get("test", "")
@@ -287,52 +340,65 @@ def train(cfg: Config, resume: str = "") -> dict:
     search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk, cfg.doc_words or None,
                          cfg.retriever_timeout, cfg.retriever_retries)
     start_model = str(last_checkpoint(run)) if resume else cfg.model
-    model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code)
+    model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code, dtype=torch.float32)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tpl = ig.TEMPLATES[cfg.template]
     rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
                       max_response_tokens=cfg.max_response_tokens)
     eval_kw = dict(batch_size=cfg.eval_batch, template=cfg.template, max_searches=cfg.max_searches,
                    max_turn_tokens=cfg.max_turn_tokens)
     table, step = {}, 0
+    test_q = test_q if main else []  # rank 0 alone evaluates
     if not resume:
         if test_q:
-            table["start model"] = evaluate(model, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
+            with bf16(device):
+                table["start model"] = evaluate(model, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
         if cfg.warmup_examples:
             warmup(model, tokenizer, train_q, search, cfg, gens["data"])
             if test_q:
-                table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up", **eval_kw)[0]
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+                with bf16(device):
+                    table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up", **eval_kw)[0]
+    ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    ref_model = copy.deepcopy(model).to(ref_dtype).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if resume:
         step = load_state(run, optimizer, gens)
+        if dd.rank():  # the checkpoint holds rank 0's sampling state; the others must not repeat it
+            gens["sample"].manual_seed(cfg.seed + 2 + 1000 * dd.rank() + step)
         table = json.loads((run / "table.json").read_text()) if (run / "table.json").exists() else {}
         kept = load_metrics(run / "metrics.jsonl", step)  # drop records logged after the checkpoint
-        write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])
+        if main:
+            write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])
     elif table:
         write_json(str(run / "table.json"), table)
     alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
     bad_steps = 0
-    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
-        # ---- 1. sample questions, G rollouts each (consecutive rows share a question)
+    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps, disable=not main):
+        # ---- 1. sample questions (the same global draw on every rank; each rank takes its share of
+        #         whole groups), G rollouts each (consecutive rows share a question)
         t0 = time.time()
         idx = torch.randint(len(train_q), (cfg.questions_per_step,), generator=gens["data"]).tolist()
-        qs = [train_q[i] for i in idx for _ in range(cfg.group_size)]
+        qs = [train_q[i] for i in idx[dd.shard(len(idx))] for _ in range(cfg.group_size)]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in qs]
         model.eval()
         try:
-            trajs = ig.rollout(model, tokenizer, prompts, search, temperature=cfg.temperature,
-                               generator=gens["sample"], **rollout_kw)
+            with bf16(device):
+                trajs = rollouts(model, tokenizer, prompts, search, cfg, gens["sample"], **rollout_kw)
         except RetrieverError:  # keep the work so far, then stop with the retriever's message
-            save_checkpoint(run, model, tokenizer, optimizer, step, cfg, gens)
+            if main:
+                save_checkpoint(run, model, tokenizer, optimizer, step, cfg, gens)
             raise
         t1 = time.time()
         # ---- 2. outcome rewards and information gain
         golds = [q["golden_answers"] for q in qs]
         rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, golds)])  # (B,)
         if alpha > 0:
-            ig.information_gain(model, tokenizer, trajs, golds, template=tpl, n_random=cfg.ig_n_random,
-                                baseline=cfg.ig_baseline, all_golds=cfg.ig_all_golds, max_len=cfg.ig_max_len,
-                                batch_size=cfg.ig_batch_size, head_weight=cfg.ig_head_weight, generator=gens["ig"])
+            draws = counterfactual_draws(trajs, cfg, gens["ig"])  # planned over the global batch
+            with bf16(device):
+                ig.information_gain(model, tokenizer, trajs, golds, template=tpl, all_golds=cfg.ig_all_golds,
+                                    max_len=cfg.ig_max_len, batch_size=cfg.ig_batch_size,
+                                    head_weight=cfg.ig_head_weight, draws=draws)
         t2 = time.time()
         # ---- 3. advantages: group baseline, plus alpha * IG~ / |Q_t| on the query tokens
         adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
@@ -340,32 +406,25 @@ def train(cfg: Config, resume: str = "") -> dict:
         # ---- 4. one on-policy update
         stats = update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg)
         t3 = time.time()
-        # ---- 5. log
-        igs = [s.ig for t in trajs for s in t.steps if s.ig is not None]
-        rec = {"step": step + 1, "reward": rewards.mean().item(), "em": rewards.mean().item(),
-               "ig_mean": float(np.mean(igs)) if igs else 0.0, "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
-               "searches": float(np.mean([len(t.steps) for t in trajs])),
-               "length": float(np.mean([len(t.response_ids) for t in trajs])),
-               "zero_adv_groups": float((rewards.view(-1, cfg.group_size).std(-1) == 0).float().mean()),
-               "valid": float(np.mean([ig.extract_answer(t) is not None for t in trajs])),
-               "truncated": float(np.mean([t.truncated for t in trajs])), **stats,
-               "t_rollout": t1 - t0, "t_ig": t2 - t1, "t_update": t3 - t2, "mem_gb": peak_memory_gb(device)}
-        with open(run / "metrics.jsonl", "a") as f:  # one whole line per step, flushed
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-        tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        # ---- 5. log, over the global batch
+        rec = step_record(step, trajs, rewards, cfg, stats, [t0, t1, t2, t3], device)
+        if main:
+            with open(run / "metrics.jsonl", "a") as f:  # one whole line per step, flushed
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+            tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{run}: {bad_steps} steps in a row had a non-finite loss or gradient; "
                                 f"stopped at step {step + 1}, the last good checkpoint is {run / 'checkpoint'}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run, model, tokenizer, optimizer, step + 1, cfg, gens)
-    if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
+    if cfg.steps == 0 and main:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
         save_checkpoint(run, model, tokenizer, optimizer, 0, cfg, gens)
     if test_q and cfg.steps > 0:
         name = "outcome-only" if alpha == 0 else "IG-Search" + (" (empty baseline)" if cfg.ig_baseline == "empty" else "")
-        table[name] = evaluate(
-            model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
+        with bf16(device):
+            table[name] = evaluate(model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
         print(format_table(table))
     return table
@@ -378,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, RetrieverError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dd.cleanup()
     return 0
 
 

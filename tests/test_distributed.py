@@ -1,0 +1,185 @@
+"""Data-parallel training (distributed.py, train.py) with two gloo processes on CPU equals one process.
+
+The two ranks are launched as torchrun would launch them (RANK, WORLD_SIZE, MASTER_ADDR/PORT on
+127.0.0.1); each runs `worker` below, and the test compares what they saved with a single-process run
+of the same code on the same global batch. Uneven shares on purpose: three groups over two ranks.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import igsearch as ig  # noqa: E402
+import prepare  # noqa: E402
+import train  # noqa: E402
+from igsearch import Step, Trajectory  # noqa: E402
+
+GROUP = 2  # rollouts per question; 3 questions -> rank 0 holds 1 group, rank 1 holds 2
+PASSAGES = [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is the capital of Germany."),
+            ("Rome", "Rome is the capital of Italy."), ("Hamlet", "Hamlet is a tragedy by Shakespeare."),
+            ("Nile", "The Nile is a long river in Africa."), ("Moon", "The Moon orbits the Earth.")]
+
+
+def update_batch(tokenizer) -> tuple[list[Trajectory], list[torch.Tensor]]:
+    """Six trajectories (3 groups) of different lengths with inserted documents, and per-token advantages."""
+    gen = torch.Generator().manual_seed(0)
+    trajs, tok_adv = [], []
+    for k in range(3 * GROUP):
+        title, text = PASSAGES[k]
+        pieces = [(f"<search> {'which city ' * (k % 3)}{title} </search>", True),
+                  (ig.observation_text(f'Doc 1(Title: "{title}") {text}', ig.TEMPLATES["igsearch"]), False),
+                  (f"<answer> {title} </answer><|im_end|>", True)]
+        t = ig.supervised_trajectory(tokenizer, f"Question {k}: {text}?", pieces)
+        trajs.append(t)
+        tok_adv.append(torch.randn(len(t.response_ids), generator=gen))
+    return trajs, tok_adv
+
+
+def ig_batch() -> tuple[list[Trajectory], list[list[str]]]:
+    """Six trajectories with 0-2 search steps; one step has empty documents, one too short for the pool."""
+    trajs = []
+    for k in range(3 * GROUP):
+        t = Trajectory([], f"Question {k}?")
+        t.prefix_text = f"Question {k}?"
+        docs = [f'Doc 1(Title: "{PASSAGES[(k + j) % 6][0]}") {PASSAGES[(k + j) % 6][1]}' for j in range(k % 3)]
+        t.steps = [Step(f"q{k}{j}", d, (0, 0), f"refine {j}" if j else "") for j, d in enumerate(docs)]
+        trajs.append(t)
+    trajs[4].steps[0].documents = "  "  # no IG for this step
+    trajs[5].steps[1].documents = "short"  # not in the counterfactual pool, still scored
+    return trajs, [[PASSAGES[k][0]] for k in range(3 * GROUP)]
+
+
+def local_share(items: list) -> list:
+    """This rank's whole groups, as train.py takes them."""
+    import distributed as dd
+    groups = [items[g: g + GROUP] for g in range(0, len(items), GROUP)]
+    return [x for grp in groups[dd.shard(len(groups))] for x in grp]
+
+
+def train_config(files: dict, out_dir: str) -> train.Config:
+    return train.Config(model=files["model"], corpus=files["corpus"], train_data=files["qa"], questions_per_step=3,
+                        group_size=GROUP, max_searches=1, max_turn_tokens=6, temperature=0.0, steps=2, lr=1e-3,
+                        kl_coef=0.01, micro_batch=2, rollout_batch=3, warmup_examples=4, warmup_batch=2,
+                        eval_questions=0, save_every=1, out_dir=out_dir)
+
+
+def worker(args_path: str) -> None:
+    """One rank: an update on its share, its share of the IG draw and scores, then a short training run."""
+    import distributed as dd
+    args = json.loads(Path(args_path).read_text())
+    dd.setup()
+    out = Path(args["out"])
+    model, tok = prepare.load_model(args["files"]["model"], "cpu")
+    trajs, tok_adv = update_batch(tok)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train.update(model, copy.deepcopy(model), tok, local_share(trajs), local_share(tok_adv), opt,
+                         train.Config(micro_batch=2, kl_coef=0.1))
+    torch.save({"params": model.state_dict(), "stats": stats}, out / f"update{dd.rank()}.pt")
+
+    trajs, golds = ig_batch()
+    mine = local_share(trajs)
+    draws = train.counterfactual_draws(mine, train.Config(), torch.Generator().manual_seed(5))
+    igs = ig.information_gain(model, tok, mine, local_share(golds), max_len=512, draws=draws)
+    all_draws, all_igs = dd.all_gather(draws), dd.all_gather(igs)
+    if dd.is_main():
+        (out / "ig.json").write_text(json.dumps({"draws": sum(all_draws, []), "igs": sum(all_igs, [])}))
+
+    train.train(train_config(args["files"], str(out / "run")))
+    dd.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer, tiny_model):
+    d = tmp_path_factory.mktemp("dist")
+    tiny_model.save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    with open(d / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n" for i, (t, x) in enumerate(PASSAGES))
+    with open(d / "qa.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": x.replace(t, "What"), "golden_answers": [t]}) + "\n" for t, x in PASSAGES)
+    return {"model": str(d / "model"), "corpus": str(d / "corpus.jsonl"), "qa": str(d / "qa.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(files, tmp_path_factory) -> tuple[Path, list[str]]:
+    """Run worker() on two gloo ranks; returns the output folder and each rank's stdout."""
+    out = tmp_path_factory.mktemp("ranks")
+    (out / "args.json").write_text(json.dumps({"files": files, "out": str(out)}))
+    code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_distributed as t; t.worker(sys.argv[1])"
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out / "args.json")], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-3000:]
+            outputs.append(stdout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out, outputs
+
+
+def test_one_update_equals_the_single_process_update(files, two_ranks):
+    out, _ = two_ranks
+    model, tok = prepare.load_model(files["model"], "cpu")
+    trajs, tok_adv = update_batch(tok)
+    stats = train.update(model, copy.deepcopy(model), tok, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
+                         train.Config(micro_batch=2, kl_coef=0.1))
+    for r in range(2):
+        saved = torch.load(out / f"update{r}.pt", weights_only=True)
+        for name, p in model.state_dict().items():
+            assert torch.allclose(saved["params"][name], p, atol=1e-6), (r, name)
+        for k in ("loss", "kl", "entropy", "grad_norm"):
+            assert saved["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+
+
+def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ranks):
+    out, _ = two_ranks
+    got = json.loads((out / "ig.json").read_text())
+    trajs, golds = ig_batch()
+    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 3, "random", torch.Generator().manual_seed(5))
+    assert got["draws"] == [[[list(p) for p in step] for step in row] for row in draws]
+    model, tok = prepare.load_model(files["model"], "cpu")
+    # the workers scored with the model after their update: score with the same weights here
+    model.load_state_dict(torch.load(out / "update0.pt", weights_only=True)["params"])
+    igs = ig.information_gain(model, tok, trajs, golds, max_len=512, generator=torch.Generator().manual_seed(5))
+    assert [v is None for row in got["igs"] for v in row] == [v is None for row in igs for v in row]
+    assert [v for row in got["igs"] for v in row if v is not None] == pytest.approx(
+        [v for row in igs for v in row if v is not None], abs=1e-5)
+
+
+def test_training_run_on_two_ranks_equals_one_process(files, two_ranks, tmp_path):
+    """Greedy rollouts, warm-up, IG, KL and two updates: the same metrics and weights; rank 1 writes nothing."""
+    out, stdouts = two_ranks
+    train.train(train_config(files, str(tmp_path / "run")))
+    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    single, double = read(tmp_path / "run"), read(out / "run")
+    assert len(single) == len(double) == 2
+    for a, b in zip(single, double):
+        for k, v in a.items():
+            if not (k.startswith("t_") or k == "mem_gb"):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    from safetensors.torch import load_file
+    w1, w2 = (load_file(run / "checkpoint" / "model.safetensors") for run in (tmp_path / "run", out / "run"))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    assert '"seed"' in stdouts[0] and stdouts[1].strip() == ""  # only rank 0 prints the config
