@@ -288,6 +288,15 @@ def bf16(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def rollouts(model, tokenizer, prompts: list[str], search, cfg: Config, generator, **kw) -> list[ig.Trajectory]:
     """ig.rollout in chunks of at most cfg.rollout_batch sequences (0 = all at once)."""
     size = cfg.rollout_batch or len(prompts)
@@ -342,7 +351,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     start_model = str(last_checkpoint(run)) if resume else cfg.model
     model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code, dtype=torch.float32)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     tpl = ig.TEMPLATES[cfg.template]
     rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
                       max_response_tokens=cfg.max_response_tokens)

@@ -117,6 +117,30 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
     assert not stats["skipped"] and after[0] > before[0] and after[1] < before[1]
 
 
+def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_model):
+    """The one-GPU memory switches: recomputed activations give the same update, chunked rollouts the
+    same greedy trajectories."""
+    copy = __import__("copy")
+    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
+             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
+    tok_adv = [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
+    params = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model)
+        if checkpointing:
+            train.enable_checkpointing(model)
+        train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
+                     Config(micro_batch=2))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-6) and not torch.equal(
+        params[0], torch.cat([p.detach().flatten() for p in tiny_model.parameters()]))
+    prompts = [ig.build_prompt(tokenizer, q, ig.TEMPLATES["igsearch"]) for q in ("Who?", "What city?", "Where?")]
+    search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(queries)  # noqa: E731
+    runs = [train.rollouts(tiny_model, tokenizer, prompts, search, Config(rollout_batch=n, temperature=0.0),
+                           None, max_searches=1, max_turn_tokens=8) for n in (0, 2)]
+    assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_files, tmp_path, monkeypatch):
     monkeypatch.setattr(ig, "policy_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True),
                                                              torch.tensor(0.0)))
