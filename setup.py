@@ -11,6 +11,7 @@ setup(
     extras_require={
         "test": ["pytest"],
         "gguf": ["gguf", "accelerate"],  # the offline default model ships as a GGUF file
+        "data": ["datasets", "pyarrow"],  # prepare.py --flashrag (the paper's benchmarks), Search-R1 parquet files
         "plot": ["matplotlib"],
     },
 )

