@@ -71,6 +71,43 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# Exact match of Qwen2.5-3B rows, quoted from the IG-Search paper (arXiv 2604.15148), in the order of
+# prepare.BENCHMARKS, then the average. None: a cell our copy of the table (SPEC.md 5b) does not give.
+PAPER_EM = {
+    "Direct inference": (.106, .288, .108, .149, .244, .020, .024, .134),
+    "RAG": (.348, .544, .387, .255, .226, .047, .080, .270),
+    "Search-R1 base GRPO": (.421, .583, .413, .297, .274, .066, .128, .312),
+    "AutoRefine base": (.467, .620, .450, .405, .393, .157, .344, .405),
+    "MR-Search base": (.477, .635, .460, .419, .401, .165, .344, .414),
+    "GiGPO instruct": (.420, .595, .424, .369, .370, .126, .641, .421),
+    "IG-Search base": (None, None, None, None, None, None, .424, .430),
+}
+PAPER_COLUMNS = ("NQ", "TriviaQA", "PopQA", "HotpotQA", "2wiki", "MuSiQue", "Bamboogle", "avg")
+
+
+def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> str | None:
+    """EM in the paper's layout (7 benchmarks and the average), our row above the paper's rows.
+
+    rows: dataset name (file stem) -> summary with "em". None unless every name is one of the seven
+    benchmarks (prepare.BENCHMARKS); a benchmark not evaluated is left blank, and our average is
+    then over the ones evaluated (marked *).
+    """
+    if not rows or any(k not in prepare.BENCHMARKS for k in rows):
+        return None
+    ours = [rows[b]["em"] if b in rows else None for b in prepare.BENCHMARKS]
+    done = [v for v in ours if v is not None]
+    cell = lambda v: f"{'':>10}" if v is None else f"{v:>10.3f}"  # noqa: E731
+    line = lambda label, values: f"{label[:24]:<24}" + "".join(cell(v) for v in values)  # noqa: E731
+    out = ["EM in the paper's layout: our row (this model, retriever and top-k), then rows quoted from the paper",
+           f"{'method':<24}" + "".join(f"{c:>10}" for c in PAPER_COLUMNS),
+           line(name, ours + [sum(done) / len(done)]) + ("" if len(done) == len(ours) else " *"),
+           "quoted from the paper (Qwen2.5-3B, E5 over wiki-18, top-3):"]
+    out += [line(method, list(values)) for method, values in PAPER_EM.items()]
+    if len(done) < len(ours):
+        out.append(f"* our average is over the {len(done)} benchmarks evaluated; the paper's is over all 7")
+    return "\n".join(out)
+
+
 def compare_runs(runs: list[str]) -> str:
     """Held-out results of several runs (their table.json), grouped by row name: mean +- std over runs."""
     groups: dict[str, list[dict]] = {}
@@ -184,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     for q, t in shown:
         print(show_trajectory(q, t) + "\n")
     print(format_table(rows))
+    paper = format_paper_table(rows, Path(args.model).name or "offline default")
+    if paper:
+        print("\n" + paper)
     out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
     write_json(out, {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "offline default",
                      "retriever": args.retriever_url or f"BM25 over {args.corpus or data.get('corpus')}",
