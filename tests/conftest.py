@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)  # the fakes are tiny: thread start-up costs more than it saves, and CI has 2 cores
 
 import igsearch  # noqa: E402
 
