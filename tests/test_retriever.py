@@ -312,3 +312,41 @@ def test_cli_search_remote(server_url: str):
 
 def test_module_runs_nothing_at_import():
     assert retriever.__name__ == "retriever" and callable(retriever.main)
+
+
+def test_client_speaks_search_r1_schema_and_renders_as_search_r1():
+    """Against a server that answers as Search-R1's retrieval_server.py does (FastAPI, e5 over wiki-18):
+    the request body is exactly {"queries", "topk", "return_scores": true} as JSON on POST /retrieve, and
+    the passages render as Search-R1's _passages2string (title line kept with its quotes, rest as text)."""
+    seen = []
+    wiki18 = [{"id": "12", "contents": '"Evan Morris"\nEvan L. Morris (1977-2015) was a lobbyist.'},
+              {"id": "7", "contents": '"Hamlet"\nHamlet is a tragedy.\nIt was written by Shakespeare.'}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers["Content-Type"], body))
+            result = [[{"document": doc, "score": 0.9 - 0.1 * i} for i, doc in enumerate(wiki18[: body["topk"]])]
+                      for _ in body["queries"]]
+            data = json.dumps({"result": result}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    try:
+        url = serve(server)
+        hits = RemoteRetriever(url, timeout=5).search(["who was evan morris", "hamlet"], topk=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("/retrieve", "application/json",
+                     {"queries": ["who was evan morris", "hamlet"], "topk": 2, "return_scores": True})]
+    assert [p.score for p in hits[0]] == pytest.approx([0.9, 0.8])
+    search_r1 = "".join(f"Doc {i + 1}(Title: {d['contents'].split(chr(10))[0]}) "
+                        f"{chr(10).join(d['contents'].split(chr(10))[1:])}\n" for i, d in enumerate(wiki18))
+    assert format_passages(hits[1]) == search_r1.strip()  # Search-R1 strips the block before inserting it
