@@ -97,7 +97,7 @@ PRESETS = {
     "learn": dict(steps=24, eval_questions=100, warmup_examples=0, out_dir="runs/learn"),
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
-                  kl_coef=0.001, micro_batch=8, ig_batch_size=32, ig_max_len=4096, warmup_examples=0,
+                  kl_coef=0.001, micro_batch=4, ig_batch_size=32, ig_max_len=4096, warmup_examples=0,
                   grad_checkpointing=True, rollout_batch=64,
                   eval_questions=0, eval_batch=64, save_every=10, out_dir="runs/paper"),
 }
