@@ -516,8 +516,8 @@ def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3, 
 
 def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, template: Template,
                 n_random: int = 3, baseline: str = "random", all_golds: bool = False,
-                generator: torch.Generator | None = None,
-                draws: list[list[list[tuple[str, str]]]] | None = None) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
+                generator: torch.Generator | None = None, draws: list[list[list[tuple[str, str]]]] | None = None
+                ) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
     """The scoring work of a batch: context ids, answer ids, and a plan of (i, t, first request, 1 + N).
 
     draws: the counterfactuals of each step (plan_counterfactuals); planned over trajs when None.

@@ -255,13 +255,15 @@ def _load_parquet(path: str) -> list[dict]:
         question, answers = rec.get("question"), rec.get("golden_answers")
         if question is None:
             prompt = rec.get("prompt")  # [{"role": "user", "content": instruction + "Question: q"}] or text
-            text = prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else prompt
-            question = text.split("Question: ", 1)[-1].strip() if isinstance(text, str) else None
+            if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+                prompt = prompt[-1].get("content")
+            question = prompt.split("Question: ", 1)[-1].strip() if isinstance(prompt, str) else None
         if answers is None:
             answers = ((rec.get("reward_model") or {}).get("ground_truth") or {}).get("target")
         answers = [answers] if isinstance(answers, str) else answers
         doc_id = rec.get("id") if rec.get("id") is not None else i
-        rows.append(_check_row({"id": doc_id, "question": question, "golden_answers": answers}, f"{path}:row {i + 1}", i))
+        row = {"id": doc_id, "question": question, "golden_answers": answers}
+        rows.append(_check_row(row, f"{path}:row {i + 1}", i))
     if not rows:
         raise InputError(f"{path}: no questions")
     return rows
@@ -332,7 +334,8 @@ def fetch_flashrag(out_dir: str) -> dict[str, str]:
         rows = _hub(what, lambda: datasets.load_dataset(FLASHRAG_REPO, name, split=split))
         kept = [r for r in rows if _is_question(r)]
         if len(kept) < len(rows):
-            print(f"warning: {what}: dropped {len(rows) - len(kept)} rows without a question or an answer", file=sys.stderr)
+            print(f"warning: {what}: dropped {len(rows) - len(kept)} rows without a question or an answer",
+                  file=sys.stderr)
         return [{"id": str(r.get("id", i)), "question": r["question"], "golden_answers": r["golden_answers"]}
                 for i, r in enumerate(kept)]
 

@@ -316,12 +316,14 @@ def counterfactual_draws(trajs: list[ig.Trajectory], cfg: Config, gen: torch.Gen
 def step_record(step: int, trajs: list[ig.Trajectory], rewards: torch.Tensor, cfg: Config, stats: dict,
                 times: list[float], device: torch.device) -> dict:
     """The step's log line over the global batch: every rank's rollouts gathered (times are rank 0's)."""
-    mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated, peak_memory_gb(device),
+    mem = peak_memory_gb(device)
+    mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated, mem,
              [s.ig for s in t.steps if s.ig is not None]) for t, r in zip(trajs, rewards.tolist())]
     r, searches, length, valid, truncated, mem, ig_lists = zip(*[x for part in dd.all_gather(mine) for x in part])
     igs = [v for vs in ig_lists for v in vs]
     return {"step": step + 1, "reward": float(np.mean(r)), "em": float(np.mean(r)),
-            "ig_mean": float(np.mean(igs)) if igs else 0.0, "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
+            "ig_mean": float(np.mean(igs)) if igs else 0.0,
+            "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
             "searches": float(np.mean(searches)), "length": float(np.mean(length)),
             "zero_adv_groups": float((torch.tensor(r).view(-1, cfg.group_size).std(-1) == 0).float().mean()),
             "valid": float(np.mean(valid)), "truncated": float(np.mean(truncated)), **stats,
@@ -333,7 +335,8 @@ def train(cfg: Config, resume: str = "") -> dict:
     # ---- setup: device once (one rank of torchrun, or alone), seeds, model, data, retriever, run folder
     device, main = dd.setup(), dd.is_main()  # only rank 0 (main) prints and writes files
     if cfg.questions_per_step < dd.world_size():
-        raise InputError(f"config: questions_per_step={cfg.questions_per_step} is fewer than the {dd.world_size()} ranks")
+        raise InputError(f"config: questions_per_step={cfg.questions_per_step} is out of range "
+                         f"(accepted: >= the {dd.world_size()} ranks)")
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     gens = {"data": torch.Generator().manual_seed(cfg.seed), "ig": torch.Generator().manual_seed(cfg.seed + 1),
             "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank())}  # per rank
@@ -367,7 +370,8 @@ def train(cfg: Config, resume: str = "") -> dict:
             warmup(model, tokenizer, train_q, search, cfg, gens["data"])
             if test_q:
                 with bf16(device):
-                    table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up", **eval_kw)[0]
+                    table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up",
+                                                      **eval_kw)[0]
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
     ref_model = copy.deepcopy(model).to(ref_dtype).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

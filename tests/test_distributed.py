@@ -120,22 +120,25 @@ def two_ranks(files, tmp_path_factory) -> tuple[Path, list[str]]:
     """Run worker() on two gloo ranks; returns the output folder and each rank's stdout."""
     out = tmp_path_factory.mktemp("ranks")
     (out / "args.json").write_text(json.dumps({"files": files, "out": str(out)}))
-    code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_distributed as t; t.worker(sys.argv[1])"
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
+            "import test_distributed as t; t.worker(sys.argv[1])")
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    logs = [(open(out / f"rank{r}.out", "w"), open(out / f"rank{r}.err", "w")) for r in range(2)]  # no pipe to fill
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out / "args.json")], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    outputs = []
+                              stdout=logs[r][0], stderr=logs[r][1], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
     try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=300)
-            assert p.returncode == 0, stderr[-3000:]
-            outputs.append(stdout)
+        for r, p in enumerate(procs):
+            p.wait(timeout=300)
+            assert p.returncode == 0, (out / f"rank{r}.err").read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        for f in (f for pair in logs for f in pair):
+            f.close()
+    outputs = [(out / f"rank{r}.out").read_text() for r in range(2)]
     return out, outputs
 
 
