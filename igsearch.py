@@ -337,10 +337,18 @@ def f1_score(prediction: str | None, golds: list[str]) -> float:
 # ----------------------------------------------------------------------------- 4. information gain
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
+    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32.
+
+    With entropy=True also returns the entropy -sum_v p log p (B, T), without gradient, from the
+    same log-softmax (a second one would double the largest tensor of the update).
+    """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not entropy:
+        return picked
+    with torch.no_grad():
+        return picked, -(logp.exp() * logp).sum(-1)  # (B, T), (B, T)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -648,12 +656,9 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-style soft-capping, applied as the model's own forward would
         logits = torch.tanh(logits / cap) * cap
-    lp = token_logprobs(logits[None], batch["targets"][sel][None])[0]  # (M,)
-    logp = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp)  # (B, R)
-    with torch.no_grad():
-        lsm = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
-        ent = -(lsm.exp() * lsm).sum(-1)  # (M,)
-        entropy = torch.zeros_like(logp).masked_scatter(sel, ent)  # (B, R)
+    lp, ent = token_logprobs(logits[None], batch["targets"][sel][None], entropy=True)  # (1, M) each
+    logp = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp[0])  # (B, R)
+    entropy = torch.zeros_like(logp).detach().masked_scatter(sel, ent[0])  # (B, R)
     return logp, entropy
 
 
