@@ -1,23 +1,24 @@
 """What a training step costs, where the time goes, and how close IG scoring comes to its floor.
 
-    python bench.py                          # train.py's default shape, 4 rollouts (~10 min on 2 CPU cores)
-    python bench.py --shape paper --batch 2  # 512-token turns, up to 5 searches, full passages (hours on CPU)
-    python bench.py --only ig,retrieval      # some sections: step overhead ig rollout update memory retrieval
+    python bench.py                          # train.py's default shape, 4 rollouts (~10 min on 2 idle cores)
+    python bench.py --shape paper --batch 2  # 512-token turns, up to 5 searches, full passages (~1 h on CPU)
+    python bench.py --only ig,retrieval      # sections: step ig rollout update memory retrieval
     python bench.py --device cuda
 
 The untrained default model seldom writes a search, which would leave IG nothing to score. So the
-policy is scripted: every forward pass is the real model's and the sampler draws from its output,
-but the logits are one-hot on a script that fills each turn to its token budget with a think block
-and ends it with a search (max_searches of them), then answers. Each token costs what a free sample
-costs; the trajectories have the shape of a policy that always uses its search budget.
-The optimizer has lr = 0: the work of training, with weights that stay put, so every repeat samples
-the same rollouts and a step with IG differs from one without by the IG scoring alone.
-Times are medians over --repeats runs, alternated; on a shared machine compare the ratios.
+policy is scripted: every forward pass is the real model's and the sampler draws from its output, but
+the logits are one-hot on a script that fills each turn to its token budget with a think block and ends
+it with a search (max_searches of them, each after a refine block), then answers. Each token costs what
+a free sample costs; the rollouts have the shape of a policy that uses its whole search budget.
+The optimizer has lr = 0: the work of training with weights that stay put, so every repeat samples the
+same rollouts and a step with IG differs from one without by the IG scoring alone.
+Times are medians over --repeats runs, alternated; on a shared machine trust the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
 import multiprocessing
 import re
@@ -35,33 +36,32 @@ import train
 from evaluate import make_search
 from retriever import BM25Retriever, RemoteRetriever, make_server, tokenize
 
-SECTIONS = ("step", "overhead", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
+SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
 
 
 def rss_gb() -> float:
-    """Resident memory now (Linux /proc), in GiB."""
+    """Resident memory now, in GiB (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def peak_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory since the last reset, or the process's peak RSS on CPU, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def timed(device: torch.device, fn, *args, **kw):
-    """(result, seconds), the device synchronised on both sides; resets the CUDA peak first."""
+def measure(device: torch.device, fn, *args, **kw) -> tuple[object, float, float]:
+    """(result, seconds, peak GiB during fn): the CUDA allocator's peak, or the process's peak RSS
+    (Linux VmHWM, restarted through /proc/self/clear_refs). The device is synchronised on both sides."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     start = time.perf_counter()
     out = fn(*args, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+        return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        return out, time.perf_counter() - start, int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 2**20
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -72,32 +72,39 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))))
 
 
+def target(name: str, ok: bool) -> None:
+    print(f"  target {name}: {'met' if ok else 'NOT met'}")
+
+
 class ScriptedPolicy(torch.nn.Module):
     """The real model's forward, its logits replaced by a one-hot on the script of each row's turn."""
 
     def __init__(self, model, tokenizer, questions: dict[str, dict], cfg: train.Config):
         super().__init__()
         self.model, self.tok, self.questions, self.cfg, self.turns = model, tokenizer, questions, cfg, []
-        self.cache_kw = "cache" if "cache" in ig.inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def script(self, text: str) -> list[int]:
-        """Ids of the next turn: [refine of the last documents] think filler, then search (or answer)."""
+        """Ids of the next turn: [a refine of the last documents,] a think block up to the turn budget, then
+        a search (the question; later the title of a retrieved passage: a lead followed) or the answer."""
         prompt = next(p for p in self.questions if text.startswith(p))
         q, response, tag = self.questions[prompt], text[len(prompt):], ig.TEMPLATES[self.cfg.template].doc_tag
         turn, docs = response.count(f"</{tag}>"), ig.find_block(response, tag, last=True)
-        question = q["question"].split(": ", 1)[-1]
-        head = ""
+        query, head = q["question"].split(": ", 1)[-1], ""
         if docs:
-            title = re.search(r'Title: "([^"]*)"', docs.group(1))
-            head = "<refine> " + " ".join(docs.group(1).split(") ", 1)[-1].split()[:8]) + " </refine>\n"
-            question = f"{question} {title.group(1) if title else ''}"
-        tail = (f" </think>\n<search> {question.strip()} </search>" if turn < self.cfg.max_searches
-                else f" </think>\n<answer> {q['golden_answers'][0]} </answer>")
-        head_ids, tail_ids = (self.tok(s, add_special_tokens=False).input_ids for s in (head, tail))
-        filler = self.tok("<think> " + f"I should check {question}. " * self.cfg.max_turn_tokens,
-                          add_special_tokens=False).input_ids
-        room = max(0, self.cfg.max_turn_tokens - len(head_ids) - len(tail_ids))
-        return head_ids[: max(0, self.cfg.max_turn_tokens - len(tail_ids))] + filler[:room] + tail_ids
+            titles = re.findall(r'Title: "([^"]*)"', docs.group(1)) or [query]
+            facts = " ".join(docs.group(1).split(") ", 1)[-1].split()[:6])  # the start of Doc 1's text
+            query, head = titles[min(turn, len(titles) - 1)], f"<refine> {facts} </refine>\n"
+        answer = f"<answer> {q['golden_answers'][0]} </answer>"
+        tail = f"<search> {query} </search>" if turn < self.cfg.max_searches else answer
+        head_ids, tail_ids, close = (self.tok(s, add_special_tokens=False).input_ids
+                                     for s in (head, tail, " </think>\n"))
+        budget = self.cfg.max_turn_tokens
+        if len(head_ids) + len(tail_ids) > budget:  # short turns: no room for a refine block
+            head_ids = []
+        room = budget - len(head_ids) - len(tail_ids) - len(close)
+        think = self.tok("<think> " + f"I should check {query}. " * budget, add_special_tokens=False).input_ids
+        return head_ids + (think[:room] + close if room >= 4 else []) + tail_ids
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, **kw):
         past = {self.cache_kw: cache} if cache is not None else {}
@@ -122,104 +129,95 @@ def floor_rows(contexts: list[list[int]], answers: list[list[int]], group_sizes:
         idx = range(first, first + n)
         first += n
         shared = min([ig.common_prefix_len([seqs[i] for i in idx])] + [len(seqs[i]) - len(answers[i]) for i in idx])
-        if shared:
-            rows.append(seqs[first - n][:shared])
-            heads.append(0)
-        rows += [seqs[i][shared:] for i in idx]
-        heads += [len(answers[i]) for i in idx]
+        rows += ([seqs[idx[0]][:shared]] if shared else []) + [seqs[i][shared:] for i in idx]
+        heads += ([0] if shared else []) + [len(answers[i]) for i in idx]
     return rows, heads
 
 
 @torch.no_grad()
 def plain_forward(model, rows: list[list[int]], heads: list[int], batch_size: int, full_head: bool = False) -> None:
-    """No-grad forward over the rows, sorted by length, with the LM head and log-softmax at the `heads`
-    last positions of each row (every position when full_head)."""
+    """No-grad forward over the rows sorted by length, the LM head and log-softmax at the `heads` last
+    positions of each row (at every position when full_head)."""
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for k in range(0, len(order), batch_size):
         idx = order[k: k + batch_size]
         ids, attn, pos = ig.left_pad([rows[i] for i in idx], 0, device)  # (b, T)
         hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state  # (b, T, H)
-        want = torch.tensor([heads[i] for i in idx], device=device)
-        sel = attn.bool() if full_head else torch.arange(ids.shape[1], device=device) >= ids.shape[1] - want[:, None]
+        want = torch.tensor([heads[i] for i in idx], device=device)[:, None]  # (b, 1)
+        sel = attn.bool() if full_head else torch.arange(ids.shape[1], device=device) >= ids.shape[1] - want  # (b, T)
         torch.log_softmax(model.get_output_embeddings()(hidden[sel]).float(), dim=-1)  # (M, V)
 
 
-def bm25_child(n: int, corpus: str, queries: list[str], out: multiprocessing.Queue) -> None:
-    """In a fresh process: n synthetic passages of 100 words drawn from the corpus's word stream,
-    BM25 index memory (RSS delta) and build time, median latency of a batch of queries."""
-    words = [w for row in open(corpus, encoding="utf-8") for w in tokenize(row)]
-    rng = np.random.default_rng(0)
-    rows = []
+def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
+    """In a fresh process: n synthetic passages (a 2-word title, 100 words) drawn from the corpus's word
+    stream; BM25 build time, index memory (RSS delta) and the median latency of a batch of queries."""
+    words = [w for line in open(corpus, encoding="utf-8") for w in tokenize(line)]
+    rng, rows = np.random.default_rng(0), []
     for k in range(0, n, 10_000):
-        for pick in rng.integers(len(words), size=(min(10_000, n - k), 102)):
-            rows.append({"id": str(len(rows)), "contents": '"%s %s"\n' % (words[pick[0]], words[pick[1]])
-                         + " ".join(words[j] for j in pick[2:])})
+        for p in rng.integers(len(words), size=(min(10_000, n - k), 102)):
+            rows.append({"id": str(len(rows)), "contents": f'"{words[p[0]]} {words[p[1]]}"\n'
+                                                           + " ".join(words[j] for j in p[2:])})
     before, start = rss_gb(), time.perf_counter()
     index = BM25Retriever(rows)
     build, mem = time.perf_counter() - start, rss_gb() - before
-    lat = [timed(torch.device("cpu"), index.search, queries, 3)[1] for _ in range(3)]
-    out.put({"build": build, "mem": mem, "batch": statistics.median(lat)})
+    out.put((build, mem, statistics.median(measure(torch.device("cpu"), index.search, queries)[1] for _ in range(3))))
 
 
 class Bench:
     def __init__(self, args):
-        self.args = args
-        self.cfg = train.Config(**{**train.PRESETS["default" if args.shape == "default" else "paper"], "model": args.model})
+        self.args, group = args, 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
+        self.cfg = c = train.Config(**{**train.PRESETS[args.shape], "model": args.model, "group_size": group,
+                                       "questions_per_step": args.batch // group})
         self.model, self.tok = prepare.load_model(args.model, args.device)
-        self.device = self.model.device
-        self.data = prepare.default_data()
-        group = 2 if args.batch % 2 == 0 else 1  # the group only sets the advantage baseline: its cost is nil
-        self.cfg = train.Config(**{**self.cfg.__dict__, "group_size": group, "questions_per_step": args.batch // group})
-        questions = prepare.load_questions(self.data["train"])[: args.batch // group]
-        self.qs = [q for q in questions for _ in range(group)]
-        self.tpl = ig.TEMPLATES[self.cfg.template]
+        self.device, self.data = self.model.device, prepare.default_data()
+        self.qs = [q for q in prepare.load_questions(self.data["train"])[: args.batch // group] for _ in range(group)]
+        self.golds, self.tpl = [q["golden_answers"] for q in self.qs], ig.TEMPLATES[c.template]
         self.prompts = [ig.build_prompt(self.tok, q["question"], self.tpl) for q in self.qs]
-        self.policy = ScriptedPolicy(self.model, self.tok, dict(zip(self.prompts, self.qs)), self.cfg)
-        self.backend = make_search(self.data["corpus"], "", self.cfg.topk, self.cfg.doc_words or None)
-        self.t_search = 0.0
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if self.cfg.kl_coef > 0 else None
+        self.policy = ScriptedPolicy(self.model, self.tok, dict(zip(self.prompts, self.qs)), c)
+        self.backend = make_search(self.data["corpus"], "", c.topk, c.doc_words or None)
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if c.kl_coef > 0 else None  # as train.py
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, weight_decay=0.0)
-        self.steps, self.trajs = [], None
+        self.t_search, self.steps, self.trajs = 0.0, [], None
 
     def search(self, queries: list[str]) -> list[str]:
-        docs, seconds = timed(self.device, self.backend, queries)
+        docs, seconds, _ = measure(self.device, self.backend, queries)
         self.t_search += seconds
         return docs
 
-    def rollout(self, max_turn_tokens: int | None = None) -> list[ig.Trajectory]:
+    def rollout(self, max_turn_tokens: int = 0) -> list[ig.Trajectory]:
+        c = self.cfg
         self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
-        return ig.rollout(self.policy, self.tok, self.prompts, self.search, template=self.tpl, generator=gen,
-                          max_searches=self.cfg.max_searches, max_turn_tokens=max_turn_tokens or self.cfg.max_turn_tokens,
-                          max_response_tokens=self.cfg.max_response_tokens, temperature=self.cfg.temperature)
+        return ig.rollout(self.policy, self.tok, self.prompts, self.search, template=self.tpl,
+                          generator=torch.Generator(device=self.device).manual_seed(c.seed + 2),
+                          max_searches=c.max_searches, max_turn_tokens=max_turn_tokens or c.max_turn_tokens,
+                          max_response_tokens=c.max_response_tokens, temperature=c.temperature)
 
     def information_gain(self, trajs, shared_prefix: bool = True):
-        golds = [q["golden_answers"] for q in self.qs]
-        return ig.information_gain(self.model, self.tok, trajs, golds, template=self.tpl, n_random=self.cfg.ig_n_random,
-                                   baseline=self.cfg.ig_baseline, all_golds=self.cfg.ig_all_golds,
-                                   max_len=self.cfg.ig_max_len, batch_size=self.cfg.ig_batch_size,
-                                   head_weight=self.cfg.ig_head_weight, shared_prefix=shared_prefix,
-                                   generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+        c = self.cfg
+        return ig.information_gain(self.model, self.tok, trajs, self.golds, template=self.tpl, n_random=c.ig_n_random,
+                                   baseline=c.ig_baseline, all_golds=c.ig_all_golds, max_len=c.ig_max_len,
+                                   batch_size=c.ig_batch_size, head_weight=c.ig_head_weight,
+                                   shared_prefix=shared_prefix, generator=torch.Generator().manual_seed(c.seed + 1))
 
-    def update(self, trajs, tok_adv):
+    def advantages(self, trajs, alpha: float) -> list[torch.Tensor]:
+        c = self.cfg
+        rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, self.golds)])  # (B,)
+        adv = ig.group_advantages(rewards, c.group_size, c.normalize_std)  # (B,)
+        return ig.token_advantages(trajs, adv, alpha, c.ig_dead_zone, c.ig_neg_scale, c.ig_clip or None)
+
+    def update(self, trajs, tok_adv) -> dict:
         return train.update(self.model, self.ref, self.tok, trajs, tok_adv, self.opt, self.cfg)
 
     def step(self, with_ig: bool) -> dict:
-        """One training step through the functions train.py calls, each phase timed."""
-        rec, self.t_search = {}, 0.0
-        trajs, t = timed(self.device, self.rollout)
-        rec["retrieval"], rec["rollout"], rec["mem rollout"] = self.t_search, t - self.t_search, peak_gb(self.device)
-        golds, alpha = [q["golden_answers"] for q in self.qs], self.cfg.ig_alpha if with_ig else 0.0
-        rec["IG"], rec["mem IG"] = (timed(self.device, self.information_gain, trajs)[1], peak_gb(self.device)) if with_ig else (0.0, 0.0)
-        def reward():
-            rewards = torch.tensor([ig.exact_match(ig.extract_answer(tr), g) for tr, g in zip(trajs, golds)])  # (B,)
-            adv = ig.group_advantages(rewards, self.cfg.group_size, self.cfg.normalize_std)  # (B,)
-            return ig.token_advantages(trajs, adv, alpha, self.cfg.ig_dead_zone, self.cfg.ig_neg_scale, self.cfg.ig_clip or None)
-        tok_adv, rec["reward"] = timed(self.device, reward)
-        rec["update"] = timed(self.device, self.update, trajs, tok_adv)[1]
-        rec["mem update"], self.trajs = peak_gb(self.device), trajs
-        rec["total"] = sum(rec[k] for k in PHASES)
+        """One training step through the functions train.py calls; seconds and peak GiB of each phase."""
+        self.t_search, rec = 0.0, {"with_ig": with_ig}
+        trajs, seconds, rec["mem rollout"] = measure(self.device, self.rollout)
+        rec["retrieval"], rec["rollout"] = self.t_search, seconds - self.t_search
+        _, rec["IG"], rec["mem IG"] = measure(self.device, self.information_gain, trajs) if with_ig else (0, 0.0, 0.0)
+        tok_adv, rec["reward"], _ = measure(self.device, self.advantages, trajs, self.cfg.ig_alpha * with_ig)
+        _, rec["update"], rec["mem update"] = measure(self.device, self.update, trajs, tok_adv)
+        self.trajs, rec["total"] = trajs, sum(rec[k] for k in PHASES)
         return rec
 
     def run_steps(self) -> None:
@@ -227,152 +225,141 @@ class Bench:
             return
         warm = self.rollout(max_turn_tokens=8)  # warm-up: allocator, optimizer state
         self.update(warm, [torch.zeros(len(t.response_ids)) for t in warm])
-        for r in range(self.args.repeats):  # IG, outcome, outcome, IG, ...: a drift cancels out
-            for with_ig in ((True, False) if r % 2 == 0 else (False, True)):
-                self.steps.append({"with_ig": with_ig, **self.step(with_ig)})
-                print(f"  step {len(self.steps)} ({'IG' if with_ig else 'outcome'}): {self.steps[-1]['total']:.1f} s", flush=True)
+        for r in range(self.args.repeats):  # IG, outcome, outcome, IG, ...: a linear drift cancels out
+            for with_ig in (True, False) if r % 2 == 0 else (False, True):
+                self.steps.append(self.step(with_ig))
+                print(f"  step {len(self.steps)} ({'IG' if with_ig else 'outcome'}): {self.steps[-1]['total']:.1f} s")
 
     def median(self, key: str, with_ig: bool | None = None) -> float:
         return statistics.median(s[key] for s in self.steps if with_ig is None or s["with_ig"] == with_ig)
 
-    def step_table(self) -> None:
+    def section_step(self) -> None:
         self.run_steps()
-        med = {k: self.median(k, True) for k in PHASES + ("total",)}
-        rows = [[k, med[k], f"{100 * med[k] / med['total']:.1f}%"] for k in PHASES] + [["step", med["total"], "100%"]]
-        table(f"1. training step with IG ({self.args.batch} rollouts, median of {self.args.repeats})",
-              ["phase", "seconds", "share"], rows)
-        n = len(self.trajs)
-        print(f"  per rollout: {sum(len(t.steps) for t in self.trajs) / n:.1f} searches, "
-              f"{sum(sum(t.loss_mask) for t in self.trajs) / n:.0f} generated tokens, "
-              f"{sum(len(t.response_ids) for t in self.trajs) / n:.0f} response tokens, "
-              f"{sum(len(t.prompt_ids) for t in self.trajs) / n:.0f} prompt tokens")
-
-    def overhead(self) -> None:
-        self.run_steps()
-        t_ig, t_out, ig_med = self.median("total", True), self.median("total", False), self.median("IG", True)
-        over, direct = (t_ig - t_out) / t_out, ig_med / (t_ig - ig_med)
-        table("2. IG overhead (steps alternated; same rollouts: lr = 0 and the same seeds)", ["", "value"], [
-            ["step with IG (s)", t_ig], ["step outcome-only (s)", t_out], ["overhead (t_IG - t_out) / t_out", f"{100 * over:.1f}%"],
-            ["IG / rest of the same step", f"{100 * direct:.1f}%"]])
+        med, n, trajs = {k: self.median(k, True) for k in PHASES + ("total",)}, len(self.trajs), self.trajs
+        table(f"1. training step with IG ({n} rollouts, median of {self.args.repeats})", ["phase", "seconds", "share"],
+              [[k, med[k], f"{100 * med[k] / med['total']:.1f}%"] for k in PHASES] + [["step", med["total"], "100%"]])
+        print(f"  per rollout: {sum(len(t.steps) for t in trajs) / n:.1f} searches, "
+              f"{sum(sum(t.loss_mask) for t in trajs) / n:.0f} generated tokens, "
+              f"{sum(len(t.response_ids) for t in trajs) / n:.0f} response tokens (documents included)")
+        t_ig, t_out, t_scoring = self.median("total", True), self.median("total", False), med["IG"]
+        table("2. IG overhead (steps alternated, same rollouts)", ["", "value"], [
+            ["step with IG (s)", t_ig], ["step outcome-only (s)", t_out],
+            ["(t_IG - t_outcome) / t_outcome", f"{100 * (t_ig - t_out) / t_out:.1f}%"],
+            ["IG scoring / rest of the same step", f"{100 * t_scoring / (t_ig - t_scoring):.1f}%"]])
         if self.args.shape == "paper":
-            print(f"  target <= 6.4% at the paper shape: {'met' if over <= 0.064 else 'NOT met'}")
-        else:
-            print("  no target at the default shape (short turns: every forward pass counts); the paper target "
-                  "applies to --shape paper")
+            target("<= 6.4% at the paper shape", (t_ig - t_out) / t_out <= 0.064)
 
-    def update_table(self) -> None:
+    def section_update(self) -> None:
         self.run_steps()
-        t_upd = self.median("update")
         tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in self.trajs)
         trained = sum(sum(t.loss_mask) for t in self.trajs)
         emb, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight
-        n_all = sum(p.numel() for p in self.model.parameters())
-        n_body = n_all - emb.numel() - (0 if head is emb else head.numel())  # the embedding is a lookup
-        # 6 N T for the body (forward + backward), the LM head only on trained tokens; + 2 N T for a KL reference
-        flops = 6 * (n_body * tokens + head.numel() * trained) + (2 * (n_body * tokens + head.numel() * trained) if self.ref else 0)
+        n_body = sum(p.numel() for p in self.model.parameters()) - emb.numel() - (0 if head is emb else head.numel())
+        # 6 N T: the body on every token, the LM head on trained tokens only (+ 2 N T: the KL reference's forward)
+        flops = (6 + 2 * (self.ref is not None)) * (n_body * tokens + head.numel() * trained)
         n = 8192 if self.device.type == "cuda" else 2048
         a = torch.randn(n, n, dtype=self.model.dtype, device=self.device)
-        mm = statistics.median(timed(self.device, torch.mm, a, a)[1] for _ in range(6))
-        achieved, peak = flops / t_upd, 2 * n**3 / mm
-        table("6. update efficiency", ["", "value"], [
-            ["update (s)", t_upd], ["tokens (trained)", f"{tokens} ({trained})"], ["achieved GFLOP/s", achieved / 1e9],
-            [f"torch.mm {n}x{n} {str(self.model.dtype)[6:]} GFLOP/s", peak / 1e9], ["ratio", f"{100 * achieved / peak:.0f}%"]])
+        peak = 2 * n**3 / statistics.median(measure(self.device, torch.mm, a, a)[1] for _ in range(6))
+        achieved = flops / self.median("update")
+        table("6. update efficiency (model FLOPs; attention not counted)", ["", "value"], [
+            ["update (s)", self.median("update")], ["tokens (trained)", f"{tokens} ({trained})"],
+            ["achieved GFLOP/s", achieved / 1e9], [f"torch.mm {n}x{n} {str(a.dtype)[6:]} GFLOP/s", peak / 1e9],
+            ["ratio", f"{100 * achieved / peak:.0f}%"]])
 
-    def memory(self) -> None:
+    def section_memory(self) -> None:
         self.run_steps()
-        first = next(s for s in self.steps if s["with_ig"])
-        rows = [[f"after {k}", first[f"mem {k}"]] for k in ("rollout", "IG", "update")]
-        mb = self.cfg.micro_batch  # one full micro-batch: the default run's largest update
+        rows = [[f"{k} (median of the IG steps)", self.median(f"mem {k}", True)] for k in ("rollout", "IG", "update")]
+        mb = self.cfg.micro_batch  # the default run's update fills its micro-batches; the bench's batch may not
         trajs = (self.trajs * math.ceil(mb / len(self.trajs)))[:mb]
-        self.update(trajs, [torch.zeros(len(t.response_ids)) for t in trajs])
-        rows.append([f"update of one micro-batch ({mb} rollouts)", peak_gb(self.device)])
-        what = "peak allocated CUDA memory in the phase" if self.device.type == "cuda" else "process peak RSS so far"
-        table(f"8. memory (GiB, {what})", ["", "GiB"], rows)
+        _, _, mem = measure(self.device, self.update, trajs, [torch.zeros(len(t.response_ids)) for t in trajs])
+        kind = "CUDA allocated" if self.device.type == "cuda" else "process RSS"
+        table(f"8. peak memory per phase (GiB, {kind})", ["", "GiB"],
+              rows + [[f"update of one full micro-batch ({mb} rollouts, as in train.py)", mem]])
         if self.device.type == "cpu" and self.args.shape == "default":
-            print(f"  target <= 3 GiB on CPU: {'met' if rows[-1][1] <= 3 else 'NOT met'}")
+            target("<= 3 GiB for the default run on CPU", mem <= 3)
 
-    def ig_table(self) -> None:
-        trajs = self.trajs or self.rollout()
-        contexts, answers, plan = ig.ig_requests(self.tok, trajs, [q["golden_answers"] for q in self.qs], template=self.tpl,
-                                                 n_random=self.cfg.ig_n_random, baseline=self.cfg.ig_baseline,
-                                                 all_golds=self.cfg.ig_all_golds,
-                                                 generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-        rows, heads = floor_rows(contexts, answers, [n for *_, n in plan], self.cfg.ig_max_len)
-        bs = self.cfg.ig_batch_size
+    def section_ig(self) -> None:
+        trajs, c = self.trajs or self.rollout(), self.cfg
+        contexts, answers, plan = ig.ig_requests(self.tok, trajs, self.golds, template=self.tpl, n_random=c.ig_n_random,
+                                                 baseline=c.ig_baseline, all_golds=c.ig_all_golds,
+                                                 generator=torch.Generator().manual_seed(c.seed + 1))
+        rows, heads = floor_rows(contexts, answers, [n for *_, n in plan], c.ig_max_len)
+        bs = c.ig_batch_size
         runs = {"full contexts (answer_scores)": lambda: self.information_gain(trajs, False),
                 "shared prefix (answer_scores_shared_prefix)": lambda: self.information_gain(trajs, True),
-                "floor: plain forward, head at answers": lambda: plain_forward(self.model, rows, heads, bs),
-                "floor with the head on every position": lambda: plain_forward(self.model, rows, heads, bs, True)}
-        times, values = {k: [] for k in runs}, {}
+                "floor: plain forward, LM head at answers": lambda: plain_forward(self.model, rows, heads, bs),
+                "floor, LM head at every position": lambda: plain_forward(self.model, rows, heads, bs, full_head=True)}
+        names, times, values = list(runs), {k: [] for k in runs}, {}
         for r in range(self.args.repeats):
-            for name in list(runs)[r % 4:] + list(runs)[: r % 4]:  # rotate the order between repeats
-                values[name], t = timed(self.device, runs[name])
-                times[name].append(t)
+            for name in names[r % 4:] + names[: r % 4]:  # the order rotates between repeats
+                values[name], seconds, _ = measure(self.device, runs[name])
+                times[name].append(seconds)
         t = {k: statistics.median(v) for k, v in times.items()}
-        full_tokens = sum(min(len(c) + len(a), self.cfg.ig_max_len) for c, a in zip(contexts, answers))
-        floor = t["floor: plain forward, head at answers"]
-        tokens = [full_tokens, sum(map(len, rows)), sum(map(len, rows)), sum(map(len, rows))]
-        table(f"3. IG scoring against its floor ({len(plan)} steps x {len(contexts) // max(1, len(plan))} contexts)",
-              ["", "tokens", "seconds", "x floor"], [[k, n, t[k], t[k] / floor] for k, n in zip(runs, tokens)])
-        best = min(t["full contexts (answer_scores)"], t["shared prefix (answer_scores_shared_prefix)"])
-        print(f"  target IG <= 1.25 x floor: {best / floor:.2f} x, {'met' if best / floor <= 1.25 else 'NOT met'}")
-        a, b = (np.array([v for row in values[k] for v in row if v is not None], dtype=float) for k in list(runs)[:2])
+        full, shared, floor = t[names[0]], t[names[1]], t[names[2]]
+        full_tokens = sum(min(len(x) + len(a), c.ig_max_len) for x, a in zip(contexts, answers))
+        tokens = [full_tokens] + [sum(map(len, rows))] * 3
+        table(f"3. IG scoring against its floor ({len(plan)} search steps, {len(contexts)} contexts)",
+              ["", "tokens", "seconds", "x floor"], [[k, n, t[k], t[k] / floor] for k, n in zip(names, tokens)])
+        target("IG <= 1.25 x floor", min(full, shared) / floor <= 1.25)
+        a, b = (np.array([v for row in values[k] for v in row if v is not None], dtype=float) for k in names[:2])
         diff = float(np.abs(a - b).max()) if len(a) else 0.0
-        saving = 1 - t["shared prefix (answer_scores_shared_prefix)"] / t["full contexts (answer_scores)"]
-        table("4. shared-prefix scoring", ["", "value"], [["max |IG shared - IG full|", f"{diff:.2e}"],
-              ["IG time saved", f"{100 * saving:.0f}%"], ["keep (exact to 1e-4, saves >= 15%)", diff <= 1e-4 and saving >= 0.15]])
+        table("4. shared-prefix scoring", ["", "value"], [["max |IG shared - IG full|", f"{diff:.1e}"],
+              ["IG time saved", f"{100 * (1 - shared / full):.0f}%"],
+              ["kept (exact to 1e-4 and saves >= 15%)", diff <= 1e-4 and shared <= 0.85 * full]])
 
-    def rollout_table(self) -> None:
-        pad = self.tok.pad_token_id
-        ids, mask, _ = ig.left_pad([self.tok(p, add_special_tokens=False).input_ids for p in self.prompts], pad, self.device)
-        loop, hf = [], []
+    def section_rollout(self) -> None:
+        prompt_ids = [self.tok(p, add_special_tokens=False).input_ids for p in self.prompts]
+        ids, mask, _ = ig.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
+        per_row = math.ceil(sum(sum(t.loss_mask) for t in (self.trajs or self.rollout())) / len(self.prompts))
+        sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None)
+
+        def generate():
+            return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=per_row,
+                                       min_new_tokens=per_row, pad_token_id=self.tok.pad_token_id,
+                                       **(sampling if self.cfg.temperature > 0 else {"do_sample": False}))
+
+        speed = {"loop": [], "generate": []}
         for r in range(self.args.repeats):
-            for which in ("loop", "generate") if r % 2 == 0 else ("generate", "loop"):
-                if which == "loop":
-                    trajs, t = timed(self.device, self.rollout)
-                    n_new = sum(sum(tr.loss_mask) for tr in trajs)
-                    loop.append(n_new / t)
-                else:
-                    per_row = math.ceil(sum(sum(tr.loss_mask) for tr in (self.trajs or self.rollout())) / len(self.prompts))
-                    sample = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None) if self.cfg.temperature > 0 else dict(do_sample=False)
-                    _, t = timed(self.device, self.model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=per_row,
-                                 min_new_tokens=per_row, pad_token_id=pad, **sample)
-                    hf.append(per_row * len(self.prompts) / t)
-        ratio = statistics.median(loop) / statistics.median(hf)
-        table("5. rollout throughput (generated tokens/s, same prompts and total new tokens)", ["", "tokens/s"], [
-            ["igsearch.rollout (multi-turn, retrieval, re-prefill)", statistics.median(loop)],
-            ["model.generate (one call)", statistics.median(hf)], ["ratio", f"{ratio:.2f}"]])
-        print(f"  target ratio >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'}")
+            for name in ("loop", "generate") if r % 2 == 0 else ("generate", "loop"):
+                trajs, seconds, _ = measure(self.device, self.rollout if name == "loop" else generate)
+                n_new = sum(sum(t.loss_mask) for t in trajs) if name == "loop" else per_row * len(self.prompts)
+                speed[name].append(n_new / seconds)
+        loop, hf = statistics.median(speed["loop"]), statistics.median(speed["generate"])
+        table("5. rollout throughput (generated tokens/s; same prompts, same number of new tokens)", ["", "tokens/s"], [
+            ["igsearch.rollout (turns, retrieval, re-prefill)", loop], ["model.generate (one call)", hf],
+            ["ratio", f"{loop / hf:.2f}"]])
+        target("ratio >= 0.8", loop / hf >= 0.8)
 
-    def retrieval(self) -> None:
-        queries = [q["question"] for q in prepare.load_questions(self.data["train"])[:16]]
-        ctx, rows = multiprocessing.get_context("spawn"), []
+    def section_retrieval(self) -> None:
+        queries, rows = [q["question"] for q in prepare.load_questions(self.data["train"])[:16]], []
+        ctx = multiprocessing.get_context("spawn")  # a fresh process per size: its RSS delta is the index's
         for n in self.args.retrieval_sizes:
             out = ctx.Queue()
             child = ctx.Process(target=bm25_child, args=(n, self.data["corpus"], queries, out))
             child.start()
             try:
-                r = out.get(timeout=self.args.retrieval_timeout)
-                rows.append([n, r["build"], r["mem"], r["batch"], 1000 * r["batch"] / len(queries)])
-            except Exception:  # queue.Empty: too slow (or killed for memory)
+                build, mem, batch = out.get(timeout=self.args.retrieval_timeout)
+                rows.append([n, build, mem, batch, 1000 * batch / len(queries)])
+            except Exception:  # queue.Empty: not done in time (or killed for memory)
                 rows.append([n, f"> {self.args.retrieval_timeout} s", "-", "-", "-"])
-            child.terminate()
+            child.kill()
             child.join()
-        table(f"7. BM25 in memory (rank_bm25), synthetic 100-word passages, batch of {len(queries)} queries",
+        table(f"7. in-memory BM25 (rank_bm25) on synthetic passages, {len(queries)} queries a batch",
               ["passages", "build s", "index GiB", "batch s", "ms/query"], rows)
         local = BM25Retriever(self.data["corpus"])
         server = make_server(local, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        remote = RemoteRetriever(f"http://127.0.0.1:{server.server_address[1]}/retrieve")
-        t_local, t_remote = [], []
-        for r in range(5):
-            for client, ts in ((local, t_local), (remote, t_remote)) if r % 2 == 0 else ((remote, t_remote), (local, t_local)):
-                ts.append(timed(self.device, client.search, queries, self.cfg.topk)[1])
+        clients = {"local": local, "remote": RemoteRetriever(f"http://127.0.0.1:{server.server_address[1]}/retrieve")}
+        t = {name: [] for name in clients}
+        for r in range(6):
+            for name in ("local", "remote") if r % 2 == 0 else ("remote", "local"):
+                t[name].append(measure(self.device, clients[name].search, queries, self.cfg.topk)[1])
         server.shutdown()
         server.server_close()
-        lo, re_ = statistics.median(t_local), statistics.median(t_remote)
-        table(f"7b. remote retriever on loopback ({len(local)} passages, batch of {len(queries)})", ["", "ms"], [
-            ["in process", 1000 * lo], ["HTTP round trip", 1000 * re_], ["overhead", f"{1000 * (re_ - lo):.1f} ({100 * (re_ - lo) / lo:.0f}%)"]])
+        lo, hi = statistics.median(t["local"]), statistics.median(t["remote"])
+        table(f"7b. remote retriever on loopback ({len(local)} passages, {len(queries)} queries a batch)", ["", "ms"], [
+            ["in process", 1000 * lo], ["HTTP round trip", 1000 * hi],
+            ["overhead", f"{1000 * (hi - lo):.1f} ({100 * (hi - lo) / lo:.0f}%)"]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,28 +367,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="HF name or folder; empty = the offline default (SmolLM2-135M)")
     p.add_argument("--batch", type=int, default=4, help="rollouts per step")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--shape", default="default", choices=("default", "paper"), help="train.py's preset to copy")
+    p.add_argument("--shape", default="default", choices=("default", "paper"), help="the train.py preset to copy")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (median), after a warm-up")
     p.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
-    p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes (1000000: see the README)")
+    p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes, e.g. 10000,1000000")
     p.add_argument("--retrieval_timeout", type=int, default=120, help="seconds allowed per corpus size")
     args = p.parse_args(argv)
     only = args.only.split(",") if args.only else list(SECTIONS)
     if set(only) - set(SECTIONS):
         p.error(f"--only: unknown section {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
     args.retrieval_sizes = [int(n) for n in args.retrieval_sizes.split(",")]
-    start = time.time()
-    bench = Bench(args)
-    print(f"model {args.model or prepare.default_model()} ({bench.model.dtype}) on {bench.device}"
-          f"{'' if bench.device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; shape {args.shape}: "
-          f"max_searches {bench.cfg.max_searches}, max_turn_tokens {bench.cfg.max_turn_tokens}, doc_words "
-          f"{bench.cfg.doc_words}, ig_batch_size {bench.cfg.ig_batch_size}, micro_batch {bench.cfg.micro_batch}; "
-          f"{args.batch} rollouts per step ({bench.cfg.questions_per_step} questions x {bench.cfg.group_size})")
-    methods = {"step": bench.step_table, "overhead": bench.overhead, "update": bench.update_table,
-               "memory": bench.memory, "ig": bench.ig_table, "rollout": bench.rollout_table, "retrieval": bench.retrieval}
+    start, bench = time.time(), Bench(args)
+    c = bench.cfg
+    print(f"model {args.model or prepare.default_model()} ({bench.model.dtype}) on {bench.device}, "
+          f"{torch.get_num_threads()} CPU threads; shape {args.shape}: max_searches {c.max_searches}, max_turn_tokens "
+          f"{c.max_turn_tokens}, max_response_tokens {c.max_response_tokens}, doc_words {c.doc_words}, ig_batch_size "
+          f"{c.ig_batch_size}, micro_batch {c.micro_batch}, kl_coef {c.kl_coef}; {args.batch} rollouts per step")
     for name in SECTIONS:
         if name in only:
-            methods[name]()
+            getattr(bench, f"section_{name}")()
     print(f"\nbench wall time {time.time() - start:.0f} s")
     return 0
 

@@ -401,6 +401,7 @@ def answer_scores(model, contexts: list[list[int]], answers: list[list[int]], pa
             scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
     return scores
 
+
 def common_prefix_len(seqs: list[list[int]]) -> int:
     """Number of leading tokens that all sequences share."""
     n = min(len(s) for s in seqs)
@@ -432,13 +433,12 @@ def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[
         groups.append((idx, shared))
     scores = [0.0] * len(seqs)
     loose = [i for idx, shared in groups if shared < 1 for i in idx]  # nothing shared: score them whole
-    groups = sorted((g for g in groups if g[1] >= 1), key=lambda g: max(len(seqs[i]) for i in g[0]))
-    k = 0
-    while k < len(groups):
-        batch = [groups[k]]  # consecutive groups while their continuations fit batch_size rows
-        while k + len(batch) < len(groups) and sum(len(g[0]) for g in batch + [groups[k + len(batch)]]) <= batch_size:
-            batch.append(groups[k + len(batch)])
-        k += len(batch)
+    batches: list[list[tuple[list[int], int]]] = []
+    for g in sorted((g for g in groups if g[1] >= 1), key=lambda g: max(len(seqs[i]) for i in g[0])):
+        if not batches or sum(len(idx) for idx, _ in batches[-1]) + len(g[0]) > batch_size:
+            batches.append([])  # groups sorted by length, as many per batch as batch_size rows allow
+        batches[-1].append(g)
+    for batch in batches:
         ids, attn, pos = left_pad([seqs[idx[0]][:shared] for idx, shared in batch], pad_id, device)  # (G, P)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
