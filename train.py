@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -68,7 +69,7 @@ class Config:
     ig_batch_size: int = 16  # scoring sequences per forward pass
     normalize_std: bool = True  # divide the group advantage by the group's std
     # optimisation
-    steps: int = 6  # RL steps (paper 200)
+    steps: int = 5  # RL steps (paper 200)
     lr: float = 1e-5  # AdamW learning rate (paper 1e-6)
     kl_coef: float = 0.0  # k3 KL penalty to the frozen start model (paper 0.001)
     grad_clip: float = 1.0  # gradient-norm clip
@@ -80,7 +81,7 @@ class Config:
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
     # evaluation, logging, checkpoints
-    eval_questions: int = 48  # held-out questions in the before/after table (0 = skip)
+    eval_questions: int = 32  # held-out questions in the before/after table (0 = skip)
     eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
     save_every: int = 5  # checkpoint every K steps (and at the end)
@@ -174,7 +175,11 @@ def last_checkpoint(run: Path) -> Path:
 def load_state(run: Path, optimizer, gens: dict) -> int:
     """Restore optimizer and every RNG state; returns the step to continue from."""
     ckpt = last_checkpoint(run)
-    state = torch.load(ckpt / "state.pt", weights_only=True)  # no arbitrary unpickling
+    try:
+        state = torch.load(ckpt / "state.pt", weights_only=True)  # no arbitrary unpickling
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{ckpt / 'state.pt'}: refused, not a state file written by train.py "
+                         f"({str(e).splitlines()[0][:120]})") from None
     optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
