@@ -22,6 +22,7 @@ import igsearch as ig  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 from igsearch import Step, Trajectory  # noqa: E402
+from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
 
 GROUP = 2  # rollouts per question; 3 questions -> rank 0 holds 1 group, rank 1 holds 2
 PASSAGES = [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is the capital of Germany."),
@@ -104,15 +105,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tokenizer, tiny_model):
-    d = tmp_path_factory.mktemp("dist")
-    tiny_model.save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    with open(d / "corpus.jsonl", "w") as f:
-        f.writelines(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n" for i, (t, x) in enumerate(PASSAGES))
-    with open(d / "qa.jsonl", "w") as f:
-        f.writelines(json.dumps({"question": x.replace(t, "What"), "golden_answers": [t]}) + "\n" for t, x in PASSAGES)
-    return {"model": str(d / "model"), "corpus": str(d / "corpus.jsonl"), "qa": str(d / "qa.jsonl")}
+def files(tiny_run_files):
+    """The tiny model folder, ten-passage corpus and question file of test_train."""
+    return {"model": tiny_run_files["model"], "corpus": tiny_run_files["corpus"], "qa": tiny_run_files["train_data"]}
 
 
 @pytest.fixture(scope="module")

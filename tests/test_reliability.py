@@ -26,6 +26,7 @@ import igsearch as ig
 import prepare
 import train
 from retriever import BM25Retriever, InputError, load_corpus, make_server
+from test_retriever import post
 from test_train import PASSAGES, read_metrics, strip_times, tiny_run_files  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,14 +285,6 @@ LOAD_QUERIES = ["capital of France", "Shakespeare tragedy", "highest mountain", 
 MALFORMED = [(b"not json", "not JSON"), (b'{"queries": "one string"}', "queries"),
              (b'{"queries": ["a", 3]}', "queries"), (b'{"queries": ["a", "b", "c", "d", "e"]}', "too many"),
              (b'{"queries": ["a"], "topk": 0}', "topk"), (json.dumps({"queries": ["x" * 300]}).encode(), "longer")]
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=20) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(tiny_run_files, capsys):  # noqa: F811
