@@ -58,11 +58,11 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
     return summary, pairs
 
 
-def format_table(rows: dict[str, dict]) -> str:
+def format_table(rows: dict[str, dict], average: bool = True, first: str = "dataset") -> str:
     """Dataset | n | EM | F1 | searches | valid, with an average row when there are several datasets."""
-    lines = [f"{'dataset':<24}{'n':>6}{'EM':>8}{'F1':>8}{'search/q':>10}{'valid':>8}"]
+    lines = [f"{first:<24}{'n':>6}{'EM':>8}{'F1':>8}{'search/q':>10}{'valid':>8}"]
     rows = dict(rows)
-    if len(rows) > 1:
+    if average and len(rows) > 1:
         keys = ("em", "f1", "searches", "valid")
         rows["average"] = {"n": sum(r["n"] for r in rows.values()),
                            **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}}

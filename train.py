@@ -82,10 +82,24 @@ class Config:
     warmup_batch: int = 8  # trajectories per warm-up step
     # evaluation, logging, checkpoints
     eval_questions: int = 32  # held-out questions in the before/after table (0 = skip)
+    eval_start: bool = True  # evaluate the start model too (off when several runs share one start checkpoint)
     eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
     save_every: int = 5  # checkpoint every K steps (and at the end)
     seed: int = 0  # one seed for data order, sampling and counterfactual draws
+
+
+# Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain
+# `python train.py` (529 s in all): the time estimate printed at the start of a run scales these.
+CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 1.6, "eval_formatted": 1.0, "rollout": 3.6}
+
+
+def estimate_seconds(cfg: "Config") -> float:
+    """The run's wall-clock on 2 CPU cores with the default model: per question, example and rollout."""
+    c, n = CPU_SECONDS, cfg.eval_questions
+    evals = n * (c["eval_untrained"] * cfg.eval_start + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0)))
+    rl = cfg.steps * cfg.questions_per_step * cfg.group_size * c["rollout"]  # rollout + IG + update
+    return c["setup"] + evals + cfg.warmup_examples * c["warmup"] + rl
 
 
 class TrainingError(RuntimeError):
@@ -94,8 +108,9 @@ class TrainingError(RuntimeError):
 
 PRESETS = {
     "default": {},
-    # the README's learning experiment on 2 CPU cores: start from a warm-up checkpoint, more steps
-    "learn": dict(steps=24, eval_questions=100, warmup_examples=0, out_dir="runs/learn"),
+    # the README's learning experiment on 2 CPU cores: nine runs from one shared warm-up checkpoint, each
+    # ~13 min (12 steps x ~57 s + 100 test questions); its start row comes from the warm-up run's table
+    "learn": dict(steps=12, lr=2e-5, eval_questions=100, eval_start=False, warmup_examples=0, out_dir="runs/learn"),
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
                   kl_coef=0.001, micro_batch=4, ig_batch_size=32, ig_max_len=4096, warmup_examples=0,
@@ -350,6 +365,9 @@ def train(cfg: Config, resume: str = "") -> dict:
         run.mkdir(parents=True, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if device.type == "cpu" and not cfg.model:
+            print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured rates, "
+                  f"train.CPU_SECONDS); each phase's bar shows its own ETA")
     data = prepare.default_data() if not (cfg.train_data and (cfg.corpus or cfg.retriever_url)) else {}
     train_q = prepare.load_questions(cfg.train_data or data["train"])
     test_path = cfg.test_data or data.get("test", "")
@@ -368,7 +386,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     table, step = {}, 0
     test_q = test_q if main else []  # rank 0 alone evaluates
     if not resume:
-        if test_q:
+        if test_q and cfg.eval_start:
             with bf16(device):
                 table["start model"] = evaluate(model, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
         if cfg.warmup_examples:
@@ -444,7 +462,7 @@ def train(cfg: Config, resume: str = "") -> dict:
         with bf16(device):
             table[name] = evaluate(model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
-        print(format_table(table))
+        print(format_table(table, average=False, first="model"))  # rows are one test set, not datasets
     return table
 
 

@@ -1,4 +1,5 @@
 """train.py and evaluate.py on a tiny local model and a ten-passage corpus."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,6 +64,21 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tiny_run_files, tmp_path):
     assert cut == full
     state = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 3
+
+
+def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path, capsys):
+    table = train.train(tiny_config(tiny_run_files, tmp_path / "a", steps=1, eval_questions=3, warmup_examples=2,
+                                    warmup_batch=2, max_turn_tokens=3))
+    assert list(table) == ["start model", "after warm-up", "IG-Search"] and table["IG-Search"]["n"] == 3
+    assert "average" not in capsys.readouterr().out  # three models on one test set: no average row
+    table = train.train(tiny_config(tiny_run_files, tmp_path / "b", steps=1, eval_questions=3, eval_start=False,
+                                    warmup_examples=0, outcome_only=True, max_turn_tokens=3))
+    assert list(table) == ["outcome-only"]  # a shared start checkpoint is evaluated once, by its own run
+    assert json.loads((tmp_path / "b" / "table.json").read_text()) == table
+    cfg, c = Config(), train.CPU_SECONDS
+    more = dataclasses.replace(cfg, steps=cfg.steps + 1)
+    assert train.estimate_seconds(more) - train.estimate_seconds(cfg) == pytest.approx(
+        cfg.questions_per_step * cfg.group_size * c["rollout"])  # one more step costs one step's rollouts
 
 
 def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, tmp_path, monkeypatch, scripted):
