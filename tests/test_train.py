@@ -104,7 +104,7 @@ def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, t
         train.train(tiny_config(tiny_run_files, tmp_path / str(outcome_only), steps=1, outcome_only=outcome_only,
                                 questions_per_step=3, max_turn_tokens=24))
     for outcome_only, differs in ((True, False), (False, True)):
-        trajs, tok_adv = seen[outcome_only][0]
+        trajs, tok_adv = seen[outcome_only][-1]  # the RL step comes after the warm-up's updates
         deltas = []
         for t, a in zip(trajs, tok_adv):
             lo, hi = t.steps[0].query_span
