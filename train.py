@@ -266,11 +266,15 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
     model.train()
     optimizer.zero_grad()
     n_tokens = dd.all_sum([float(sum(sum(t.loss_mask) for t in trajs))])[0]  # sum_p mask_p over the global batch
-    sums = [0.0, 0.0, 0.0]  # loss, KL, entropy summed over tokens
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, KL, entropy summed over tokens; query entropy and query tokens
     for k in range(0, len(trajs), cfg.micro_batch):
         mb = trajs[k: k + cfg.micro_batch]
         batch = ig.response_batch(mb, tokenizer.pad_token_id, model.device)
         R = batch["targets"].shape[1]
+        query = torch.zeros(len(mb), R)  # (b, R): 1 on the query tokens, where IG acts (responses right-aligned)
+        for b, t in enumerate(mb):
+            for s in t.steps:
+                query[b, R - len(t.response_ids) + s.query_span[0]: R - len(t.response_ids) + s.query_span[1]] = 1
         adv = torch.stack([torch.cat([a.new_zeros(R - len(a)), a]) for a in tok_adv[k: k + cfg.micro_batch]])  # (b, R)
         with bf16(model.device):
             logp, entropy = ig.policy_logprobs(model, batch)  # (b, R)
@@ -280,15 +284,19 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
                     ref_logp, _ = ig.policy_logprobs(ref_model, batch)
             loss, kl = ig.policy_loss(logp, adv.to(logp.device), batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens)
         loss.backward()
-        sums = [sums[0] + loss.item(), sums[1] + kl.item(), sums[2] + float((entropy * batch["loss_mask"]).sum())]
+        ent_q = float((entropy.cpu() * query).sum())
+        sums = [sums[0] + loss.item(), sums[1] + kl.item(), sums[2] + float((entropy * batch["loss_mask"]).sum()),
+                sums[3] + ent_q, sums[4] + float(query.sum())]
     dd.all_reduce_grads(model)
-    loss_sum, kl_sum, ent_sum = dd.all_sum(sums)
+    loss_sum, kl_sum, ent_sum, ent_q_sum, n_query = dd.all_sum(sums)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     finite = np.isfinite(loss_sum) and np.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad()
-    return {"loss": loss_sum, "kl": kl_sum, "entropy": ent_sum / max(n_tokens, 1), "grad_norm": grad_norm,
+    # query_entropy near 0: the queries are fixed and IG's gradient on them (prop. to 1 - p) vanishes
+    return {"loss": loss_sum, "kl": kl_sum, "entropy": ent_sum / max(n_tokens, 1),
+            "query_entropy": ent_q_sum / max(n_query, 1), "grad_norm": grad_norm,
             "skipped": not finite}
 
 

@@ -133,6 +133,28 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
     assert not stats["skipped"] and after[0] > before[0] and after[1] < before[1]
 
 
+def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_model):
+    """The health metric that shows whether IG has anything to act on: entropy on the query tokens only."""
+    model = __import__("copy").deepcopy(tiny_model)
+    trajs = [ig.supervised_trajectory(tokenizer, "Question?", [(f"<search> {q} </search>", True),
+             ("<documents> d </documents>", False), ("<answer> x </answer>", True)]) for q in ("capital city", "a")]
+    for t, q in zip(trajs, ("capital city", "a")):  # the query's span, as the rollout records it
+        lo = len(tokenizer("<search> ", add_special_tokens=False).input_ids)
+        t.steps.append(ig.Step(q, "d", (lo, lo + len(tokenizer(q, add_special_tokens=False).input_ids))))
+    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        _, ent = ig.policy_logprobs(model, batch)  # (B, R)
+    R = ent.shape[1]
+    expect = [float(ent[b, R - len(t.response_ids) + lo: R - len(t.response_ids) + hi].mean())
+              for b, t in enumerate(trajs) for lo, hi in [t.steps[0].query_span]]
+    n = [t.steps[0].query_span[1] - t.steps[0].query_span[0] for t in trajs]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    stats = train.update(model, None, tokenizer, trajs, [torch.zeros(len(t.response_ids)) for t in trajs], opt,
+                         Config(micro_batch=1))
+    assert stats["query_entropy"] == pytest.approx((expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4)
+    assert stats["query_entropy"] != pytest.approx(stats["entropy"], rel=1e-3)  # not the all-token mean
+
+
 def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_model):
     """The one-GPU memory switches: recomputed activations give the same update, chunked rollouts the
     same greedy trajectories."""
