@@ -138,6 +138,8 @@ def plot_runs(runs: list[str], out: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for run in runs:
         path = Path(run) / "metrics.jsonl"
+        if not path.exists() and (Path(run) / "table.json").exists():
+            continue  # a run without RL steps (a warm-up checkpoint): it has a table row, no curve
         if not path.exists():
             raise InputError(f"{path}: no such file")
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -249,5 +249,10 @@ def test_plot_runs_draws_a_png(tmp_path):
     import evaluate
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s, "ig_mean": 0.1,
                                                                 "searches": 1, "length": 50}) + "\n" for s in (1, 2)))
-    evaluate.plot_runs([str(tmp_path)], str(tmp_path / "c.png"))
+    warmup = tmp_path / "warmup"  # a run without RL steps: a table, no curve; skipped, not an error
+    warmup.mkdir()
+    (warmup / "table.json").write_text("{}")
+    evaluate.plot_runs([str(warmup), str(tmp_path)], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(evaluate.InputError, match="metrics.jsonl"):
+        evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
