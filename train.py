@@ -90,8 +90,8 @@ class Config:
 
 
 # Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain
-# `python train.py` (529 s in all): the time estimate printed at the start of a run scales these.
-CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 1.6, "eval_formatted": 1.0, "rollout": 3.6}
+# `python train.py` (572 s in all): the time estimate printed at the start of a run scales these.
+CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 2.0, "eval_formatted": 1.0, "rollout": 3.85}
 
 
 def estimate_seconds(cfg: "Config") -> float:
