@@ -273,8 +273,9 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
         R = batch["targets"].shape[1]
         query = torch.zeros(len(mb), R)  # (b, R): 1 on the query tokens, where IG acts (responses right-aligned)
         for b, t in enumerate(mb):
+            off = R - len(t.response_ids)  # left padding of row b
             for s in t.steps:
-                query[b, R - len(t.response_ids) + s.query_span[0]: R - len(t.response_ids) + s.query_span[1]] = 1
+                query[b, off + s.query_span[0]: off + s.query_span[1]] = 1
         adv = torch.stack([torch.cat([a.new_zeros(R - len(a)), a]) for a in tok_adv[k: k + cfg.micro_batch]])  # (b, R)
         with bf16(model.device):
             logp, entropy = ig.policy_logprobs(model, batch)  # (b, R)
