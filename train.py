@@ -271,7 +271,7 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
         mb = trajs[k: k + cfg.micro_batch]
         batch = ig.response_batch(mb, tokenizer.pad_token_id, model.device)
         R = batch["targets"].shape[1]
-        query = torch.zeros(len(mb), R)  # (b, R): 1 on the query tokens, where IG acts (responses right-aligned)
+        query = torch.zeros(len(mb), R, device=model.device)  # (b, R): 1 on the query tokens, where IG acts
         for b, t in enumerate(mb):
             off = R - len(t.response_ids)  # left padding of row b
             for s in t.steps:
@@ -285,9 +285,8 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
                     ref_logp, _ = ig.policy_logprobs(ref_model, batch)
             loss, kl = ig.policy_loss(logp, adv.to(logp.device), batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens)
         loss.backward()
-        ent_q = float((entropy.cpu() * query).sum())
         sums = [sums[0] + loss.item(), sums[1] + kl.item(), sums[2] + float((entropy * batch["loss_mask"]).sum()),
-                sums[3] + ent_q, sums[4] + float(query.sum())]
+                sums[3] + float((entropy * query).sum()), sums[4] + float(query.sum())]
     dd.all_reduce_grads(model)
     loss_sum, kl_sum, ent_sum, ent_q_sum, n_query = dd.all_sum(sums)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
