@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import sys
@@ -80,6 +81,7 @@ class Config:
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split (0 = off)
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
+    warmup_query: str = "question"  # the warm-up's query: the question verbatim, or "varied" (see query_forms)
     # evaluation, logging, checkpoints
     eval_questions: int = 32  # held-out questions in the before/after table (0 = skip)
     eval_start: bool = True  # evaluate the start model too (off when several runs share one start checkpoint)
@@ -151,6 +153,7 @@ def check_config(cfg: Config) -> None:
              ("max_searches", cfg.max_searches >= 0, ">= 0"), ("max_turn_tokens", cfg.max_turn_tokens >= 1, ">= 1"),
              ("ig_n_random", cfg.ig_n_random >= 1, ">= 1"), ("micro_batch", cfg.micro_batch >= 1, ">= 1"),
              ("ig_baseline", cfg.ig_baseline in ("random", "empty"), "random or empty"),
+             ("warmup_query", cfg.warmup_query in ("question", "varied"), "question or varied"),
              ("template", cfg.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
              ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0"),
              ("retriever_retries", cfg.retriever_retries >= 1, ">= 1"),
@@ -229,25 +232,48 @@ def load_metrics(path: Path, upto: int) -> list[dict]:
     return records
 
 
+QUERY_STOPWORDS = frozenset("a an and are as at by for from how in is it of on or that the this to was what "
+                            "when where which who whom whose why with".split())
+
+
+def query_forms(question: str, gen: torch.Generator) -> list[str]:
+    """Three mechanical queries for one question: verbatim, its keywords, a random half of its keywords.
+
+    Why vary them: a warm-up that always copies the question leaves the policy copying it with
+    probability ~1, and IG, which acts on query tokens through grad log p ~ (1 - p), has nothing to shape.
+    """
+    words = re.findall(r"\w+", question)
+    keys = [w for w in words if w.lower() not in QUERY_STOPWORDS] or words
+    keep = torch.rand(len(keys), generator=gen) < 0.5
+    half = [w for w, k in zip(keys, keep.tolist()) if k] or keys[:1]
+    return [question, " ".join(keys), " ".join(half)]
+
+
 def warmup(model, tokenizer, questions: list[dict], search, cfg: Config, gen: torch.Generator) -> None:
     """Format warm-up: supervised steps on trajectories built mechanically from the train split.
 
-    question -> <search> question </search> -> inserted documents (mask 0) -> <answer> gold </answer>,
-    kept only where the gold answer appears in the retrieved documents. Loss on the search and answer
-    tokens only, through the same mask and loss as the RL update.
+    question -> <search> query </search> -> inserted documents (mask 0) -> <answer> gold </answer>,
+    kept only where the gold answer appears in the retrieved documents. The query is the question
+    (warmup_query "question") or one of query_forms drawn at random ("varied"). Loss on the search and
+    answer tokens only, through the same mask and loss as the RL update.
     """
     tpl = ig.TEMPLATES[cfg.template]
     order = torch.randperm(len(questions), generator=gen).tolist()
     pool = [questions[i] for i in order[: cfg.warmup_examples * 2]]
-    docs = search([q["question"] for q in pool])
+    if cfg.warmup_query == "varied":
+        pick = torch.randint(3, (len(pool),), generator=gen).tolist()
+        queries = [query_forms(q["question"], gen)[k] for q, k in zip(pool, pick)]
+    else:
+        queries = [q["question"] for q in pool]
+    docs = search(queries)
     trajs = []
-    for q, d in zip(pool, docs):
+    for q, query, d in zip(pool, queries, docs):
         gold = q["golden_answers"][0]
         if gold.lower() not in d.lower() or len(trajs) >= cfg.warmup_examples:
             continue
         d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
         trajs.append(ig.supervised_trajectory(tokenizer, ig.build_prompt(tokenizer, q["question"], tpl), [
-            (f"<search> {q['question']} </search>", True), (ig.observation_text(d, tpl), False),
+            (f"<search> {query} </search>", True), (ig.observation_text(d, tpl), False),
             (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):

@@ -256,3 +256,25 @@ def test_plot_runs_draws_a_png(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(evaluate.InputError, match="metrics.jsonl"):
         evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
+
+
+def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    forms = train.query_forms("Who is this: Spiritual leader of Tibet since 1940?", gen)
+    assert forms[:2] == ["Who is this: Spiritual leader of Tibet since 1940?", "Spiritual leader Tibet since 1940"]
+    assert set(forms[2].split()) <= set(forms[1].split()) and forms[2]
+    questions = [{"question": f"What is this: capital number {i} of a country?", "golden_answers": [f"C{i}"]}
+                 for i in range(40)]
+    asked, targets = [], []
+    def search(queries):
+        asked.extend(queries)
+        return ["Doc 1 " + " ".join(f'(Title: "C{i}")' for i in range(40))] * len(queries)  # every gold found
+    monkeypatch.setattr(train, "update", lambda model, ref, tok, batch, adv, opt, cfg: targets.extend(
+        tok.decode(t.response_ids) for t in batch))
+    for mode in ("question", "varied"):
+        asked.clear()
+        train.warmup(tiny_model, tokenizer, questions, search, Config(warmup_examples=8, warmup_query=mode),
+                     torch.Generator().manual_seed(0))
+        verbatim = sum(q.startswith("What is this") for q in asked)
+        assert verbatim == len(asked) if mode == "question" else 0 < verbatim < len(asked) / 2
+    assert any("<search> capital number" in t for t in targets)  # the varied query is what the model is taught
