@@ -187,24 +187,57 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class TurnCache:
+    """A rollout's KV cache kept between turns, so that a turn prefills only what was added since the
+    last one (the documents, the invalid-action note) instead of the whole sequence again.
+
+    Row b holds the first n[b] tokens of its sequence. mask is 0 on padding and on the filler tokens
+    fed to rows that had already stopped while others sampled on: they sit in the cache, unattended.
+    """
+
+    kv: object  # the transformers Cache, one row per sequence
+    mask: torch.Tensor  # (B, T) attention mask over the cached positions
+    n: list[int]  # tokens of each sequence in the cache
+
+    def select(self, rows: list[int]) -> TurnCache:
+        """Keep only these rows (trajectories that answered leave the batch)."""
+        idx = torch.tensor(rows, device=self.mask.device)
+        self.kv.batch_select_indices(idx)
+        return TurnCache(self.kv, self.mask[idx], [self.n[r] for r in rows])
+
+
 @torch.no_grad()
 def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-                  generator: torch.Generator | None, stop: tuple[str, ...]) -> list[list[int]]:
+                  generator: torch.Generator | None, stop: tuple[str, ...],
+                  cache: TurnCache | None = None) -> tuple[list[list[int]], TurnCache]:
     """Sample one turn for every sequence, on the KV cache, until a stop string, EOS or the limit.
 
-    Returns the new ids of each row, the stop token included (it is trained).
+    With `cache` (from the previous turn, same rows) only the tokens of seqs not yet in it are fed.
+    Returns the new ids of each row, the stop token included (it is trained), and the cache.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = {tokenizer.eos_token_id, pad_id} - {None}
-    ids, mask, pos = left_pad(seqs, pad_id, device)  # (B, T)
     # transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    if cache is None:
+        ids, mask, pos = left_pad(seqs, pad_id, device)  # (B, T)
+        kv = {}
+    else:
+        pending = [s[k:] for s, k in zip(seqs, cache.n)]  # the last turn's unfed token, documents, ...
+        assert all(pending), "every continuing row has new tokens"
+        ids, added, _ = left_pad(pending, pad_id, device)  # (B, P)
+        mask = torch.cat([cache.mask, added], dim=1)  # (B, T+P)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (B, P) positions count real tokens only
+        kv = {cache_kw: cache.kv}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
+    n = [len(s) for s in seqs]
     new: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)
     for _ in range(max_new_tokens):
         next_ids = sample_token(out.logits[:, -1, :], temperature, generator)  # (B,)
+        fed = [not d for d in done]  # rows still running: their token is real, the others' is filler
         for b, tok in enumerate(next_ids.tolist()):
             if done[b]:
                 continue
@@ -213,12 +246,12 @@ def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, 
             done[b] = tok in eos_ids or any(s in tail for s in stop)
         if all(done):
             break
-        mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], dim=1)  # (B, T+1)
+        mask = torch.cat([mask, torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]], dim=1)  # (B, T+1)
+        n = [k + f for k, f in zip(n, fed)]
         pos = pos[:, -1:] + 1  # (B, 1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{cache_kw: cache})
-    return new
+        kv = {cache_kw: out.cache if hasattr(out, "cache") else out.past_key_values}
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **kv)
+    return new, TurnCache(out.cache if hasattr(out, "cache") else out.past_key_values, mask, n)
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
@@ -240,12 +273,16 @@ def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], 
     """
     specials = list(tokenizer.all_special_tokens)
     trajs = [Trajectory(tokenizer(p, add_special_tokens=False).input_ids, p) for p in prompts]
+    active, cache = trajs, None
     for turn in range(max_searches + 1):
-        active = [t for t in trajs if not t.done]
-        if not active:
+        keep = [i for i, t in enumerate(active) if not t.done]
+        if not keep:
             break
-        new = generate_turn(model, tokenizer, [t.prompt_ids + t.response_ids for t in active],
-                                 max_turn_tokens, temperature, generator, ("</search>", "</answer>"))
+        if cache is not None and len(keep) < len(active):  # the rows that answered leave the cache
+            cache = cache.select(keep)
+        active = [active[i] for i in keep]
+        new, cache = generate_turn(model, tokenizer, [t.prompt_ids + t.response_ids for t in active],
+                                   max_turn_tokens, temperature, generator, ("</search>", "</answer>"), cache)
         searching: list[tuple[Trajectory, str, tuple[int, int]]] = []
         for traj, ids in zip(active, new):
             text = tokenizer.decode(ids)

@@ -62,8 +62,8 @@ def tiny_model(tokenizer):
 class ScriptedLM(torch.nn.Module):
     """A policy that writes fixed turns: scripts[key][turn] for the prompt that contains `key`.
 
-    The turn index is the number of observations already in the sequence; inside a turn it emits
-    the script's tokens one by one through the KV-cache path, then EOS. Logits are one-hot.
+    The turn index is the number of observations already in the sequence it has been fed; inside a
+    turn it emits the script's tokens one by one through the KV-cache path, then EOS. Logits are one-hot.
     """
 
     def __init__(self, tokenizer, scripts: dict[str, list[str]], doc_tag="documents"):
@@ -75,22 +75,32 @@ class ScriptedLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, logits_to_keep=0, **kw):
         B, V = input_ids.shape[0], len(self.tok)
-        if cache is None:  # prefill: find each row's script and turn
-            self.rows = []
-            for b in range(B):
-                text = self.tok.decode(input_ids[b][attention_mask[b].bool()])
-                key = next(k for k in self.scripts if k in text)
-                response = text.split("<|im_start|>assistant")[-1]
-                turn = response.count(f"</{self.doc_tag}>") + response.count("My previous action is invalid")
-                script = self.scripts[key][turn] if turn < len(self.scripts[key]) else ""
-                ids = self.tok(script, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
-                self.rows.append([ids, 0])
+        if cache is None:  # a new batch: rows are (ids seen, turn, script ids, tokens emitted)
+            self.rows = [[[], None, None, 0] for _ in range(B)]
+        fed = attention_mask[:, -input_ids.shape[1]:].bool()  # filler fed to stopped rows is masked out
         logits = torch.full((B, 1, V), -1e4)
         for b, row in enumerate(self.rows):
-            ids, k = row
-            logits[b, 0, ids[min(k, len(ids) - 1)]] = 0.0
-            row[1] += 1
-        return SimpleNamespace(logits=logits, cache="scripted")
+            row[0] += input_ids[b][fed[b]].tolist()
+            text = self.tok.decode(row[0])
+            response = text.split("<|im_start|>assistant")[-1]
+            turn = response.count(f"</{self.doc_tag}>") + response.count("My previous action is invalid")
+            if turn != row[1]:  # a new turn starts after each observation: its script from the start
+                key = next(k for k in self.scripts if k in text)
+                script = self.scripts[key][turn] if turn < len(self.scripts[key]) else ""
+                row[1:] = [turn, self.tok(script, add_special_tokens=False).input_ids + [self.tok.eos_token_id], 0]
+            logits[b, 0, row[2][min(row[3], len(row[2]) - 1)]] = 0.0
+            row[3] += 1
+        return SimpleNamespace(logits=logits, cache=ScriptedCache(self))
+
+
+class ScriptedCache:
+    """What ScriptedLM hands back as its KV cache: its rows, selectable like a transformers Cache."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def batch_select_indices(self, idx):
+        self.lm.rows = [self.lm.rows[i] for i in idx.tolist()]
 
 
 @pytest.fixture

@@ -91,16 +91,33 @@ def test_hostile_documents_cannot_answer_or_close_the_block(tokenizer, scripted)
 def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model):
     """Pins the left-padding bug: without position ids the shorter row's continuation changes."""
     seqs = [tokenizer("What is the capital of France? Paris is").input_ids, tokenizer("Hamlet").input_ids]
-    new = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
+    new, _ = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
     for s, n in zip(seqs, new):
         ref = tiny_model.generate(torch.tensor([s]), max_new_tokens=8, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
         assert n == ref[0, len(s):].tolist()[: len(n)]
 
 
+@pytest.mark.parametrize("keep", [[0, 1, 2], [0, 2]])
+def test_turn_cache_continues_exactly_like_a_fresh_prefill(tokenizer, tiny_model, keep):
+    """The next turn on the kept cache (rows that stopped early fed filler, one row dropped) samples
+    what a fresh prefill of the whole sequences samples."""
+    seqs = [tokenizer(t).input_ids for t in ("What is the capital of France? Paris is", "Hamlet", "Who wrote")]
+    probe, _ = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
+    words = [tokenizer.decode([t]) for t in probe[0][:-1]]  # row 0 stops early, the others run on past it
+    stop = (next(w for w in words if w.strip().isalpha() and all(w not in tokenizer.decode(p) for p in probe[1:])),)
+    new, cache = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
+    assert len(new[0]) < max(len(n) for n in new) and cache.n[0] < len(seqs[0]) + 8
+    docs = [tokenizer(t).input_ids for t in (" Doc 1 Paris", " Berlin is a city in Germany.", " x")]
+    cont = [seqs[b] + new[b] + docs[b] for b in keep]
+    cached, _ = ig.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, (), cache.select(keep))
+    fresh, _ = ig.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, ())
+    assert cached == fresh
+
+
 def test_sampling_is_reproducible_with_a_generator(tokenizer, tiny_model):
     seqs = [tokenizer("What is the capital").input_ids] * 3
-    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
+    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())[0]
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
