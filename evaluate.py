@@ -152,6 +152,21 @@ def plot_runs(runs: list[str], out: str) -> None:
     fig.savefig(out, dpi=100)
 
 
+def ig_by_retrieval(pairs: list) -> str:
+    """Mean IG of the scored search steps whose documents hold a gold answer, against those whose do not:
+    whether IG tells a query that found the answer from one that did not."""
+    found: dict[bool, list[float]] = {True: [], False: []}
+    for q, t in pairs:
+        golds = [ig.normalize_answer(g) for g in q["golden_answers"]]
+        for step in t.steps:
+            if step.ig is not None:
+                found[any(g in ig.normalize_answer(step.documents) for g in golds)].append(step.ig)
+    part = [f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
+            if v else f"{name} none" for name, v in (("gold in the documents", found[True]),
+                                                     ("gold not in them", found[False]))]
+    return "IG per search step: " + "; ".join(part)
+
+
 def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
     """A trajectory as a reader should see it: each search step with its query, passages and IG."""
     out = [f"Q: {question['question']}   gold: {question['golden_answers']}"]
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         files = args.data or [data["test"]]
         model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
         search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
-        rows, shown = {}, []
+        rows, shown, all_pairs = {}, [], []
         for path in files:
             questions = prepare.load_questions(path)[: args.limit or None]
             summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,
@@ -217,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             name = Path(path).stem
             rows[name if name not in rows else f"{name}_{len(rows) + 1}"] = summary
             shown += pairs[: max(0, args.show - len(shown))]
+            all_pairs += pairs
     except (InputError, RetrieverError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for q, t in shown:
         print(show_trajectory(q, t) + "\n")
+    if args.show:
+        print(ig_by_retrieval(all_pairs) + "\n")
     print(format_table(rows))
     paper = format_paper_table(rows, Path(args.model).name or "offline default")
     if paper:

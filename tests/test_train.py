@@ -224,9 +224,23 @@ def test_evaluate_writes_table_and_shows_trajectories(tiny_run_files, tmp_path):
                 "--data", tiny_run_files["test_data"], tiny_run_files["test_data"], "--limit", "3",
                 "--max_turn_tokens", "4", "--show", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Q: ") == 2 and "average" in r.stdout
+    assert r.stdout.count("Q: ") == 2 and "average" in r.stdout and "IG per search step" in r.stdout
     res = json.loads(out.read_text())
     assert res["topk"] == 3 and "BM25" in res["retriever"] and res["results"]["qa"]["n"] == 3
+
+
+def test_ig_by_retrieval_splits_steps_on_whether_the_documents_hold_the_gold():
+    import evaluate
+    def traj(*steps):
+        t = ig.Trajectory([1], "p")
+        t.steps = [ig.Step(query="q", documents=d, query_span=(0, 1), ig=v) for d, v in steps]
+        return t
+    q = {"question": "?", "golden_answers": ["The Nile"]}
+    pairs = [(q, traj(('Doc 1(Title: "Nile") The Nile is long.', 3.0), ("Doc 1 Rome", -1.0))),
+             (q, traj(("Doc 1 nile river", 1.0), ("Doc 1 Paris", 0.5), ("Doc 1 Oslo", None)))]
+    line = evaluate.ig_by_retrieval(pairs)
+    assert "gold in the documents +2.00 nats over 2 steps (100% > 0)" in line  # normalised: "the" dropped
+    assert "gold not in them -0.25 nats over 2 steps (50% > 0)" in line  # the unscored step is left out
 
 
 def test_compare_runs_mean_and_spread(tmp_path):
