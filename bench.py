@@ -109,19 +109,19 @@ class ScriptedPolicy(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, **kw):
         past = {self.cache_kw: cache} if cache is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **past, **kw)
-        if cache is None:
+        if cache is None:  # a new rollout and a new cache: rows that leave it must leave our records too
             self.seen = [[] for _ in input_ids]
+            kv = out.cache if hasattr(out, "cache") else out.past_key_values
+            select = kv.batch_select_indices
+
+            def select_rows(idx):
+                self.seen = [self.seen[i] for i in idx.tolist()]
+                select(idx)
+            kv.batch_select_indices = select_rows
         fed = attention_mask[:, -input_ids.shape[1]:].bool()  # (B, L) filler fed to stopped rows is masked
         self.seen = [s + row[m].tolist() for s, row, m in zip(self.seen, input_ids, fed)]
         if input_ids.shape[1] > 1:  # a prefill (decoding feeds one token): a new turn starts on every row
             self.turns = [self.script(self.tok.decode(s)) for s in self.seen]
-        kv = out.cache if hasattr(out, "cache") else out.past_key_values
-        select = kv.batch_select_indices  # rows that answered leave the rollout's cache: and our records
-
-        def select_rows(idx):
-            self.seen = [self.seen[i] for i in idx.tolist()]
-            select(idx)
-        kv.batch_select_indices = select_rows
         logits = torch.full_like(out.logits, -1e4)  # (B, 1, V)
         for b, ids in enumerate(self.turns):
             logits[b, -1, ids.pop(0) if ids else self.tok.eos_token_id] = 0.0
