@@ -232,6 +232,7 @@ def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, 
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (B, P) positions count real tokens only
         kv = {cache_kw: cache.kv}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
+    past = out.cache if hasattr(out, "cache") else out.past_key_values  # one object, grown in place by each call
     n = [len(s) for s in seqs]
     new: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)
@@ -249,9 +250,9 @@ def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, 
         mask = torch.cat([mask, torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]], dim=1)  # (B, T+1)
         n = [k + f for k, f in zip(n, fed)]
         pos = pos[:, -1:] + 1  # (B, 1)
-        kv = {cache_kw: out.cache if hasattr(out, "cache") else out.past_key_values}
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **kv)
-    return new, TurnCache(out.cache if hasattr(out, "cache") else out.past_key_values, mask, n)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_kw: past})
+    return new, TurnCache(past, mask, n)
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
