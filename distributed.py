@@ -6,6 +6,13 @@ draws its counterfactuals over the gathered global list of steps (`all_gather`),
 summed over ranks (`all_reduce_grads`) with each rank's loss already divided by the global token
 count: one update equals the single-process update. Only rank 0 writes files and prints.
 
+With --fsdp the trained model is sharded instead of replicated (`shard_model`, FSDP2's fully_shard):
+each rank holds 1/K of the fp32 weights, gradients and AdamW state (16 bytes per parameter in all)
+and FSDP sums the gradients in its reduce-scatter. Rollouts, IG scoring, evaluation and checkpoints
+use a full copy of the weights on every rank (`copy_full`, 4 bytes per parameter), refreshed after
+every update: sampling then runs without a collective per forward pass, and ranks whose rollouts
+take different numbers of tokens never wait on each other.
+
 Without WORLD_SIZE > 1 (a plain `python train.py`) every helper is the identity.
 """
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 # Ranks wait for each other at every gather; rank 0 alone runs the before/after evaluation.
 TIMEOUT = datetime.timedelta(hours=2)
@@ -50,6 +58,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written its files)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def shard(n: int) -> slice:
     """This rank's contiguous share of n items: rank r of K gets [r*n//K, (r+1)*n//K)."""
     r, k = rank(), world_size()
@@ -79,8 +93,9 @@ def all_sum(values: list[float]) -> list[float]:
 
 
 def all_reduce_grads(model: torch.nn.Module) -> None:
-    """grad <- sum over ranks of grad, for every trained parameter (a missing grad counts as 0)."""
-    if world_size() == 1:
+    """grad <- sum over ranks of grad, for every trained parameter (a missing grad counts as 0).
+    A sharded model's gradients are already summed by FSDP's reduce-scatter."""
+    if world_size() == 1 or is_sharded(model):
         return
     for p in model.parameters():
         if p.requires_grad:
@@ -91,8 +106,57 @@ def all_reduce_grads(model: torch.nn.Module) -> None:
 
 def broadcast_params(model: torch.nn.Module) -> None:
     """Copy rank 0's parameters to every rank (after a warm-up that each rank ran on its own)."""
-    if world_size() == 1:
+    if world_size() == 1 or is_sharded(model):  # sharded: one copy of each weight exists
         return
     with torch.no_grad():
         for p in model.parameters():
             dist.broadcast(p.data, 0)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP: shard each decoder layer's parameters (one all-gather per layer) and the rest (embeddings,
+    final norm, head) over the ranks. The root keeps its parameters gathered after its forward (FSDP's
+    default for the root): policy_logprobs applies the head to the returned hidden states outside it."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])  # transformers names its decoder layers here
+    for layer in [m for m in model.modules() if type(m).__name__ in layer_types]:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # sum over ranks, not the mean: each rank's loss is already / global tokens
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def copy_full(sharded: torch.nn.Module, replica: torch.nn.Module) -> None:
+    """replica <- the sharded model's weights, gathered one parameter at a time (every rank calls it)."""
+    dst = dict(replica.named_parameters())
+    for name, p in sharded.named_parameters():
+        dst[name].copy_(p.full_tensor())
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients to a global norm of max_norm; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # sharded: a norm over all ranks
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict; for a sharded model the whole state gathered (every rank calls it)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of optimizer_state: a sharded model's ranks each keep their shard of the whole state."""
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -686,9 +686,10 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     Returns logp (B, R) with gradient and entropy (B, R) without, both 0 where the mask is 0.
     """
     R = batch["targets"].shape[1]
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (B, T, H)
-    hidden = hidden[:, -R - 1:-1]  # (B, R, H): position p predicts token p + 1
+    # through the model's own forward (an FSDP root gathers its weights there), the head on 1 position only
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                position_ids=batch["position_ids"], logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -R - 1:-1]  # (B, R, H), after the final norm: position p predicts token p + 1
     sel = batch["loss_mask"].bool()  # (B, R)
     logits = model.get_output_embeddings()(hidden[sel])  # (M, V), M = number of trained tokens
     cap = getattr(model.config, "final_logit_softcapping", None)

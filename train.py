@@ -78,6 +78,7 @@ class Config:
     micro_batch: int = 2  # rollouts per forward/backward in the update (gradient accumulation; paper preset 4)
     rollout_batch: int = 0  # sequences generated together, at most (0 = all at once): bounds the KV cache
     grad_checkpointing: bool = True  # recompute each layer's activations in the backward pass (bounds memory)
+    fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over the ranks (see distributed.py)
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split (0 = off)
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
@@ -171,13 +172,14 @@ def rng_state(gens: dict[str, torch.Generator]) -> dict:
             **{k: g.get_state() for k, g in gens.items()}}
 
 
-def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, cfg: Config, gens: dict) -> None:
-    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+def save_checkpoint(run: Path, model, tokenizer, optimizer: dict, step: int, cfg: Config, gens: dict) -> None:
+    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. optimizer is
+    dd.optimizer_state(...), which every rank computes (a sharded model's state is gathered)."""
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(gens)}, tmp / "state.pt")
+    torch.save({"step": step, "optimizer": optimizer, "rng": rng_state(gens)}, tmp / "state.pt")
     (tmp / "config.json.igsearch").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -192,7 +194,7 @@ def last_checkpoint(run: Path) -> Path:
         else run / "checkpoint"
 
 
-def load_state(run: Path, optimizer, gens: dict) -> int:
+def load_state(run: Path, model, optimizer, gens: dict) -> int:
     """Restore optimizer and every RNG state; returns the step to continue from."""
     ckpt = last_checkpoint(run)
     try:
@@ -200,7 +202,7 @@ def load_state(run: Path, optimizer, gens: dict) -> int:
     except pickle.UnpicklingError as e:
         raise InputError(f"{ckpt / 'state.pt'}: refused, not a state file written by train.py "
                          f"({str(e).splitlines()[0][:120]})") from None
-    optimizer.load_state_dict(state["optimizer"])
+    dd.load_optimizer_state(model, optimizer, state["optimizer"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
@@ -315,7 +317,7 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
                 sums[3] + float((entropy * query).sum()), sums[4] + float(query.sum())]
     dd.all_reduce_grads(model)
     loss_sum, kl_sum, ent_sum, ent_q_sum, n_query = dd.all_sum(sums)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    grad_norm = dd.clip_grad_norm(model, cfg.grad_clip)
     finite = np.isfinite(loss_sum) and np.isfinite(grad_norm)
     if finite:
         optimizer.step()
@@ -345,6 +347,12 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def sync_policy(model, policy) -> None:
+    """With FSDP, refresh the full copy that samples, scores and is saved (every rank calls it)."""
+    if policy is not model:
+        dd.copy_full(model, policy)
 
 
 def rollouts(model, tokenizer, prompts: list[str], search, cfg: Config, generator, **kw) -> list[ig.Trajectory]:
@@ -384,6 +392,11 @@ def step_record(step: int, trajs: list[ig.Trajectory], rewards: torch.Tensor, cf
 def train(cfg: Config, resume: str = "") -> dict:
     # ---- setup: device once (one rank of torchrun, or alone), seeds, model, data, retriever, run folder
     device, main = dd.setup(), dd.is_main()  # only rank 0 (main) prints and writes files
+    if cfg.fsdp and dd.world_size() == 1:
+        raise InputError("config: fsdp=True shards over several processes: launch with torchrun --nproc_per_node K")
+    if cfg.fsdp and cfg.questions_per_step % dd.world_size():  # FSDP: every rank runs as many forward passes
+        raise InputError(f"config: questions_per_step={cfg.questions_per_step} is out of range with --fsdp "
+                         f"(accepted: a multiple of the {dd.world_size()} ranks)")
     if cfg.questions_per_step < dd.world_size():
         raise InputError(f"config: questions_per_step={cfg.questions_per_step} is out of range "
                          f"(accepted: >= the {dd.world_size()} ranks)")
@@ -408,6 +421,10 @@ def train(cfg: Config, resume: str = "") -> dict:
     model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code, dtype=torch.float32)
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
+    policy = model  # what samples, scores and is saved: the trained model, or with FSDP its full copy
+    if cfg.fsdp:
+        policy = copy.deepcopy(model).eval().requires_grad_(False)
+        dd.shard_model(model)
     tpl = ig.TEMPLATES[cfg.template]
     rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
                       max_response_tokens=cfg.max_response_tokens)
@@ -418,18 +435,19 @@ def train(cfg: Config, resume: str = "") -> dict:
     if not resume:
         if test_q and cfg.eval_start:
             with bf16(device):
-                table["start model"] = evaluate(model, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
+                table["start model"] = evaluate(policy, tokenizer, test_q, search, desc="eval start", **eval_kw)[0]
         if cfg.warmup_examples:
             warmup(model, tokenizer, train_q, search, cfg, gens["data"])
+            sync_policy(model, policy)
             if test_q:
                 with bf16(device):
-                    table["after warm-up"] = evaluate(model, tokenizer, test_q, search, desc="eval warm-up",
+                    table["after warm-up"] = evaluate(policy, tokenizer, test_q, search, desc="eval warm-up",
                                                       **eval_kw)[0]
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
-    ref_model = copy.deepcopy(model).to(ref_dtype).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    ref_model = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if resume:
-        step = load_state(run, optimizer, gens)
+        step = load_state(run, model, optimizer, gens)
         if dd.rank():  # the checkpoint holds rank 0's sampling state; the others must not repeat it
             gens["sample"].manual_seed(cfg.seed + 2 + 1000 * dd.rank() + step)
         table = json.loads((run / "table.json").read_text()) if (run / "table.json").exists() else {}
@@ -447,13 +465,13 @@ def train(cfg: Config, resume: str = "") -> dict:
         idx = torch.randint(len(train_q), (cfg.questions_per_step,), generator=gens["data"]).tolist()
         qs = [train_q[i] for i in idx[dd.shard(len(idx))] for _ in range(cfg.group_size)]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in qs]
-        model.eval()
+        policy.eval()
         try:
             with bf16(device):
-                trajs = rollouts(model, tokenizer, prompts, search, cfg, gens["sample"], **rollout_kw)
+                trajs = rollouts(policy, tokenizer, prompts, search, cfg, gens["sample"], **rollout_kw)
         except RetrieverError:  # keep the work so far, then stop with the retriever's message
-            if main:
-                save_checkpoint(run, model, tokenizer, optimizer, step, cfg, gens)
+            if main and not cfg.fsdp:  # (FSDP's state gathering needs every rank, which may not be here)
+                save_checkpoint(run, policy, tokenizer, optimizer.state_dict(), step, cfg, gens)
             raise
         t1 = time.time()
         # ---- 2. outcome rewards and information gain
@@ -462,7 +480,7 @@ def train(cfg: Config, resume: str = "") -> dict:
         if alpha > 0:
             draws = counterfactual_draws(trajs, cfg, gens["ig"])  # planned over the global batch
             with bf16(device):
-                ig.information_gain(model, tokenizer, trajs, golds, template=tpl, all_golds=cfg.ig_all_golds,
+                ig.information_gain(policy, tokenizer, trajs, golds, template=tpl, all_golds=cfg.ig_all_golds,
                                     max_len=cfg.ig_max_len, batch_size=cfg.ig_batch_size,
                                     head_weight=cfg.ig_head_weight, draws=draws)
         t2 = time.time()
@@ -471,6 +489,7 @@ def train(cfg: Config, resume: str = "") -> dict:
         tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale, cfg.ig_clip or None)
         # ---- 4. one on-policy update
         stats = update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg)
+        sync_policy(model, policy)
         t3 = time.time()
         # ---- 5. log, over the global batch
         rec = step_record(step, trajs, rewards, cfg, stats, [t0, t1, t2, t3], device)
@@ -483,16 +502,21 @@ def train(cfg: Config, resume: str = "") -> dict:
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{run}: {bad_steps} steps in a row had a non-finite loss or gradient; "
                                 f"stopped at step {step + 1}, the last good checkpoint is {run / 'checkpoint'}")
-        if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(run, model, tokenizer, optimizer, step + 1, cfg, gens)
-    if cfg.steps == 0 and main:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
-        save_checkpoint(run, model, tokenizer, optimizer, 0, cfg, gens)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            state = dd.optimizer_state(model, optimizer)  # every rank: a sharded state is gathered
+            if main:
+                save_checkpoint(run, policy, tokenizer, state, step + 1, cfg, gens)
+    if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
+        state = dd.optimizer_state(model, optimizer)
+        if main:
+            save_checkpoint(run, policy, tokenizer, state, 0, cfg, gens)
     if test_q and cfg.steps > 0:
         name = "outcome-only" if alpha == 0 else "IG-Search" + (" (empty baseline)" if cfg.ig_baseline == "empty" else "")
         with bf16(device):
-            table[name] = evaluate(model, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
+            table[name] = evaluate(policy, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
         print(format_table(table, average=False, first="model"))  # rows are one test set, not datasets
+    dd.barrier()  # ranks leave together, once rank 0's checkpoint and table are written
     return table
 
 

@@ -3,8 +3,10 @@
 The two ranks are launched as torchrun would launch them (RANK, WORLD_SIZE, MASTER_ADDR/PORT on
 127.0.0.1); each runs `worker` below, and the test compares what they saved with a single-process run
 of the same code on the same global batch. Uneven shares on purpose: three groups over two ranks.
+With --fsdp (`fsdp_worker`) the shares are even, as FSDP requires: every rank runs the same forward passes.
 """
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -30,12 +32,12 @@ PASSAGES = [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is 
             ("Nile", "The Nile is a long river in Africa."), ("Moon", "The Moon orbits the Earth.")]
 
 
-def update_batch(tokenizer) -> tuple[list[Trajectory], list[torch.Tensor]]:
-    """Six trajectories (3 groups) of different lengths with inserted documents, and per-token advantages."""
+def update_batch(tokenizer, groups: int = 3) -> tuple[list[Trajectory], list[torch.Tensor]]:
+    """Trajectories (3 groups: six) of different lengths with inserted documents, and per-token advantages."""
     gen = torch.Generator().manual_seed(0)
     trajs, tok_adv = [], []
-    for k in range(3 * GROUP):
-        title, text = PASSAGES[k]
+    for k in range(groups * GROUP):
+        title, text = PASSAGES[k % len(PASSAGES)]
         pieces = [(f"<search> {'which city ' * (k % 3)}{title} </search>", True),
                   (ig.observation_text(f'Doc 1(Title: "{title}") {text}', ig.TEMPLATES["igsearch"]), False),
                   (f"<answer> {title} </answer><|im_end|>", True)]
@@ -98,6 +100,35 @@ def worker(args_path: str) -> None:
     dd.cleanup()
 
 
+def fsdp_config(files: dict, out_dir: str, **kw) -> train.Config:
+    """train_config with two questions per step: FSDP needs equal shares (one group per rank)."""
+    return dataclasses.replace(train_config(files, out_dir), questions_per_step=2, **kw)
+
+
+def fsdp_worker(args_path: str) -> None:
+    """One rank with FSDP: an AdamW update of a sharded model, a training run, and the same run stopped
+    after one step and resumed from its checkpoint."""
+    import distributed as dd
+    args = json.loads(Path(args_path).read_text())
+    dd.setup()
+    out = Path(args["out"])
+    model, tok = prepare.load_model(args["files"]["model"], "cpu")
+    trajs, tok_adv = update_batch(tok, groups=4)  # two micro-batches per rank: gradient accumulation
+    dd.shard_model(model)
+    assert dd.is_sharded(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    stats = train.update(model, None, tok, local_share(trajs), local_share(tok_adv), opt, train.Config(micro_batch=2))
+    full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    local = sum(p.to_local().numel() for p in model.parameters())  # this rank's share of the weights
+    if dd.is_main():
+        torch.save({"params": full, "stats": stats, "local": local}, out / "fsdp_update.pt")
+
+    train.train(fsdp_config(args["files"], str(out / "fsdp_run"), fsdp=True))
+    train.train(fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True, steps=1))
+    train.train(fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True), resume=str(out / "fsdp_resumed"))
+    dd.cleanup()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,13 +141,11 @@ def files(tiny_run_files):
     return {"model": tiny_run_files["model"], "corpus": tiny_run_files["corpus"], "qa": tiny_run_files["train_data"]}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(files, tmp_path_factory) -> tuple[Path, list[str]]:
-    """Run worker() on two gloo ranks; returns the output folder and each rank's stdout."""
-    out = tmp_path_factory.mktemp("ranks")
+def launch(worker: str, files: dict, out: Path) -> list[str]:
+    """Run test_distributed.<worker> on two gloo ranks, as torchrun would; returns each rank's stdout."""
     (out / "args.json").write_text(json.dumps({"files": files, "out": str(out)}))
     code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
-            "import test_distributed as t; t.worker(sys.argv[1])")
+            f"import test_distributed as t; t.{worker}(sys.argv[1])")
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     logs = [(open(out / f"rank{r}.out", "w"), open(out / f"rank{r}.err", "w")) for r in range(2)]  # no pipe to fill
@@ -133,8 +162,22 @@ def two_ranks(files, tmp_path_factory) -> tuple[Path, list[str]]:
                 p.kill()
         for f in (f for pair in logs for f in pair):
             f.close()
-    outputs = [(out / f"rank{r}.out").read_text() for r in range(2)]
-    return out, outputs
+    return [(out / f"rank{r}.out").read_text() for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(files, tmp_path_factory) -> tuple[Path, list[str]]:
+    """worker() on two ranks: the output folder and each rank's stdout."""
+    out = tmp_path_factory.mktemp("ranks")
+    return out, launch("worker", files, out)
+
+
+@pytest.fixture(scope="module")
+def two_sharded_ranks(files, tmp_path_factory) -> Path:
+    """fsdp_worker() on two ranks: the output folder."""
+    out = tmp_path_factory.mktemp("fsdp")
+    launch("fsdp_worker", files, out)
+    return out
 
 
 def test_one_update_equals_the_single_process_update(files, two_ranks):
@@ -181,3 +224,46 @@ def test_training_run_on_two_ranks_equals_one_process(files, two_ranks, tmp_path
     w1, w2 = (load_file(run / "checkpoint" / "model.safetensors") for run in (tmp_path / "run", out / "run"))
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
     assert '"seed"' in stdouts[0] and stdouts[1].strip() == ""  # only rank 0 prints the config
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks):
+    """Sharded weights, gradients summed by FSDP's reduce-scatter, sharded AdamW state: the same step."""
+    saved = torch.load(two_sharded_ranks / "fsdp_update.pt", weights_only=True)
+    model, tok = prepare.load_model(files["model"], "cpu")
+    trajs, tok_adv = update_batch(tok, groups=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    stats = train.update(model, None, tok, trajs, tok_adv, opt, train.Config(micro_batch=2))
+    assert saved["local"] < 0.6 * sum(p.numel() for p in model.parameters())  # about half each, not a replica
+    start = dict(prepare.load_model(files["model"], "cpu")[0].named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(saved["params"][name], p, atol=1e-6), name
+    assert max((p - start[name]).abs().max().item() for name, p in model.named_parameters()) > 1e-3  # it moved
+    for k in ("loss", "entropy", "grad_norm"):
+        assert saved["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+
+
+def test_fsdp_training_run_equals_one_process_and_resumes(files, two_sharded_ranks, tmp_path):
+    """Warm-up, greedy rollouts on the full copy, IG, KL, two sharded updates and their checkpoints: the
+    metrics and weights of one process; stopped after step 1 and resumed, the same again."""
+    train.train(fsdp_config(files, str(tmp_path / "run")))
+    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    single = read(tmp_path / "run")
+    for run in ("fsdp_run", "fsdp_resumed"):
+        sharded = read(two_sharded_ranks / run)
+        assert len(single) == len(sharded) == 2, run
+        for a, b in zip(single, sharded):
+            for k, v in a.items():
+                if not (k.startswith("t_") or k == "mem_gb"):
+                    assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (run, k)
+        w1, w2 = weights(tmp_path / "run"), weights(two_sharded_ranks / run)
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4, run
+
+
+def test_fsdp_needs_several_processes(files, tmp_path):
+    with pytest.raises(train.InputError, match="fsdp=True shards over several processes"):
+        train.train(fsdp_config(files, str(tmp_path / "run"), fsdp=True))

@@ -401,9 +401,10 @@ def test_a_tampered_state_file_is_refused_not_run(tmp_path):
     """state.pt is read with torch.load(weights_only=True): a pickle that calls a function is refused."""
     (tmp_path / "checkpoint").mkdir()
     torch.save({"step": 1, "optimizer": Tampered(), "rng": {}}, tmp_path / "checkpoint" / "state.pt")
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(train.InputError, match="state.pt: refused"):
-        train.load_state(tmp_path, optimizer, {})
+        train.load_state(tmp_path, model, optimizer, {})
     assert PWNED == []
 
 
