@@ -193,7 +193,6 @@ def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
 class Bench:
     def __init__(self, args):
         self.args, group = args, 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
-        train.limit_heap_retention()  # as train.py
         self.cfg = c = train.Config(**{**train.PRESETS[args.shape], "model": args.model, "group_size": group,
                                        "questions_per_step": args.batch // group, "normalize_std": group > 1})
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
