@@ -105,6 +105,15 @@ def fsdp_config(files: dict, out_dir: str, **kw) -> train.Config:
     return dataclasses.replace(train_config(files, out_dir), questions_per_step=2, **kw)
 
 
+def load_tiny(path: str, tied: bool = True):
+    """The tiny model with its head tied to the input embeddings (SmolLM2, Qwen2.5-3B) or untied (Qwen2.5-7B)."""
+    model, tok = prepare.load_model(path, "cpu")
+    if not tied:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model, tok
+
+
 def fsdp_worker(args_path: str) -> None:
     """One rank with FSDP: an AdamW update of a sharded model, a training run, and the same run stopped
     after one step and resumed from its checkpoint."""
@@ -112,16 +121,18 @@ def fsdp_worker(args_path: str) -> None:
     args = json.loads(Path(args_path).read_text())
     dd.setup()
     out = Path(args["out"])
-    model, tok = prepare.load_model(args["files"]["model"], "cpu")
-    trajs, tok_adv = update_batch(tok, groups=4)  # two micro-batches per rank: gradient accumulation
-    dd.shard_model(model)
-    assert dd.is_sharded(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-    stats = train.update(model, None, tok, local_share(trajs), local_share(tok_adv), opt, train.Config(micro_batch=2))
-    full = {name: p.full_tensor() for name, p in model.named_parameters()}
-    local = sum(p.to_local().numel() for p in model.parameters())  # this rank's share of the weights
-    if dd.is_main():
-        torch.save({"params": full, "stats": stats, "local": local}, out / "fsdp_update.pt")
+    for tied in (True, False):
+        model, tok = load_tiny(args["files"]["model"], tied)
+        trajs, tok_adv = update_batch(tok, groups=4)  # two micro-batches per rank: gradient accumulation
+        dd.shard_model(model)
+        assert dd.is_sharded(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+        stats = train.update(model, None, tok, local_share(trajs), local_share(tok_adv), opt,
+                             train.Config(micro_batch=2))
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        local = sum(p.to_local().numel() for p in model.parameters())  # this rank's share of the weights
+        if dd.is_main():
+            torch.save({"params": full, "stats": stats, "local": local}, out / f"fsdp_update_tied{tied}.pt")
 
     train.train(fsdp_config(args["files"], str(out / "fsdp_run"), fsdp=True))
     train.train(fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True, steps=1))
@@ -231,15 +242,17 @@ def weights(run: Path) -> dict:
     return load_file(run / "checkpoint" / "model.safetensors")
 
 
-def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied head", "untied head"])
+def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks, tied):
     """Sharded weights, gradients summed by FSDP's reduce-scatter, sharded AdamW state: the same step."""
-    saved = torch.load(two_sharded_ranks / "fsdp_update.pt", weights_only=True)
-    model, tok = prepare.load_model(files["model"], "cpu")
+    saved = torch.load(two_sharded_ranks / f"fsdp_update_tied{tied}.pt", weights_only=True)
+    model, tok = load_tiny(files["model"], tied)
     trajs, tok_adv = update_batch(tok, groups=4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
     stats = train.update(model, None, tok, trajs, tok_adv, opt, train.Config(micro_batch=2))
     assert saved["local"] < 0.6 * sum(p.numel() for p in model.parameters())  # about half each, not a replica
-    start = dict(prepare.load_model(files["model"], "cpu")[0].named_parameters())
+    start = dict(load_tiny(files["model"], tied)[0].named_parameters())
+    assert ("lm_head.weight" in start) != tied  # named_parameters lists a tied head once
     for name, p in model.named_parameters():
         assert torch.allclose(saved["params"][name], p, atol=1e-6), name
     assert max((p - start[name]).abs().max().item() for name, p in model.named_parameters()) > 1e-3  # it moved
