@@ -11,7 +11,7 @@ each rank holds 1/K of the fp32 weights, gradients and AdamW state (16 bytes per
 and FSDP sums the gradients in its reduce-scatter. Rollouts, IG scoring, evaluation and checkpoints
 use a full copy of the weights on every rank (`copy_full`, 4 bytes per parameter), refreshed after
 every update: sampling then runs without a collective per forward pass, and ranks whose rollouts
-take different numbers of tokens never wait on each other.
+take different numbers of tokens do not wait on each other while sampling.
 
 Without WORLD_SIZE > 1 (a plain `python train.py`) every helper is the identity.
 """
