@@ -56,19 +56,19 @@ def synchronize(device: torch.device) -> float:
 def measure(device: torch.device, fn, *args, **kw) -> tuple[object, float, float]:
     """(result, seconds, peak GiB during fn): the CUDA allocator's peak, or the process's peak RSS
     (Linux VmHWM, restarted through /proc/self/clear_refs). The device is synchronised on both sides."""
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     start = time.perf_counter()
     out = fn(*args, **kw)
+    seconds = synchronize(device) - start
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+        return out, seconds, torch.cuda.max_memory_allocated() / 2**30
     with open("/proc/self/status") as f:
-        return out, time.perf_counter() - start, int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 2**20
+        return out, seconds, int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 2**20
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:

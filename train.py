@@ -174,14 +174,17 @@ def rng_state(gens: dict[str, torch.Generator]) -> dict:
             **{k: g.get_state() for k, g in gens.items()}}
 
 
-def save_checkpoint(run: Path, model, tokenizer, optimizer: dict, step: int, cfg: Config, gens: dict) -> None:
-    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. optimizer is
-    dd.optimizer_state(...), which every rank computes (a sharded model's state is gathered)."""
+def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, cfg: Config, gens: dict) -> None:
+    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. Every rank
+    calls it (a sharded model's optimizer state is gathered); rank 0 writes the policy's weights."""
+    state = dd.optimizer_state(model, optimizer)
+    if not dd.is_main():
+        return
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    policy.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer, "rng": rng_state(gens)}, tmp / "state.pt")
+    torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
     (tmp / "config.json.igsearch").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -483,8 +486,8 @@ def train(cfg: Config, resume: str = "") -> dict:
             with bf16(device):
                 trajs = rollouts(policy, tokenizer, prompts, search, cfg, gens["sample"], **rollout_kw)
         except RetrieverError:  # keep the work so far, then stop with the retriever's message
-            if main and not cfg.fsdp:  # (FSDP's state gathering needs every rank, which may not be here)
-                save_checkpoint(run, policy, tokenizer, optimizer.state_dict(), step, cfg, gens)
+            if not cfg.fsdp:  # (FSDP's state gathering needs every rank, which may not be here)
+                save_checkpoint(run, policy, tokenizer, model, optimizer, step, cfg, gens)
             raise
         t1 = time.time()
         # ---- 2. outcome rewards and information gain
@@ -516,13 +519,9 @@ def train(cfg: Config, resume: str = "") -> dict:
             raise TrainingError(f"{run}: {bad_steps} steps in a row had a non-finite loss or gradient; "
                                 f"stopped at step {step + 1}, the last good checkpoint is {run / 'checkpoint'}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            state = dd.optimizer_state(model, optimizer)  # every rank: a sharded state is gathered
-            if main:
-                save_checkpoint(run, policy, tokenizer, state, step + 1, cfg, gens)
+            save_checkpoint(run, policy, tokenizer, model, optimizer, step + 1, cfg, gens)
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
-        state = dd.optimizer_state(model, optimizer)
-        if main:
-            save_checkpoint(run, policy, tokenizer, state, 0, cfg, gens)
+        save_checkpoint(run, policy, tokenizer, model, optimizer, 0, cfg, gens)
     if test_q and cfg.steps > 0:
         name = "outcome-only" if alpha == 0 else "IG-Search" + (" (empty baseline)" if cfg.ig_baseline == "empty" else "")
         with bf16(device):

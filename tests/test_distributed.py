@@ -191,6 +191,15 @@ def two_sharded_ranks(files, tmp_path_factory) -> Path:
     return out
 
 
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
 def test_one_update_equals_the_single_process_update(files, two_ranks):
     out, _ = two_ranks
     model, tok = prepare.load_model(files["model"], "cpu")
@@ -224,22 +233,15 @@ def test_training_run_on_two_ranks_equals_one_process(files, two_ranks, tmp_path
     """Greedy rollouts, warm-up, IG, KL and two updates: the same metrics and weights; rank 1 writes nothing."""
     out, stdouts = two_ranks
     train.train(train_config(files, str(tmp_path / "run")))
-    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    single, double = read(tmp_path / "run"), read(out / "run")
+    single, double = metrics(tmp_path / "run"), metrics(out / "run")
     assert len(single) == len(double) == 2
     for a, b in zip(single, double):
         for k, v in a.items():
             if not (k.startswith("t_") or k == "mem_gb"):
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
-    from safetensors.torch import load_file
-    w1, w2 = (load_file(run / "checkpoint" / "model.safetensors") for run in (tmp_path / "run", out / "run"))
+    w1, w2 = weights(tmp_path / "run"), weights(out / "run")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
     assert '"seed"' in stdouts[0] and stdouts[1].strip() == ""  # only rank 0 prints the config
-
-
-def weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(run / "checkpoint" / "model.safetensors")
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied head", "untied head"])
@@ -264,10 +266,9 @@ def test_fsdp_training_run_equals_one_process_and_resumes(files, two_sharded_ran
     """Warm-up, greedy rollouts on the full copy, IG, KL, two sharded updates and their checkpoints: the
     metrics and weights of one process; stopped after step 1 and resumed, the same again."""
     train.train(fsdp_config(files, str(tmp_path / "run")))
-    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    single = read(tmp_path / "run")
+    single = metrics(tmp_path / "run")
     for run in ("fsdp_run", "fsdp_resumed"):
-        sharded = read(two_sharded_ranks / run)
+        sharded = metrics(two_sharded_ranks / run)
         assert len(single) == len(sharded) == 2, run
         for a, b in zip(single, sharded):
             for k, v in a.items():

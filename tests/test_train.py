@@ -294,16 +294,6 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
     assert any("<search> capital number" in t for t in targets)  # the varied query is what the model is taught
 
 
-
-@pytest.mark.skipif(train.LIBC is None or not hasattr(train.LIBC, "malloc_trim"), reason="glibc (Linux) only")
-def test_freed_tensors_go_back_to_the_os():
-    """release_freed_memory: 300 MiB of freed tensors held between live ones leave the process."""
-    held = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode, str(ROOT)], capture_output=True,
-                                       text=True, check=True).stdout) for mode in ("keep", "release")}
-    assert held["keep"] > 0.2  # glibc keeps them: the behaviour the call exists for
-    assert held["release"] < 0.05
-
-
 HEAP_PROBE = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
@@ -318,3 +308,12 @@ if sys.argv[1] == 'release':
     train.release_freed_memory()
 print(rss() - base)
 """
+
+
+@pytest.mark.skipif(train.LIBC is None or not hasattr(train.LIBC, "malloc_trim"), reason="glibc (Linux) only")
+def test_freed_tensors_go_back_to_the_os():
+    """release_freed_memory: 300 MiB of freed tensors held between live ones leave the process."""
+    held = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode, str(ROOT)], capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("keep", "release")}
+    assert held["keep"] > 0.2  # glibc keeps them: the behaviour the call exists for
+    assert held["release"] < 0.05
