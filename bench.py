@@ -198,6 +198,7 @@ class Bench:
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:
             train.enable_checkpointing(self.model)
+        train.lean_backward(self.model)  # as train.py
         self.device, self.data = self.model.device, prepare.default_data()
         self.qs = [q for q in prepare.load_questions(self.data["train"])[: args.batch // group] for _ in range(group)]
         self.golds, self.tpl = [q["golden_answers"] for q in self.qs], ig.TEMPLATES[c.template]

@@ -155,6 +155,41 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
     assert stats["query_entropy"] != pytest.approx(stats["entropy"], rel=1e-3)  # not the all-token mean
 
 
+def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, tiny_model, monkeypatch):
+    """lean_backward: a tied embedding's sparse gradient gives the same update as the dense one (over two
+    micro-batches, so it also adds into an existing .grad); an untied model keeps a dense embedding
+    gradient (AdamW takes no sparse one); the heap is trimmed once per `trim_every` layers a backward
+    pass goes through."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
+             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
+    tok_adv = [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
+    params = []
+    for lean in (False, True):
+        model = copy.deepcopy(tiny_model)
+        if lean:
+            train.lean_backward(model)
+        train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
+                     Config(micro_batch=2))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert model.get_input_embeddings().sparse
+    assert torch.allclose(params[0], params[1], atol=1e-6) and not torch.equal(
+        params[0], torch.cat([p.detach().flatten() for p in tiny_model.parameters()]))
+    untied = LlamaForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "tie_word_embeddings": False}))
+    train.lean_backward(untied)
+    assert not untied.get_input_embeddings().sparse
+    stats = train.update(untied, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(untied.parameters()), Config())
+    assert not stats["skipped"]
+    for every, expected in ((1, 2), (2, 1)):  # the tiny model has 2 decoder layers
+        model, trims = copy.deepcopy(tiny_model), []
+        train.lean_backward(model, trim_every=every)
+        monkeypatch.setattr(train, "release_freed_memory", lambda: trims.append(1))
+        model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+        assert len(trims) == expected
+
+
 def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_model):
     """The one-GPU memory switches: recomputed activations give the same update, chunked rollouts the
     same greedy trajectories."""
