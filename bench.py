@@ -198,7 +198,7 @@ class Bench:
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:
             train.enable_checkpointing(self.model)
-        train.lean_backward(self.model)  # as train.py
+        self.undo_lean = train.lean_backward(self.model)  # as train.py
         self.device, self.data = self.model.device, prepare.default_data()
         self.qs = [q for q in prepare.load_questions(self.data["train"])[: args.batch // group] for _ in range(group)]
         self.golds, self.tpl = [q["golden_answers"] for q in self.qs], ig.TEMPLATES[c.template]
@@ -311,6 +311,24 @@ class Bench:
         table(f"8. peak memory per phase (GiB, {kind})", ["", "GiB"], rows)
         if self.device.type == "cpu" and self.args.shape == "default":
             target("<= 3 GiB for the default run on CPU", max(r[1] for r in rows) <= 3)
+        ones, runs = [torch.ones(len(t.response_ids)) for t in self.trajs], {True: [], False: []}
+        for r in range(self.args.repeats):  # the same batch with and without train.lean_backward, alternated
+            for lean in (False, True) if r % 2 == 0 else (True, False):
+                self.lean(lean)
+                _, seconds, mem = measure(self.device, self.update, self.trajs, ones)
+                runs[lean].append((seconds, mem))
+        self.lean(True)
+        table(f"8b. update with and without train.lean_backward (median of {self.args.repeats}, alternated)",
+              ["", "seconds", "peak GiB"], [[name, *(statistics.median(x[i] for x in runs[lean]) for i in (0, 1))]
+                                            for name, lean in (("with (as train.py)", True), ("without", False))])
+
+    def lean(self, on: bool) -> None:
+        """train.lean_backward on (as train.py) or off."""
+        if on and self.undo_lean is None:
+            self.undo_lean = train.lean_backward(self.model)
+        elif not on and self.undo_lean is not None:
+            self.undo_lean()
+            self.undo_lean = None
 
     def section_ig(self) -> None:
         trajs, c = self.trajs or self.rollout(), self.cfg

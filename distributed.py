@@ -113,13 +113,18 @@ def broadcast_params(model: torch.nn.Module) -> None:
             dist.broadcast(p.data, 0)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, by the class names transformers lists in `_no_split_modules`."""
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in layer_types]
+
+
 def shard_model(model: torch.nn.Module) -> None:
     """FSDP: shard each decoder layer's parameters (one all-gather per layer) and the rest (embeddings,
     final norm, head) over the ranks. The root keeps its parameters gathered after its forward (FSDP's
     default for the root): policy_logprobs applies the head to the returned hidden states outside it."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    layer_types = set(getattr(model, "_no_split_modules", None) or [])  # transformers names its decoder layers here
-    for layer in [m for m in model.modules() if type(m).__name__ in layer_types]:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     for m in model.modules():

@@ -345,7 +345,7 @@ def release_freed_memory() -> None:
         LIBC.malloc_trim(0)
 
 
-def lean_backward(model, trim_every: int = 5) -> None:
+def lean_backward(model, trim_every: int = 5):
     """Lower the update's peak memory; the gradient stays the same (to float rounding, ~1e-5 measured).
 
     - A tied embedding (the head reuses the input embedding matrix: SmolLM2, Qwen2.5-3B) gets a sparse
@@ -354,21 +354,25 @@ def lean_backward(model, trim_every: int = 5) -> None:
     - On CPU the heap's free blocks go back to the OS every `trim_every` decoder layers of a backward
       pass: glibc keeps what each recomputed layer frees, and RSS rose ~0.3 GiB above the live tensors
       within one backward (measured on a warm-up micro-batch).
+    Returns a function that undoes both (bench.py times the update with and without).
     """
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and emb.weight is head.weight:
-        emb.sparse = True
-    if next(model.parameters()).device.type != "cpu":
-        return
-    layer_types = set(getattr(model, "_no_split_modules", None) or [])  # transformers names its decoder layers here
-    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+    tied = head is not None and emb.weight is head.weight
+    emb.sparse = emb.sparse or tied
+    cpu = next(model.parameters()).device.type == "cpu"
+    layers = dd.decoder_layers(model) if cpu else []
 
     def trim_when_its_gradient_passes(module, inputs, out):
         hidden = out[0] if isinstance(out, tuple) else out
         if torch.is_grad_enabled() and hidden.requires_grad:
             hidden.register_hook(lambda grad: release_freed_memory())
-    for layer in layers[::trim_every]:
-        layer.register_forward_hook(trim_when_its_gradient_passes)
+    hooks = [layer.register_forward_hook(trim_when_its_gradient_passes) for layer in layers[::trim_every]]
+
+    def undo():
+        emb.sparse = emb.sparse and not tied
+        for h in hooks:
+            h.remove()
+    return undo
 
 
 def peak_memory_gb(device: torch.device) -> float:
