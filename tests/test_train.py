@@ -155,6 +155,28 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
     assert stats["query_entropy"] != pytest.approx(stats["entropy"], rel=1e-3)  # not the all-token mean
 
 
+def answer_trajectories(tokenizer):
+    """Four supervised answer trajectories of different lengths and per-token advantages for them."""
+    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
+             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
+    return trajs, [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def updated_weights(model, tokenizer, setup=None) -> torch.Tensor:
+    """The weights after one SGD update of a copy (setup(copy) first) over two micro-batches."""
+    model = __import__("copy").deepcopy(model)
+    if setup:
+        setup(model)
+    trajs, tok_adv = answer_trajectories(tokenizer)
+    train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
+                 Config(micro_batch=2))
+    return flat(model)
+
+
 def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, tiny_model, monkeypatch):
     """lean_backward: a tied embedding's sparse gradient gives the same update as the dense one (over two
     micro-batches, so it also adds into an existing .grad); an untied model keeps a dense embedding
@@ -163,20 +185,9 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, ti
     import copy
 
     from transformers import LlamaForCausalLM
-    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
-             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
-    tok_adv = [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
-    params = []
-    for lean in (False, True):
-        model = copy.deepcopy(tiny_model)
-        if lean:
-            train.lean_backward(model)
-        train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
-                     Config(micro_batch=2))
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert model.get_input_embeddings().sparse
-    assert torch.allclose(params[0], params[1], atol=1e-6) and not torch.equal(
-        params[0], torch.cat([p.detach().flatten() for p in tiny_model.parameters()]))
+    trajs, tok_adv = answer_trajectories(tokenizer)
+    plain, lean = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, train.lean_backward))
+    assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
     untied = LlamaForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "tie_word_embeddings": False}))
     train.lean_backward(untied)
     assert not untied.get_input_embeddings().sparse
@@ -185,6 +196,7 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, ti
     for every, expected in ((1, 2), (2, 1)):  # the tiny model has 2 decoder layers
         model, trims = copy.deepcopy(tiny_model), []
         train.lean_backward(model, trim_every=every)
+        assert model.get_input_embeddings().sparse  # tied: the head's weight is the embedding's
         monkeypatch.setattr(train, "release_freed_memory", lambda: trims.append(1))
         model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
         assert len(trims) == expected
@@ -198,20 +210,8 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, ti
 def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_model):
     """The one-GPU memory switches: recomputed activations give the same update, chunked rollouts the
     same greedy trajectories."""
-    copy = __import__("copy")
-    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
-             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
-    tok_adv = [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
-    params = []
-    for checkpointing in (False, True):
-        model = copy.deepcopy(tiny_model)
-        if checkpointing:
-            train.enable_checkpointing(model)
-        train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
-                     Config(micro_batch=2))
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.allclose(params[0], params[1], atol=1e-6) and not torch.equal(
-        params[0], torch.cat([p.detach().flatten() for p in tiny_model.parameters()]))
+    plain, recomputed = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, train.enable_checkpointing))
+    assert torch.allclose(plain, recomputed, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
     prompts = [ig.build_prompt(tokenizer, q, ig.TEMPLATES["igsearch"]) for q in ("Who?", "What city?", "Where?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(queries)  # noqa: E731
     runs = [train.rollouts(tiny_model, tokenizer, prompts, search, Config(rollout_batch=n, temperature=0.0),
