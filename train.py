@@ -357,8 +357,8 @@ def lean_backward(model, trim_every: int = 5):
     Returns a function that undoes both (bench.py times the update with and without).
     """
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and emb.weight is head.weight
-    emb.sparse = emb.sparse or tied
+    was_sparse = emb.sparse
+    emb.sparse = was_sparse or (head is not None and emb.weight is head.weight)
     cpu = next(model.parameters()).device.type == "cpu"
     layers = dd.decoder_layers(model) if cpu else []
 
@@ -369,7 +369,7 @@ def lean_backward(model, trim_every: int = 5):
     hooks = [layer.register_forward_hook(trim_when_its_gradient_passes) for layer in layers[::trim_every]]
 
     def undo():
-        emb.sparse = emb.sparse and not tied
+        emb.sparse = was_sparse
         for h in hooks:
             h.remove()
     return undo
@@ -468,12 +468,12 @@ def train(cfg: Config, resume: str = "") -> dict:
     model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code, dtype=torch.float32)
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
-    if not cfg.fsdp:  # FSDP's sharded gradients stay dense
-        lean_backward(model)
     policy = model  # what samples, scores and is saved: the trained model, or with FSDP its full copy
     if cfg.fsdp:
         policy = copy.deepcopy(model).eval().requires_grad_(False)
         dd.shard_model(model)
+    else:  # (FSDP's sharded gradients stay dense)
+        lean_backward(model)
     tpl = ig.TEMPLATES[cfg.template]
     rollout_kw = dict(template=tpl, max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
                       max_response_tokens=cfg.max_response_tokens)
