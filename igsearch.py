@@ -37,6 +37,7 @@ Departures from the paper and its official code, and why:
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import string
@@ -419,19 +420,28 @@ def head_weights(n: int, head_tokens: int = 3, head_weight: float = 3.0) -> torc
     return w / w.mean()  # (n,)
 
 
+def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices sorted by length, in chunks of at most `size`; a chunk also ends where the next length
+    is over twice its shortest, so that left padding wastes little."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not chunks or len(chunks[-1]) == size or lengths[i] > 2 * lengths[chunks[-1][0]]:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
 @torch.no_grad()
 def answer_scores(model, contexts: list[list[int]], answers: list[list[int]], pad_id: int, max_len: int,
                   batch_size: int = 16, head_tokens: int = 3, head_weight: float = 3.0) -> list[float]:
     """s(a* | C) for each (context ids, answer ids) pair, batched.
 
     s = (1/L) sum_k w_k log p(a*_k | C, a*_<k); contexts are left-truncated so context + answer fit
-    max_len. Pairs are sorted by length so each mini-batch pads little.
+    max_len. Pairs are sorted by length so each mini-batch pads little (length_chunks).
     """
     seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = [0.0] * len(seqs)
-    for k in range(0, len(order), batch_size):
-        idx = order[k: k + batch_size]
+    for idx in length_chunks([len(s) for s in seqs], batch_size):
         n_tail = [len(answers[i]) for i in idx]
         logp, mask = tail_logprobs(model, [seqs[i] for i in idx], n_tail, pad_id)  # (b, L)
         for row, i in enumerate(idx):
@@ -446,54 +456,76 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), n)
 
 
+def trunk_shares(seqs: list[list[int]], answers: list[list[int]], group_sizes: list[int]
+                 ) -> list[tuple[list[int], list[int], list[int]]]:
+    """Per group: its request indices, its trunk, and how many leading tokens each request shares with it.
+
+    group_sizes[g] consecutive requests form group g. The trunk is the group's longest context (the
+    sequence without its answer); a request shares its common prefix with the trunk, but keeps at least
+    one context token for its continuation (that token predicts the first answer token). The trunk is
+    cut to the longest share: no request reads past it.
+    """
+    out, first = [], 0
+    for n in group_sizes:
+        idx = list(range(first, first + n))
+        first += n
+        trunk = max((seqs[i][: len(seqs[i]) - len(answers[i])] for i in idx), key=len)
+        shares = [max(0, min(common_prefix_len([seqs[i], trunk]), len(seqs[i]) - len(answers[i]) - 1)) for i in idx]
+        out.append((idx, trunk[: max(shares)], shares))
+    return out
+
+
 @torch.no_grad()
 def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[list[int]], group_sizes: list[int],
                                 pad_id: int, max_len: int, batch_size: int = 16, head_tokens: int = 3,
                                 head_weight: float = 3.0) -> list[float]:
     """answer_scores, with the tokens that a group of contexts shares computed once.
 
-    group_sizes[g] consecutive (context, answer) pairs form group g: the 1 + N contexts of one search
-    step, equal up to step t's documents. Each group's shared prefix runs once; its key/value cache
-    is repeated for the group's continuations (the rest of each context, then the answer), which run
-    batched, left-padded, with positions continuing after the prefix. Same scores as answer_scores
-    (same truncation and positions); batch_size counts continuation rows. A model that returns no
-    cache (the test fakes) is scored by answer_scores.
+    group_sizes[g] consecutive (context, answer) pairs form group g, e.g. the 1 + N contexts of the
+    search steps of one rollout: step t's contexts are equal up to step t's documents, and each holds
+    the real blocks of every earlier step. The group's trunk (trunk_shares) runs once; its key/value
+    cache is repeated for the group's continuations (the rest of each context, then the answer), which
+    run batched, left-padded, each attending to the part of the trunk its context shares, with positions
+    continuing after it. Same scores as answer_scores (same truncation and positions); batch_size
+    counts continuation rows. A model that returns no cache (the test fakes) is scored by answer_scores.
     """
     device = next(model.parameters()).device
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]
-    groups, first = [], 0  # (request indices, shared length)
-    for n in group_sizes:
-        idx = list(range(first, first + n))
-        first += n
-        # every continuation keeps at least one context token: it predicts the first answer token
-        shared = min([common_prefix_len([seqs[i] for i in idx])] + [len(seqs[i]) - len(answers[i]) - 1 for i in idx])
-        groups.append((idx, shared))
+    groups = trunk_shares(seqs, answers, group_sizes)  # (request indices, trunk, shares)
     scores = [0.0] * len(seqs)
-    loose = [i for idx, shared in groups if shared < 1 for i in idx]  # nothing shared: score them whole
-    batches: list[list[tuple[list[int], int]]] = []
-    for g in sorted((g for g in groups if g[1] >= 1), key=lambda g: max(len(seqs[i]) for i in g[0])):
-        if not batches or sum(len(idx) for idx, _ in batches[-1]) + len(g[0]) > batch_size:
+    loose = [i for idx, trunk, _ in groups if not trunk for i in idx]  # nothing shared: score them whole
+    batches: list[list[tuple[list[int], list[int], list[int]]]] = []
+    for g in sorted((g for g in groups if g[1]), key=lambda g: max(len(seqs[i]) for i in g[0])):
+        if not batches or sum(len(idx) for idx, *_ in batches[-1]) + len(g[0]) > batch_size:
             batches.append([])  # groups sorted by length, as many per batch as batch_size rows allow
         batches[-1].append(g)
     for batch in batches:
-        ids, attn, pos = left_pad([seqs[idx[0]][:shared] for idx, shared in batch], pad_id, device)  # (G, P)
+        ids, attn, pos = left_pad([trunk for _, trunk, _ in batch], pad_id, device)  # (G, P)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None:
             return answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
-        rows = torch.tensor([g for g, (idx, _) in enumerate(batch) for _ in idx], device=device)  # group of each row
-        cache.batch_select_indices(rows)  # (G, ...) -> (rows, ...): the prefix repeated for its continuations
-        req = [i for idx, _ in batch for i in idx]
-        cont_ids, cont_attn, cont_pos = left_pad([seqs[i][shared:] for idx, shared in batch for i in idx], pad_id, device)
-        cont_pos = cont_pos + attn.sum(-1)[rows][:, None]  # (rows, C): positions continue after the prefix
-        L = max(len(answers[i]) for i in req)
-        logits = model(input_ids=cont_ids, attention_mask=torch.cat([attn[rows], cont_attn], 1), position_ids=cont_pos,
-                       logits_to_keep=L + 1, **{cache_kw: cache}).logits  # (rows, L+1, V)
-        logp = token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L): position p predicts token p+1
-        for row, i in enumerate(req):
-            lp = logp[row, L - len(answers[i]):].cpu()  # (n,) the answer tokens in order
-            scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
+        start = ids.shape[1] - attn.sum(-1)  # (G,) where each trunk begins, after its left padding
+        rows = [(g, i, k) for g, (idx, _, ks) in enumerate(batch) for i, k in zip(idx, ks)]  # (group, request, share)
+        chunks = length_chunks([len(seqs[i]) - k for _, i, k in rows], batch_size)
+        for n, chunk in enumerate(chunks):  # a step's real context continues for a few tokens, a random one for its documents
+            kv = cache if n == len(chunks) - 1 else copy.deepcopy(cache)  # each chunk extends its own copy
+            group = torch.tensor([rows[r][0] for r in chunk], device=device)  # (rows,)
+            kv.batch_select_indices(group)  # (G, ...) -> (rows, ...): the trunk repeated for its continuations
+            shares = torch.tensor([rows[r][2] for r in chunk], device=device)  # (rows,)
+            k = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in the trunk
+            seen = ((k >= 0) & (k < shares[:, None])).long()  # (rows, P) the trunk tokens each row's context holds
+            req = [rows[r][1] for r in chunk]
+            cont_ids, cont_attn, cont_pos = left_pad([seqs[rows[r][1]][rows[r][2]:] for r in chunk], pad_id, device)
+            L = max(len(answers[i]) for i in req)
+            logits = model(input_ids=cont_ids, attention_mask=torch.cat([seen, cont_attn], 1),  # (rows, P + C)
+                           position_ids=cont_pos + shares[:, None],  # positions continue after the shared part
+                           logits_to_keep=L + 1, **{cache_kw: kv}).logits  # (rows, L+1, V)
+            logp = token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L): position p predicts token p+1
+            for row, i in enumerate(req):
+                lp = logp[row, L - len(answers[i]):].cpu()  # (n,) the answer tokens in order
+                scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
     if loose:
         for i, s in zip(loose, answer_scores(model, [contexts[i] for i in loose], [answers[i] for i in loose], pad_id,
                                              max_len, batch_size, head_tokens, head_weight)):
@@ -589,6 +621,19 @@ def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, t
     return [ctx_ids[c] for c, _ in requests], [a for _, a in requests], plan
 
 
+def trajectory_groups(plan: list[tuple], batch_size: int) -> list[int]:
+    """Group sizes for answer_scores_shared_prefix: the requests of one rollout's search steps, in plan
+    order, as many steps per group as batch_size rows allow. Step t's contexts hold every earlier step's
+    real blocks, so a rollout's steps share one trunk: computed once instead of once per step."""
+    sizes: list[int] = []
+    for k, (i, _, _, n) in enumerate(plan):
+        if sizes and plan[k - 1][0] == i and sizes[-1] + n <= batch_size:
+            sizes[-1] += n
+        else:
+            sizes.append(n)
+    return sizes
+
+
 @torch.no_grad()
 def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]], *,
                      template: Template = TEMPLATES["igsearch"], n_random: int = 3, baseline: str = "random",
@@ -601,15 +646,15 @@ def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list
     Two parts: plan_counterfactuals draws the baselines (given as `draws`, e.g. planned over the
     global batch of a data-parallel run; else planned here over trajs), then scoring. All scoring
     sequences of the batch go through the model together (mini-batches); with shared_prefix the
-    part that a step's 1 + N contexts share runs once (same values).
+    part that a rollout's contexts share runs once (same values).
     Returns, per trajectory, the list of raw IG values (None where a step gets no IG).
     """
     contexts, answers, plan = ig_requests(tokenizer, trajs, golds, template=template, n_random=n_random,
                                           baseline=baseline, all_golds=all_golds, generator=generator, draws=draws)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if shared_prefix:
-        scores = answer_scores_shared_prefix(model, contexts, answers, [n for *_, n in plan], pad_id, max_len,
-                                             batch_size, head_tokens, head_weight)
+        scores = answer_scores_shared_prefix(model, contexts, answers, trajectory_groups(plan, batch_size), pad_id,
+                                             max_len, batch_size, head_tokens, head_weight)
     else:
         scores = answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
     best: dict[tuple[int, int], tuple[float, float]] = {}  # (i, t) -> (real score, IG) of the best gold

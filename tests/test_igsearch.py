@@ -374,6 +374,42 @@ def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
         assert shared == pytest.approx(full, abs=1e-4)
 
 
+def test_trunk_shares_nest_the_steps_of_a_rollout():
+    """A rollout's step-2 contexts hold step 1's real blocks: the group's trunk (its longest context) is
+    shared by each request up to where it departs, less one token kept to predict the first answer token;
+    a request that shares nothing gets 0, and the trunk is cut to the longest share."""
+    contexts = [[1, 2, 3, 10, 11, 50], [1, 2, 3, 20, 50],  # step 1: real documents 10 11, random 20
+                [1, 2, 3, 10, 11, 4, 12, 13, 50], [1, 2, 3, 10, 11, 4, 21, 22, 23, 50],  # step 2 after search 4
+                [9, 50]]  # shares nothing
+    answers = [[7]] * 5
+    seqs = [c + a for c, a in zip(contexts, answers)]
+    [(idx, trunk, shares)] = ig.trunk_shares(seqs, answers, [5])
+    assert idx == [0, 1, 2, 3, 4] and shares == [5, 3, 6, 9, 0]
+    assert trunk == [1, 2, 3, 10, 11, 4, 21, 22, 23]
+    split = ig.trunk_shares(seqs, answers, [2, 3])  # one group per step: step 1's blocks run twice
+    assert [g[1] for g in split] == [[1, 2, 3, 10, 11], trunk] and [g[2] for g in split] == [[5, 3], [6, 9, 0]]
+    assert ig.trajectory_groups([(0, 0, 0, 4), (0, 1, 4, 4), (1, 0, 8, 4), (1, 1, 12, 4), (1, 2, 16, 4)], 8) == [8, 8, 4]
+
+
+def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, tiny_model):
+    """One group over two search steps, a stranger that shares nothing and a row per gold: each row
+    attends to its own share of the trunk, with its own positions, and scores as its full context does."""
+    s1 = "PROMPT Who? <search> a </search>\n<documents> Doc 1 Paris is the capital </documents>"
+    texts = [s1, "PROMPT Who? <search> a </search>\n<documents> x </documents>",
+             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Lyon is a city </documents>",
+             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Berlin, Germany, a long one </documents>",
+             "unrelated"]
+    ctxs = [tokenizer(t + "\n<answer> ").input_ids for t in texts]
+    answers = [tokenizer(a).input_ids for a in ["Paris", "Paris", "Paris France", "Paris France", "x"]]
+    ctxs.append(ctxs[0])  # a second gold of step 1
+    answers.append(tokenizer("the city of Paris").input_ids)
+    pad = tokenizer.pad_token_id
+    for max_len, batch_size in [(512, 16), (512, 2), (24, 16)]:  # 24: contexts truncated unequally
+        full = ig.answer_scores(tiny_model, ctxs, answers, pad, max_len, batch_size=1)
+        shared = ig.answer_scores_shared_prefix(tiny_model, ctxs, answers, [6], pad, max_len, batch_size)
+        assert shared == pytest.approx(full, abs=1e-4)
+
+
 def test_information_gain_shared_prefix_equals_full_contexts(tokenizer, tiny_model):
     trajs = ig_batch([True, False, False, True, False])
     for k, t in enumerate(trajs):  # a second step, so the shared prefix holds a whole earlier step
