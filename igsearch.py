@@ -486,7 +486,8 @@ def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[
     the real blocks of every earlier step. The group's trunk (trunk_shares) runs once; its key/value
     cache is repeated for the group's continuations (the rest of each context, then the answer), which
     run batched, left-padded, each attending to the part of the trunk its context shares, with positions
-    continuing after it. Same scores as answer_scores (same truncation and positions); batch_size
+    continuing after it; a chunk of continuations gets the trunk's cache cut after the last position
+    that one of them reads. Same scores as answer_scores (same truncation and positions); batch_size
     counts continuation rows. A model that returns no cache (the test fakes) is scored by answer_scores.
     """
     device = next(model.parameters()).device
@@ -508,22 +509,30 @@ def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[
             return answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
         start = ids.shape[1] - attn.sum(-1)  # (G,) where each trunk begins, after its left padding
         rows = [(g, i, k) for g, (idx, _, ks) in enumerate(batch) for i, k in zip(idx, ks)]  # (group, request, share)
-        chunks = length_chunks([len(seqs[i]) - k for _, i, k in rows], batch_size)
-        for n, chunk in enumerate(chunks):  # a step's real context continues for a few tokens, a random one for its documents
+        # A real context continues the trunk for a few tokens, a counterfactual for its documents; an early
+        # step's rows read a short part of the trunk. Chunks by continuation length, then by length read.
+        conts = [len(seqs[i]) - k for _, i, k in rows]
+        chunks = [[c[j] for j in sub] for c in length_chunks(conts, batch_size)
+                  for sub in length_chunks([rows[r][2] + conts[r] for r in c], batch_size)]
+        for n, chunk in enumerate(chunks):
+            part = [rows[r] for r in chunk]
             kv = cache if n == len(chunks) - 1 else copy.deepcopy(cache)  # each chunk extends its own copy
-            group = torch.tensor([rows[r][0] for r in chunk], device=device)  # (rows,)
+            group = torch.tensor([g for g, _, _ in part], device=device)  # (rows,)
             kv.batch_select_indices(group)  # (G, ...) -> (rows, ...): the trunk repeated for its continuations
-            shares = torch.tensor([rows[r][2] for r in chunk], device=device)  # (rows,)
-            k = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in the trunk
+            shares = torch.tensor([k for _, _, k in part], device=device)  # (rows,)
+            k = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in trunk
             seen = ((k >= 0) & (k < shares[:, None])).long()  # (rows, P) the trunk tokens each row's context holds
-            req = [rows[r][1] for r in chunk]
-            cont_ids, cont_attn, cont_pos = left_pad([seqs[rows[r][1]][rows[r][2]:] for r in chunk], pad_id, device)
-            L = max(len(answers[i]) for i in req)
+            end = int((start[group] + shares).max())  # no row of this chunk reads the trunk past here
+            if end < ids.shape[1]:
+                kv.crop(end - ids.shape[1])  # a negative count: drop that many positions from the end
+                seen = seen[:, :end]  # (rows, end)
+            cont_ids, cont_attn, cont_pos = left_pad([seqs[i][k:] for _, i, k in part], pad_id, device)  # (rows, C)
+            L = max(len(answers[i]) for _, i, _ in part)
             logits = model(input_ids=cont_ids, attention_mask=torch.cat([seen, cont_attn], 1),  # (rows, P + C)
                            position_ids=cont_pos + shares[:, None],  # positions continue after the shared part
                            logits_to_keep=L + 1, **{cache_kw: kv}).logits  # (rows, L+1, V)
             logp = token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L): position p predicts token p+1
-            for row, i in enumerate(req):
+            for row, (_, i, _) in enumerate(part):
                 lp = logp[row, L - len(answers[i]):].cpu()  # (n,) the answer tokens in order
                 scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
     if loose:
