@@ -520,8 +520,8 @@ def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[
             group = torch.tensor([g for g, _, _ in part], device=device)  # (rows,)
             kv.batch_select_indices(group)  # (G, ...) -> (rows, ...): the trunk repeated for its continuations
             shares = torch.tensor([k for _, _, k in part], device=device)  # (rows,)
-            k = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in trunk
-            seen = ((k >= 0) & (k < shares[:, None])).long()  # (rows, P) the trunk tokens each row's context holds
+            at = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in trunk
+            seen = ((at >= 0) & (at < shares[:, None])).long()  # (rows, P) the trunk tokens each row's context holds
             end = int((start[group] + shares).max())  # no row of this chunk reads the trunk past here
             if end < ids.shape[1]:
                 kv.crop(end - ids.shape[1])  # a negative count: drop that many positions from the end
