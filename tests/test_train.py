@@ -1,4 +1,5 @@
 """train.py and evaluate.py on a tiny local model and a ten-passage corpus."""
+import copy
 import dataclasses
 import json
 import subprocess
@@ -113,7 +114,7 @@ def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, t
 
 
 def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_model):
-    model = __import__("copy").deepcopy(tiny_model)
+    model = copy.deepcopy(tiny_model)
     good, bad = (ig.supervised_trajectory(tokenizer, "Question?", [(f"<answer> {a} </answer>", True)])
                  for a in ("Paris", "Berlin"))
     adv = ig.group_advantages(torch.tensor([1.0, 0.0]), 2)
@@ -135,7 +136,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
 
 def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_model):
     """The health metric that shows whether IG has anything to act on: entropy on the query tokens only."""
-    model = __import__("copy").deepcopy(tiny_model)
+    model = copy.deepcopy(tiny_model)
     trajs = [ig.supervised_trajectory(tokenizer, "Question?", [(f"<search> {q} </search>", True),
              ("<documents> d </documents>", False), ("<answer> x </answer>", True)]) for q in ("capital city", "a")]
     for t, q in zip(trajs, ("capital city", "a")):  # the query's span, as the rollout records it
@@ -168,7 +169,7 @@ def flat(model) -> torch.Tensor:
 
 def updated_weights(model, tokenizer, setup=None) -> torch.Tensor:
     """The weights after one SGD update of a copy (setup(copy) first) over two micro-batches."""
-    model = __import__("copy").deepcopy(model)
+    model = copy.deepcopy(model)
     if setup:
         setup(model)
     trajs, tok_adv = answer_trajectories(tokenizer)
@@ -182,8 +183,6 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, ti
     micro-batches, so it also adds into an existing .grad); an untied model keeps a dense embedding
     gradient (AdamW takes no sparse one); the heap is trimmed once per `trim_every` layers a backward
     pass goes through."""
-    import copy
-
     from transformers import LlamaForCausalLM
     trajs, tok_adv = answer_trajectories(tokenizer)
     plain, lean = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, train.lean_backward))
