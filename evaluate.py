@@ -51,23 +51,27 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
             f1.append(ig.f1_score(pred, q["golden_answers"]))
             pairs.append((q, t))
     model.train(was_training)
-    n = len(pairs)
+    n, hits = len(pairs), [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
     summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
                "searches": sum(len(t.steps) for _, t in pairs) / n,
-               "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n}
+               "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
+               "hit": sum(hits) / max(len(hits), 1)}  # share of search steps whose documents hold the gold
     return summary, pairs
 
 
 def format_table(rows: dict[str, dict], average: bool = True, first: str = "dataset") -> str:
-    """Dataset | n | EM | F1 | searches | valid, with an average row when there are several datasets."""
-    lines = [f"{first:<24}{'n':>6}{'EM':>8}{'F1':>8}{'search/q':>10}{'valid':>8}"]
+    """Dataset | n | EM | F1 | searches | valid | hit, with an average row when there are several datasets.
+
+    hit: the share of search steps whose documents hold a gold answer (query quality)."""
+    lines = [f"{first:<24}{'n':>6}{'EM':>8}{'F1':>8}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     rows = dict(rows)
     if average and len(rows) > 1:
-        keys = ("em", "f1", "searches", "valid")
+        keys = ("em", "f1", "searches", "valid", "hit")
         rows["average"] = {"n": sum(r["n"] for r in rows.values()),
                            **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}}
     for name, r in rows.items():
-        lines.append(f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}")
+        hit = f"{r['hit']:>8.2f}" if "hit" in r else f"{'-':>8}"  # tables written before hit was measured
+        lines.append(f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}{hit}")
     return "\n".join(lines)
 
 
@@ -108,46 +112,91 @@ def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> 
     return "\n".join(out)
 
 
+def read_run(run: str) -> tuple[dict, list[dict]]:
+    """A finished run folder's table.json (held-out rows) and metrics.jsonl records (none without RL steps)."""
+    path = Path(run) / "table.json"
+    if not path.exists():
+        raise InputError(f"{path}: no such file (is {run} a finished run folder?)")
+    metrics = Path(run) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(path.read_text()), [json.loads(line) for line in lines if line.strip()]
+
+
 def compare_runs(runs: list[str]) -> str:
     """Held-out results of several runs (their table.json), grouped by row name: mean +- std over runs."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        path = Path(run) / "table.json"
-        if not path.exists():
-            raise InputError(f"{path}: no such file (is {run} a finished run folder?)")
-        for name, row in json.loads(path.read_text()).items():
+        for name, row in read_run(run)[0].items():
             groups.setdefault(name, []).append(row)
-    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'F1':>15}{'search/q':>10}{'valid':>8}"]
+    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     for name, rows in groups.items():
         stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
         pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
+        hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
         lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{pm['f1']:>15}"
-                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}")
+                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
     return "\n".join(lines)
 
 
+PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),
+               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"))
+
+
+def learning_curves(runs: list[str]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """method -> metric -> RL step -> one value per run, for the keys of PLOT_PANELS.
+
+    A run's method is its last table row (e.g. "IG-Search"). Training metrics are noisy (16 rollouts a
+    step): each run's are a trailing 5-step mean. A run without RL steps (the shared warm-up) gives every
+    method its step-0 validation point."""
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    start: dict[str, float] = {}
+    for run in runs:
+        table, recs = read_run(run)
+        if not any(r.get("step", 0) > 0 for r in recs):
+            start.update({k: v for r in recs for k, v in r.items() if k.startswith("val_")})
+            continue
+        per_key = curves.setdefault(list(table)[-1] if table else Path(run).name, {})
+        for key, _ in PLOT_PANELS:
+            points = [(r["step"], r[key]) for r in recs if key in r]
+            if not key.startswith("val_"):
+                points = [(s, sum(v for _, v in points[max(0, k - 4): k + 1]) / len(points[max(0, k - 4): k + 1]))
+                          for k, (s, _) in enumerate(points)]
+            for s, v in points:
+                per_key.setdefault(key, {}).setdefault(s, []).append(v)
+    for per_key in curves.values():
+        for key, value in start.items():
+            if key in per_key:
+                per_key[key].setdefault(0, [value])
+    return curves
+
+
 def plot_runs(runs: list[str], out: str) -> None:
-    """Training curves (reward, IG mean, searches, response length against step), one line per run."""
+    """learning_curves drawn to a PNG: per method, the mean over its runs (seeds), shaded from the lowest
+    to the highest run, against RL step. Panels without data are left out."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("plotting needs matplotlib: pip install matplotlib") from None
-    keys = ("reward", "ig_mean", "searches", "length")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for run in runs:
-        path = Path(run) / "metrics.jsonl"
-        if not path.exists() and (Path(run) / "table.json").exists():
-            continue  # a run without RL steps (a warm-up checkpoint): it has a table row, no curve
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for ax, key in zip(axes, keys):
-            ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=Path(run).name)
-            ax.set_title(key)
-            ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    curves = learning_curves(runs)
+    panels = [(k, title) for k, title in PLOT_PANELS if any(k in c for c in curves.values())]
+    if not panels:
+        raise InputError("no learning curves: none of the runs has RL steps in its metrics.jsonl")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for method, per_key in curves.items():
+            steps = sorted(per_key.get(key, {}))
+            values = [torch.tensor(per_key[key][s]) for s in steps]
+            if not steps:
+                continue
+            line, = ax.plot(steps, [float(v.mean()) for v in values], marker="o" if key.startswith("val_") else None,
+                            markersize=3, label=f"{method} ({max(len(v) for v in values)} runs)")
+            ax.fill_between(steps, [float(v.min()) for v in values], [float(v.max()) for v in values],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
@@ -157,10 +206,9 @@ def ig_by_retrieval(pairs: list) -> str:
     whether IG tells a query that found the answer from one that did not."""
     found: dict[bool, list[float]] = {True: [], False: []}
     for q, t in pairs:
-        golds = [ig.normalize_answer(g) for g in q["golden_answers"]]
         for step in t.steps:
             if step.ig is not None:
-                found[any(g in ig.normalize_answer(step.documents) for g in golds)].append(step.ig)
+                found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
     part = [f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
             if v else f"{name} none" for name, v in (("gold in the documents", found[True]),
                                                      ("gold not in them", found[False]))]

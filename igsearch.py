@@ -359,6 +359,12 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
 
 
+def documents_hold_answer(documents: str, golds: list[str]) -> bool:
+    """Whether retrieved text contains a gold answer as whole words, both normalised: the query found it."""
+    text = f" {normalize_answer(documents)} "
+    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
+
+
 def f1_score(prediction: str | None, golds: list[str]) -> float:
     """Word-level F1 against the best gold answer."""
     if prediction is None:
@@ -699,19 +705,38 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     return adv.reshape(-1)  # (B,)
 
 
-def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float, dead_zone: float = 0.0,
-                     neg_scale: float = 1.0, clip: float | None = None) -> list[torch.Tensor]:
-    """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
+def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[list[float | None]]:
+    """IG_t minus the mean IG of the scored steps of its group (the G rollouts of one question).
 
-    Returns one (R_i,) tensor per trajectory, aligned with its response_ids.
+    Not in the paper (a variant, `--ig_center`): with random documents as the baseline almost every
+    query gets IG > 0, so the raw bonus pushes up every sampled query; centred, it ranks a question's
+    queries against each other, as the group baseline does for the outcome. None stays None.
     """
     out = []
-    for traj, a in zip(trajs, adv.tolist()):
+    for g in range(0, len(igs), group_size):
+        scored = [v for row in igs[g: g + group_size] for v in row if v is not None]
+        mean = sum(scored) / len(scored) if scored else 0.0
+        out += [[None if v is None else v - mean for v in row] for row in igs[g: g + group_size]]
+    return out
+
+
+def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float, dead_zone: float = 0.0,
+                     neg_scale: float = 1.0, clip: float | None = None, center_groups: int = 0) -> list[torch.Tensor]:
+    """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
+
+    center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
+    Returns one (R_i,) tensor per trajectory, aligned with its response_ids.
+    """
+    igs = [[s.ig for s in t.steps] for t in trajs]
+    if center_groups:
+        igs = center_in_groups(igs, center_groups)
+    out = []
+    for traj, a, step_igs in zip(trajs, adv.tolist(), igs):
         tok = torch.full((len(traj.response_ids),), a)  # (R,)
-        for step in traj.steps:
+        for step, v in zip(traj.steps, step_igs):
             lo, hi = step.query_span
-            if step.ig is not None and hi > lo and alpha != 0:
-                tok[lo:hi] += alpha * shape_ig(step.ig, dead_zone, neg_scale, clip) / (hi - lo)
+            if v is not None and hi > lo and alpha != 0:
+                tok[lo:hi] += alpha * shape_ig(v, dead_zone, neg_scale, clip) / (hi - lo)
         out.append(tok)
     return out
 

@@ -142,6 +142,17 @@ def is_test(title: str) -> bool:
     return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % 10 == 0
 
 
+def split_validation(questions: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the n questions whose text has the smallest SHA-1 are the validation split.
+
+    Fixed by the data alone (not by the seed), so every run of an experiment trains on the same
+    questions and is validated on the same held-out ones; file order is kept within each part.
+    """
+    digest = [hashlib.sha1(q["question"].encode("utf-8")).hexdigest() for q in questions]
+    val = set(sorted(range(len(questions)), key=digest.__getitem__)[:n])
+    return ([q for i, q in enumerate(questions) if i not in val], [q for i, q in enumerate(questions) if i in val])
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write JSON lines atomically: a crash leaves the old file or none, never half a file."""
     tmp = Path(str(path) + ".tmp")

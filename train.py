@@ -68,12 +68,13 @@ class Config:
     ig_dead_zone: float = 0.0  # |IG| below this counts as 0 (paper: delta, value not public)
     ig_neg_scale: float = 1.0  # factor on negative IG (paper: eta < 1, value not public)
     ig_clip: float = 0.0  # clip IG to [-c, c], 0 = off
+    ig_center: bool = False  # IG minus its question's group mean before shaping (not the paper's; a variant)
     ig_max_len: int = 1024  # scoring contexts are left-truncated to this many tokens
     ig_batch_size: int = 16  # scoring sequences per forward pass
     normalize_std: bool = True  # divide the group advantage by the group's std
     # optimisation
-    steps: int = 5  # RL steps (paper 200)
-    lr: float = 1e-5  # AdamW learning rate (paper 1e-6)
+    steps: int = 12  # RL steps (paper 200)
+    lr: float = 2e-5  # AdamW learning rate (paper 1e-6)
     kl_coef: float = 0.0  # k3 KL penalty to the frozen start model (paper 0.001)
     grad_clip: float = 1.0  # gradient-norm clip
     max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
@@ -86,7 +87,9 @@ class Config:
     warmup_batch: int = 8  # trajectories per warm-up step
     warmup_query: str = "question"  # the warm-up's query: the question verbatim, or "varied" (see query_forms)
     # evaluation, logging, checkpoints
-    eval_questions: int = 32  # held-out questions in the before/after table (0 = skip)
+    eval_questions: int = 64  # held-out test questions in the before/after table (0 = skip)
+    val_questions: int = 200  # validation questions carved from the train split, never trained on
+    eval_every: int = 0  # validation EM every K RL steps, at step 0 and at the end (0 = off)
     eval_start: bool = True  # evaluate the start model too (off when several runs share one start checkpoint)
     eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
@@ -104,6 +107,9 @@ def estimate_seconds(cfg: "Config") -> float:
     c, n = CPU_SECONDS, cfg.eval_questions
     evals = n * (c["eval_untrained"] * cfg.eval_start + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0)))
     rl = cfg.steps * cfg.questions_per_step * cfg.group_size * c["rollout"]  # rollout + IG + update
+    if cfg.eval_every:  # validation at step 0 (when this run made its start model), every K steps, at the end
+        n_val = bool(cfg.eval_start or cfg.warmup_examples) + -(-cfg.steps // cfg.eval_every)
+        evals += n_val * cfg.val_questions * c["eval_formatted"]
     return c["setup"] + evals + cfg.warmup_examples * c["warmup"] + rl
 
 
@@ -116,7 +122,7 @@ PRESETS = {
     # the README's learning experiment on 2 CPU cores: nine runs from one shared warm-up checkpoint, each
     # ~13 min (12 steps x ~57 s + 100 test questions); its start row comes from the warm-up run's table.
     # micro_batch 8 without checkpointing: the setting results/ was produced with (same gradient, other rounding)
-    "learn": dict(steps=12, lr=2e-5, eval_questions=100, eval_start=False, warmup_examples=0,
+    "learn": dict(steps=40, lr=2e-5, eval_questions=751, eval_start=False, warmup_examples=0, eval_every=10,
                   micro_batch=8, grad_checkpointing=False, out_dir="runs/learn"),
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
@@ -160,7 +166,8 @@ def check_config(cfg: Config) -> None:
              ("template", cfg.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
              ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0"),
              ("retriever_retries", cfg.retriever_retries >= 1, ">= 1"),
-             ("retriever_timeout", cfg.retriever_timeout > 0, "> 0"), ("rollout_batch", cfg.rollout_batch >= 0, ">= 0")]
+             ("retriever_timeout", cfg.retriever_timeout > 0, "> 0"), ("rollout_batch", cfg.rollout_batch >= 0, ">= 0"),
+             ("val_questions", cfg.val_questions >= 0, ">= 0"), ("eval_every", cfg.eval_every >= 0, ">= 0")]
     for name, ok, accepted in rules:
         if not ok:
             raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range (accepted: {accepted})")
@@ -418,22 +425,47 @@ def counterfactual_draws(trajs: list[ig.Trajectory], cfg: Config, gen: torch.Gen
     return draws[first: first + len(trajs)]
 
 
-def step_record(step: int, trajs: list[ig.Trajectory], rewards: torch.Tensor, cfg: Config, stats: dict,
-                times: list[float], device: torch.device) -> dict:
-    """The step's log line over the global batch: every rank's rollouts gathered (times are rank 0's)."""
+def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]], rewards: torch.Tensor, cfg: Config,
+                stats: dict, times: list[float], device: torch.device) -> dict:
+    """The step's log line over the global batch: every rank's rollouts gathered (times are rank 0's).
+
+    hit: share of search steps whose documents hold a gold answer; ig_hit / ig_miss: mean IG of those
+    steps and of the others (does IG tell a query that found the answer from one that did not?)."""
     mem = peak_memory_gb(device)
     mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated, mem,
-             [s.ig for s in t.steps if s.ig is not None]) for t, r in zip(trajs, rewards.tolist())]
-    r, searches, length, valid, truncated, mem, ig_lists = zip(*[x for part in dd.all_gather(mine) for x in part])
-    igs = [v for vs in ig_lists for v in vs]
+             [(ig.documents_hold_answer(s.documents, g), s.ig) for s in t.steps])
+            for t, g, r in zip(trajs, golds, rewards.tolist())]
+    r, searches, length, valid, truncated, mem, step_lists = zip(*[x for part in dd.all_gather(mine) for x in part])
+    steps = [x for xs in step_lists for x in xs]  # (hit, IG or None) of every search step
+    igs = [v for _, v in steps if v is not None]
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
     return {"step": step + 1, "reward": float(np.mean(r)), "em": float(np.mean(r)),
-            "ig_mean": float(np.mean(igs)) if igs else 0.0,
-            "ig_pos": float(np.mean([v > 0 for v in igs])) if igs else 0.0,
+            "ig_mean": mean(igs), "ig_pos": mean([v > 0 for v in igs]),
+            "hit": mean([h for h, _ in steps]), "ig_hit": mean([v for h, v in steps if h and v is not None]),
+            "ig_miss": mean([v for h, v in steps if not h and v is not None]),
             "searches": float(np.mean(searches)), "length": float(np.mean(length)),
             "zero_adv_groups": float((torch.tensor(r).view(-1, cfg.group_size).std(-1) == 0).float().mean()),
             "valid": float(np.mean(valid)), "truncated": float(np.mean(truncated)), **stats,
             "t_rollout": times[1] - times[0], "t_ig": times[2] - times[1], "t_update": times[3] - times[2],
             "mem_gb": max(mem)}
+
+
+def method_name(cfg: Config) -> str:
+    """The table row of a trained model: the method and every IG setting that departs from the paper's."""
+    if cfg.outcome_only or cfg.ig_alpha == 0:
+        return "outcome-only"
+    marks = [("empty baseline", cfg.ig_baseline == "empty"), ("centred", cfg.ig_center),
+             (f"alpha {cfg.ig_alpha:g}", cfg.ig_alpha != 0.3), (f"dead zone {cfg.ig_dead_zone:g}", cfg.ig_dead_zone > 0),
+             (f"neg x{cfg.ig_neg_scale:g}", cfg.ig_neg_scale != 1), (f"clip {cfg.ig_clip:g}", cfg.ig_clip > 0)]
+    marks = [m for m, on in marks if on]
+    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
+
+
+def validate(policy, tokenizer, val_q: list[dict], search, step: int, eval_kw: dict, device) -> dict:
+    """Greedy EM on the validation split after `step` RL steps: the held-out learning curve's point."""
+    with bf16(device):
+        summary = evaluate(policy, tokenizer, val_q, search, desc=f"validate {step}", **eval_kw)[0]
+    return {f"val_{k}": v for k, v in summary.items()}
 
 
 def train(cfg: Config, resume: str = "") -> dict:
@@ -459,7 +491,11 @@ def train(cfg: Config, resume: str = "") -> dict:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured rates, "
                   f"train.CPU_SECONDS); each phase's bar shows its own ETA")
     data = prepare.default_data() if not (cfg.train_data and (cfg.corpus or cfg.retriever_url)) else {}
-    train_q = prepare.load_questions(cfg.train_data or data["train"])
+    train_q, val_q = prepare.split_validation(prepare.load_questions(cfg.train_data or data["train"]),
+                                              cfg.val_questions if cfg.eval_every else 0)
+    if not train_q:
+        raise InputError(f"config: val_questions={cfg.val_questions} leaves no training questions "
+                         f"in {cfg.train_data or data['train']}")
     test_path = cfg.test_data or data.get("test", "")
     test_q = prepare.load_questions(test_path)[: cfg.eval_questions] if test_path and cfg.eval_questions else []
     search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk, cfg.doc_words or None,
@@ -480,7 +516,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     eval_kw = dict(batch_size=cfg.eval_batch, template=cfg.template, max_searches=cfg.max_searches,
                    max_turn_tokens=cfg.max_turn_tokens)
     table, step = {}, 0
-    test_q = test_q if main else []  # rank 0 alone evaluates
+    test_q, val_q = (test_q, val_q) if main else ([], [])  # rank 0 alone evaluates
     if not resume:
         if test_q and cfg.eval_start:
             with bf16(device):
@@ -503,8 +539,12 @@ def train(cfg: Config, resume: str = "") -> dict:
         kept = load_metrics(run / "metrics.jsonl", step)  # drop records logged after the checkpoint
         if main:
             write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])
-    elif table:
-        write_json(str(run / "table.json"), table)
+    else:
+        if table:
+            write_json(str(run / "table.json"), table)
+        if val_q and (cfg.eval_start or cfg.warmup_examples):  # step 0 of the curve (a shared start: its own run)
+            write_lines(run / "metrics.jsonl", [json.dumps({"step": 0, **validate(policy, tokenizer, val_q, search, 0,
+                                                                                  eval_kw, device)})])
     alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
     bad_steps = 0
     for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps, disable=not main):
@@ -535,13 +575,16 @@ def train(cfg: Config, resume: str = "") -> dict:
         t2 = time.time()
         # ---- 3. advantages: group baseline, plus alpha * IG~ / |Q_t| on the query tokens
         adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
-        tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale, cfg.ig_clip or None)
+        tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale, cfg.ig_clip or None,
+                                      center_groups=cfg.group_size if cfg.ig_center else 0)
         # ---- 4. one on-policy update
         stats = update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg)
         sync_policy(model, policy)
         t3 = time.time()
         # ---- 5. log, over the global batch
-        rec = step_record(step, trajs, rewards, cfg, stats, [t0, t1, t2, t3], device)
+        rec = step_record(step, trajs, golds, rewards, cfg, stats, [t0, t1, t2, t3], device)
+        if val_q and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            rec.update(validate(policy, tokenizer, val_q, search, step + 1, eval_kw, device))
         if main:
             with open(run / "metrics.jsonl", "a") as f:  # one whole line per step, flushed
                 f.write(json.dumps(rec) + "\n")
@@ -556,9 +599,8 @@ def train(cfg: Config, resume: str = "") -> dict:
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
         save_checkpoint(run, policy, tokenizer, model, optimizer, 0, cfg, gens)
     if test_q and cfg.steps > 0:
-        name = "outcome-only" if alpha == 0 else "IG-Search" + (" (empty baseline)" if cfg.ig_baseline == "empty" else "")
         with bf16(device):
-            table[name] = evaluate(policy, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
+            table[method_name(cfg)] = evaluate(policy, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
         print(format_table(table, average=False, first="model"))  # rows are one test set, not datasets
     dd.barrier()  # ranks leave together, once rank 0's checkpoint and table are written

@@ -309,6 +309,29 @@ def test_token_advantages_add_alpha_ig_on_queries_only():
     assert torch.all(outcome == 0.7)
 
 
+def test_centred_ig_ranks_the_queries_of_one_question_against_each_other():
+    igs = [[4.0, None], [2.0], [], [9.0], [1.0]]  # groups of 2 rollouts: [4, None | 2], [- | 9], [1]
+    assert ig.center_in_groups(igs, 2) == [[1.0, None], [-1.0], [], [0.0], [0.0]]
+    trajs = []
+    for v in (3.0, 1.0):  # one question, two rollouts: both IG > 0, as with random documents
+        t = Trajectory([], "")
+        t.response_ids = list(range(6))
+        t.steps = [Step("q", "D", (1, 3), "", ig=v)]
+        trajs.append(t)
+    raw = ig.token_advantages(trajs, torch.zeros(2), alpha=0.5)
+    centred = ig.token_advantages(trajs, torch.zeros(2), alpha=0.5, center_groups=2)
+    assert raw[0][1:3].sum() > 0 and raw[1][1:3].sum() > 0  # the paper's IG lifts both queries
+    assert centred[0][1:3].sum().item() == pytest.approx(0.5) and centred[1][1:3].sum().item() == pytest.approx(-0.5)
+    assert trajs[0].steps[0].ig == 3.0  # the logged IG stays the raw one
+
+
+def test_documents_hold_answer_on_whole_normalised_words():
+    docs = 'Doc 1(Title: "The Nile") The Nile is long. Doc 2(Title: "Romeo and Juliet") a play.'
+    assert ig.documents_hold_answer(docs, ["nile"]) and ig.documents_hold_answer(docs, ["Rome", "the nile!"])
+    assert not ig.documents_hold_answer(docs, ["Rome"])  # "Romeo" is not "Rome"
+    assert not ig.documents_hold_answer(docs, ["", "the"])  # nothing left after normalising finds nothing
+
+
 def test_loss_gradient_is_zero_on_masked_tokens(tokenizer, tiny_model):
     traj = Trajectory([], "")
     traj.prompt_ids = tokenizer("Question?").input_ids

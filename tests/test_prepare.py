@@ -117,6 +117,17 @@ def test_build_data_split_is_deterministic_and_disjoint(tmp_path):
     assert len(prepare.load_questions(paths["test"])) == len(test)
 
 
+def test_validation_split_is_fixed_by_the_data_and_disjoint_from_training():
+    questions = [{"id": str(i), "question": f"What is this: thing number {i}?", "golden_answers": [f"T{i}"]}
+                 for i in range(50)]
+    train, val = prepare.split_validation(questions, 12)
+    assert len(val) == 12 and len(train) == 38 and not {q["id"] for q in train} & {q["id"] for q in val}
+    assert [q["id"] for q in train] == sorted((q["id"] for q in train), key=int)  # file order kept
+    train2, val2 = prepare.split_validation(questions[::-1], 12)  # another order: the same validation set
+    assert {q["id"] for q in val2} == {q["id"] for q in val}
+    assert prepare.split_validation(questions, 0) == (questions, [])
+
+
 def test_default_data_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("IGSEARCH_CACHE", str(tmp_path))
     calls = []

@@ -82,6 +82,36 @@ def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path,
         cfg.questions_per_step * cfg.group_size * c["rollout"])  # one more step costs one step's rollouts
 
 
+def test_validation_curve_is_held_out_and_logged_with_query_quality(tiny_run_files, tmp_path, monkeypatch):
+    """Validation at step 0, every eval_every steps and at the end; its questions never reach the warm-up
+    or an RL rollout; every step logs the share of search steps whose documents hold the gold."""
+    questions = [json.loads(line) for line in Path(tiny_run_files["train_data"]).read_text().splitlines()]
+    _, val = __import__("prepare").split_validation(questions, 3)
+    trained, real_rollout, real_warmup = [], ig.rollout, train.warmup
+    monkeypatch.setattr(ig, "rollout", lambda m, t, prompts, *a, **kw: (
+        trained.extend(prompts) if kw.get("temperature", 1.0) > 0 else None) or real_rollout(m, t, prompts, *a, **kw))
+    monkeypatch.setattr(train, "warmup", lambda m, t, qs, *a: trained.extend(q["question"] for q in qs)
+                        or real_warmup(m, t, qs, *a))
+    cfg = tiny_config(tiny_run_files, tmp_path / "v", steps=3, eval_every=2, val_questions=3, warmup_examples=2,
+                      warmup_batch=2, max_turn_tokens=4)
+    train.train(cfg)
+    recs = read_metrics(tmp_path / "v")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert [("val_em" in r) for r in recs] == [True, False, True, True]  # step 0, every 2 steps, the end
+    assert all(recs[0]["val_" + k] is not None for k in ("em", "f1", "hit", "searches", "valid"))
+    assert all(0 <= r["hit"] <= 1 and "ig_hit" in r and "ig_miss" in r for r in recs[1:])
+    assert trained and not [p for p in trained for q in val if q["question"] in p]
+    with pytest.raises(train.InputError, match="leaves no training questions"):
+        train.train(tiny_config(tiny_run_files, tmp_path / "w", eval_every=1, val_questions=10))
+
+
+def test_table_row_names_the_method_and_every_departure_from_the_paper():
+    assert train.method_name(Config()) == "IG-Search"
+    assert train.method_name(Config(outcome_only=True)) == "outcome-only"
+    assert train.method_name(Config(ig_baseline="empty")) == "IG-Search (empty baseline)"
+    assert train.method_name(Config(ig_center=True, ig_alpha=1.0)) == "IG-Search (centred, alpha 1)"
+
+
 def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, tmp_path, monkeypatch, scripted):
     """Rollouts come from a scripted policy that always searches; IG is scored and the update run by the
     tiny model. With IG the query tokens' advantages differ from A_i; with --outcome_only they do not."""
@@ -269,6 +299,21 @@ def test_evaluate_writes_table_and_shows_trajectories(tiny_run_files, tmp_path):
     assert res["topk"] == 3 and "BM25" in res["retriever"] and res["results"]["qa"]["n"] == 3
 
 
+def test_evaluate_reports_the_share_of_search_steps_that_find_the_gold(tokenizer, scripted):
+    import evaluate
+    scripts = {"capital of France": ["<search> capital France </search>", "<search> Paris </search>",
+                                     "<answer> Paris </answer>"],
+               "wrote Hamlet": ["<answer> Shakespeare </answer>"]}
+    questions = [{"question": "capital of France", "golden_answers": ["Paris"]},
+                 {"question": "wrote Hamlet", "golden_answers": ["Shakespeare"]}]
+    search = lambda qs: [f'Doc 1(Title: "{q}") text about {q}.' for q in qs]  # noqa: E731
+    summary, _ = evaluate.evaluate(scripted(tokenizer, scripts), tokenizer, questions, search, max_searches=2,
+                                   max_turn_tokens=24)
+    assert summary["em"] == 1.0 and summary["searches"] == 1.0
+    assert summary["hit"] == 0.5  # of the two search steps only the second retrieved "Paris"
+    assert evaluate.format_table({"x": summary}).splitlines()[1].split()[-1] == "0.50"
+
+
 def test_ig_by_retrieval_splits_steps_on_whether_the_documents_hold_the_gold():
     import evaluate
     def traj(*steps):
@@ -298,17 +343,34 @@ def test_compare_runs_mean_and_spread(tmp_path):
         evaluate.compare_runs([str(tmp_path / "missing")])
 
 
-def test_plot_runs_draws_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path):
     import evaluate
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s, "ig_mean": 0.1,
-                                                                "searches": 1, "length": 50}) + "\n" for s in (1, 2)))
-    warmup = tmp_path / "warmup"  # a run without RL steps: a table, no curve; skipped, not an error
-    warmup.mkdir()
-    (warmup / "table.json").write_text("{}")
-    evaluate.plot_runs([str(warmup), str(tmp_path)], str(tmp_path / "c.png"))
+
+    def run(name, table, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "table.json").write_text(json.dumps(table))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(tmp_path / name)
+    row = {"n": 1, "em": 0, "f1": 0, "searches": 1, "valid": 1}
+    warm = run("warm", {"after warm-up": row}, [{"step": 0, "val_em": 0.3, "val_hit": 0.5}])
+    ig_runs = [run(f"ig{k}", {"IG-Search": row}, [{"step": s, "reward": r, "hit": 0.5, "val_em": v}
+                                                  for s, r, v in ((1, 0.0, None), (2, 1.0, 0.4 + k / 10))])
+               for k in range(2)]
+    for k in range(2):  # step 1 was not validated
+        lines = (Path(ig_runs[k]) / "metrics.jsonl").read_text().replace(', "val_em": null', "")
+        (Path(ig_runs[k]) / "metrics.jsonl").write_text(lines)
+    out = run("oo", {"outcome-only": row}, [{"step": 1, "reward": 0.5}])
+    curves = evaluate.learning_curves([warm, *ig_runs, out])
+    assert set(curves) == {"IG-Search", "outcome-only"}  # the warm-up is no method: it starts each curve
+    assert curves["IG-Search"]["val_em"] == {0: [0.3], 2: [0.4, 0.5]}
+    assert curves["IG-Search"]["reward"] == {1: [0.0, 0.0], 2: [0.5, 0.5]}  # a trailing mean over steps
+    assert "val_em" not in curves["outcome-only"] and "val_hit" not in curves["IG-Search"]
+    pytest.importorskip("matplotlib")
+    evaluate.plot_runs([warm, *ig_runs, out], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
-    with pytest.raises(evaluate.InputError, match="metrics.jsonl"):
+    with pytest.raises(evaluate.InputError, match="no learning curves"):
+        evaluate.plot_runs([warm], str(tmp_path / "d.png"))
+    with pytest.raises(evaluate.InputError, match="table.json"):
         evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
 
 
