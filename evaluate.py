@@ -112,21 +112,37 @@ def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> 
     return "\n".join(out)
 
 
-def read_run(run: str) -> tuple[dict, list[dict]]:
-    """A finished run folder's table.json (held-out rows) and metrics.jsonl records (none without RL steps)."""
-    path = Path(run) / "table.json"
+def method_name(config: dict) -> str:
+    """The name of a run's method (its table row), from its config: the method and every IG setting that
+    departs from the paper's formulation."""
+    if config.get("outcome_only") or config.get("ig_alpha") == 0:
+        return "outcome-only"
+    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
+             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
+             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
+             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
+             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
+    marks = [m for m, on in marks if on]
+    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
+
+
+def read_run(run: str) -> tuple[dict, dict, list[dict]]:
+    """A run folder's config.json, table.json (held-out rows; {} when the run evaluated no test questions)
+    and metrics.jsonl records (none without RL steps)."""
+    path = Path(run) / "config.json"
     if not path.exists():
-        raise InputError(f"{path}: no such file (is {run} a finished run folder?)")
-    metrics = Path(run) / "metrics.jsonl"
+        raise InputError(f"{path}: no such file (is {run} a run folder?)")
+    table, metrics = Path(run) / "table.json", Path(run) / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return json.loads(path.read_text()), [json.loads(line) for line in lines if line.strip()]
+    return (json.loads(path.read_text()), json.loads(table.read_text()) if table.exists() else {},
+            [json.loads(line) for line in lines if line.strip()])
 
 
 def compare_runs(runs: list[str]) -> str:
     """Held-out results of several runs (their table.json), grouped by row name: mean +- std over runs."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        for name, row in read_run(run)[0].items():
+        for name, row in read_run(run)[1].items():
             groups.setdefault(name, []).append(row)
     lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     for name, rows in groups.items():
@@ -145,17 +161,17 @@ PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search step
 def learning_curves(runs: list[str]) -> dict[str, dict[str, dict[int, list[float]]]]:
     """method -> metric -> RL step -> one value per run, for the keys of PLOT_PANELS.
 
-    A run's method is its last table row (e.g. "IG-Search"). Training metrics are noisy (16 rollouts a
+    A run's method is method_name of its config (e.g. "IG-Search"). Training metrics are noisy (16 rollouts a
     step): each run's are a trailing 5-step mean. A run without RL steps (the shared warm-up) gives every
     method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     start: dict[str, float] = {}
     for run in runs:
-        table, recs = read_run(run)
+        config, _, recs = read_run(run)
         if not any(r.get("step", 0) > 0 for r in recs):
             start.update({k: v for r in recs for k, v in r.items() if k.startswith("val_")})
             continue
-        per_key = curves.setdefault(list(table)[-1] if table else Path(run).name, {})
+        per_key = curves.setdefault(method_name(config), {})
         for key, _ in PLOT_PANELS:
             points = [(r["step"], r[key]) for r in recs if key in r]
             if not key.startswith("val_"):

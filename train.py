@@ -33,7 +33,7 @@ from tqdm import tqdm
 import distributed as dd
 import igsearch as ig
 import prepare
-from evaluate import evaluate, format_table, make_search, write_json
+from evaluate import evaluate, format_table, make_search, method_name, write_json
 from retriever import InputError, OneLineParser, RetrieverError
 
 
@@ -450,17 +450,6 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]], r
             "mem_gb": max(mem)}
 
 
-def method_name(cfg: Config) -> str:
-    """The table row of a trained model: the method and every IG setting that departs from the paper's."""
-    if cfg.outcome_only or cfg.ig_alpha == 0:
-        return "outcome-only"
-    marks = [("empty baseline", cfg.ig_baseline == "empty"), ("centred", cfg.ig_center),
-             (f"alpha {cfg.ig_alpha:g}", cfg.ig_alpha != 0.3), (f"dead zone {cfg.ig_dead_zone:g}", cfg.ig_dead_zone > 0),
-             (f"neg x{cfg.ig_neg_scale:g}", cfg.ig_neg_scale != 1), (f"clip {cfg.ig_clip:g}", cfg.ig_clip > 0)]
-    marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
-
-
 def validate(policy, tokenizer, val_q: list[dict], search, step: int, eval_kw: dict, device) -> dict:
     """Greedy EM on the validation split after `step` RL steps: the held-out learning curve's point."""
     with bf16(device):
@@ -600,7 +589,7 @@ def train(cfg: Config, resume: str = "") -> dict:
         save_checkpoint(run, policy, tokenizer, model, optimizer, 0, cfg, gens)
     if test_q and cfg.steps > 0:
         with bf16(device):
-            table[method_name(cfg)] = evaluate(policy, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
+            table[method_name(dataclasses.asdict(cfg))] = evaluate(policy, tokenizer, test_q, search, desc="eval trained", **eval_kw)[0]
         write_json(str(run / "table.json"), table)
         print(format_table(table, average=False, first="model"))  # rows are one test set, not datasets
     dd.barrier()  # ranks leave together, once rank 0's checkpoint and table are written

@@ -106,10 +106,10 @@ def test_validation_curve_is_held_out_and_logged_with_query_quality(tiny_run_fil
 
 
 def test_table_row_names_the_method_and_every_departure_from_the_paper():
-    assert train.method_name(Config()) == "IG-Search"
-    assert train.method_name(Config(outcome_only=True)) == "outcome-only"
-    assert train.method_name(Config(ig_baseline="empty")) == "IG-Search (empty baseline)"
-    assert train.method_name(Config(ig_center=True, ig_alpha=1.0)) == "IG-Search (centred, alpha 1)"
+    name = lambda **kw: train.method_name(dataclasses.asdict(Config(**kw)))  # noqa: E731
+    assert name() == "IG-Search" and name(outcome_only=True) == "outcome-only"
+    assert name(ig_baseline="empty") == "IG-Search (empty baseline)"
+    assert name(ig_center=True, ig_alpha=1.0) == "IG-Search (centred, alpha 1)"
 
 
 def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, tmp_path, monkeypatch, scripted):
@@ -334,20 +334,22 @@ def test_compare_runs_mean_and_spread(tmp_path):
         run = tmp_path / f"run{k}"
         run.mkdir()
         row = {"n": 10, "em": em, "f1": em, "searches": 1.0, "valid": 1.0}
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))
         (run / "table.json").write_text(json.dumps({"IG-Search": row}))
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": em, "ig_mean": 0.1, "searches": 1,
-                                                               "length": 50}) + "\n" for s in (1, 2)))
-    text = evaluate.compare_runs([str(tmp_path / "run0"), str(tmp_path / "run1")])
-    assert "IG-Search" in text and "0.500 ± 0.100" in text
-    with pytest.raises(evaluate.InputError, match="table.json"):
+    (tmp_path / "val_only").mkdir()  # a run that evaluated no test questions has no table row
+    (tmp_path / "val_only" / "config.json").write_text("{}")
+    text = evaluate.compare_runs([str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "val_only")])
+    assert "IG-Search" in text and "0.500 ± 0.100" in text and len(text.splitlines()) == 2
+    with pytest.raises(evaluate.InputError, match="config.json"):
         evaluate.compare_runs([str(tmp_path / "missing")])
 
 
 def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path):
     import evaluate
 
-    def run(name, table, records):
+    def run(name, table, records, **config):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(dataclasses.asdict(Config(**config))))
         (tmp_path / name / "table.json").write_text(json.dumps(table))
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return str(tmp_path / name)
@@ -359,7 +361,7 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
     for k in range(2):  # step 1 was not validated
         lines = (Path(ig_runs[k]) / "metrics.jsonl").read_text().replace(', "val_em": null', "")
         (Path(ig_runs[k]) / "metrics.jsonl").write_text(lines)
-    out = run("oo", {"outcome-only": row}, [{"step": 1, "reward": 0.5}])
+    out = run("oo", {"outcome-only": row}, [{"step": 1, "reward": 0.5}], outcome_only=True)
     curves = evaluate.learning_curves([warm, *ig_runs, out])
     assert set(curves) == {"IG-Search", "outcome-only"}  # the warm-up is no method: it starts each curve
     assert curves["IG-Search"]["val_em"] == {0: [0.3], 2: [0.4, 0.5]}
@@ -370,7 +372,7 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(evaluate.InputError, match="no learning curves"):
         evaluate.plot_runs([warm], str(tmp_path / "d.png"))
-    with pytest.raises(evaluate.InputError, match="table.json"):
+    with pytest.raises(evaluate.InputError, match="config.json"):
         evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
 
 
