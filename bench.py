@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+import fast
 import igsearch as ig
 import prepare
 import train
@@ -142,12 +143,12 @@ class ScriptedPolicy(torch.nn.Module):
 
 def floor_rows(contexts: list[list[int]], answers: list[list[int]], group_sizes: list[int],
                max_len: int) -> tuple[list[list[int]], list[int]]:
-    """The least IG can compute: per group (igsearch.trunk_shares: a rollout's contexts, or a step's 1 + N)
+    """The least IG can compute: per group (fast.trunk_shares: a rollout's contexts, or a step's 1 + N)
     its trunk once, then each continuation (rest of the context + answer). Returns those rows and, per
     row, how many of its last positions need the LM head (the answer tokens: 0 on a trunk row)."""
     seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]  # as answer_scores
     rows, heads = [], []
-    for idx, trunk, shares in ig.trunk_shares(seqs, answers, group_sizes):
+    for idx, trunk, shares in fast.trunk_shares(seqs, answers, group_sizes):
         rows += ([trunk] if trunk else []) + [seqs[i][k:] for i, k in zip(idx, shares)]
         heads += ([0] if trunk else []) + [len(answers[i]) for i in idx]
     return rows, heads
@@ -195,7 +196,7 @@ class Bench:
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:
             train.enable_checkpointing(self.model)
-        self.undo_lean = train.lean_backward(self.model)  # as train.py
+        self.undo_lean = fast.lean_backward(self.model)  # as train.py
         self.device, self.data = self.model.device, prepare.default_data()
         self.qs = [q for q in prepare.load_questions(self.data["train"])[: args.batch // group] for _ in range(group)]
         self.golds, self.tpl = [q["golden_answers"] for q in self.qs], ig.TEMPLATES[c.template]
@@ -219,15 +220,18 @@ class Bench:
             return ig.rollout(self.policy, self.tok, self.prompts, self.search, template=self.tpl,
                               generator=torch.Generator(device=self.device).manual_seed(c.seed + 2),
                               max_searches=c.max_searches, max_turn_tokens=max_turn_tokens or c.max_turn_tokens,
-                              max_response_tokens=c.max_response_tokens, temperature=c.temperature)
+                              max_response_tokens=c.max_response_tokens, temperature=c.temperature,
+                              turn=fast.CachedTurns())  # as train.py
 
     def information_gain(self, trajs, shared_prefix: bool = True):
         c = self.cfg
+        draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], c.ig_n_random, c.ig_baseline,
+                                        torch.Generator().manual_seed(c.seed + 1))
         with train.bf16(self.device):
-            return ig.information_gain(self.model, self.tok, trajs, self.golds, template=self.tpl,
-                                       n_random=c.ig_n_random, baseline=c.ig_baseline, all_golds=c.ig_all_golds,
-                                       max_len=c.ig_max_len, batch_size=c.ig_batch_size, head_weight=c.ig_head_weight,
-                                       shared_prefix=shared_prefix, generator=torch.Generator().manual_seed(c.seed + 1))
+            return ig.information_gain(self.model, self.tok, trajs, self.golds, draws, template=self.tpl,
+                                       all_golds=c.ig_all_golds, max_len=c.ig_max_len, batch_size=c.ig_batch_size,
+                                       head_weight=c.ig_head_weight,
+                                       score=fast.answer_scores_shared_prefix if shared_prefix else ig.answer_scores)
 
     def advantages(self, trajs, alpha: float) -> list[torch.Tensor]:
         c = self.cfg
@@ -309,36 +313,38 @@ class Bench:
         if self.device.type == "cpu" and self.args.shape == "default":
             target("<= 3 GiB for the default run on CPU", max(r[1] for r in rows) <= 3)
         ones, runs = [torch.ones(len(t.response_ids)) for t in self.trajs], {True: [], False: []}
-        for r in range(self.args.repeats):  # the same batch with and without train.lean_backward, alternated
+        for r in range(self.args.repeats):  # the same batch with and without fast.lean_backward, alternated
             for lean in (False, True) if r % 2 == 0 else (True, False):
                 self.lean(lean)
                 _, seconds, mem = measure(self.device, self.update, self.trajs, ones)
                 runs[lean].append((seconds, mem))
         self.lean(True)
-        table(f"8b. update with and without train.lean_backward (median of {self.args.repeats}, alternated)",
+        table(f"8b. update with and without fast.lean_backward (median of {self.args.repeats}, alternated)",
               ["", "seconds", "peak GiB"], [[name, *(statistics.median(x[i] for x in runs[lean]) for i in (0, 1))]
                                             for name, lean in (("with (as train.py)", True), ("without", False))])
 
     def lean(self, on: bool) -> None:
-        """train.lean_backward on (as train.py) or off."""
+        """fast.lean_backward on (as train.py) or off."""
         if on and self.undo_lean is None:
-            self.undo_lean = train.lean_backward(self.model)
+            self.undo_lean = fast.lean_backward(self.model)
         elif not on and self.undo_lean is not None:
             self.undo_lean()
             self.undo_lean = None
 
     def section_ig(self) -> None:
         trajs, c = self.trajs or self.rollout(), self.cfg
-        contexts, answers, plan = ig.ig_requests(self.tok, trajs, self.golds, template=self.tpl, n_random=c.ig_n_random,
-                                                 baseline=c.ig_baseline, all_golds=c.ig_all_golds,
-                                                 generator=torch.Generator().manual_seed(c.seed + 1))
-        bs, pad, steps = c.ig_batch_size, self.tok.pad_token_id, [n for *_, n in plan]
-        rows, heads = floor_rows(contexts, answers, ig.trajectory_groups(plan, bs), c.ig_max_len)
+        draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], c.ig_n_random, c.ig_baseline,
+                                        torch.Generator().manual_seed(c.seed + 1))
+        requests = ig.score_requests(self.tok, trajs, self.golds, draws, self.tpl, c.ig_all_golds)
+        contexts = [x for r in requests for x in r.context_ids]
+        answers = [r.answer_ids for r in requests for _ in r.context_ids]
+        bs, pad, steps = c.ig_batch_size, self.tok.pad_token_id, [len(r.context_ids) for r in requests]
+        rows, heads = floor_rows(contexts, answers, fast.rollout_groups(requests, bs), c.ig_max_len)
         step_rows, step_heads = floor_rows(contexts, answers, steps, c.ig_max_len)
         runs = {"full contexts (answer_scores)": lambda: self.information_gain(trajs, False),
                 "one trunk per rollout (information_gain)": lambda: self.information_gain(trajs, True),
-                "one prefix per search step": lambda: ig.answer_scores_shared_prefix(
-                    self.model, contexts, answers, steps, pad, c.ig_max_len, bs, head_weight=c.ig_head_weight),
+                "one prefix per search step": lambda: fast.answer_scores_shared_prefix(
+                    self.model, requests, pad, c.ig_max_len, bs, head_weight=c.ig_head_weight, group_sizes=steps),
                 "floor: packed plain forward, LM head at answers": lambda: plain_forward(self.model, rows, heads, bs),
                 "floor, LM head at every position": lambda: plain_forward(self.model, rows, heads, bs, full_head=True),
                 "floor with a prefix per step (the issue's)": lambda: plain_forward(self.model, step_rows,
@@ -353,7 +359,7 @@ class Bench:
         full, shared, per_step, floor = (t[k] for k in names[:4])
         full_tokens = sum(min(len(x) + len(a), c.ig_max_len) for x, a in zip(contexts, answers))
         tokens = [full_tokens] + [sum(map(len, r)) for r in (rows, step_rows, rows, rows, step_rows)]
-        table(f"3. IG scoring against its floor ({len(plan)} search steps, {len(contexts)} contexts)",
+        table(f"3. IG scoring against its floor ({len(requests)} search steps, {len(contexts)} contexts)",
               ["", "tokens", "seconds", "x floor"], [[k, n, t[k], t[k] / floor] for k, n in zip(names, tokens)])
         target("IG <= 1.25 x floor", min(full, shared) / floor <= 1.25)
         a, b = (np.array([v for row in values[k] for v in row if v is not None], dtype=float) for k in names[:2])

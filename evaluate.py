@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fast
 import igsearch as ig
 import prepare
-from retriever import BM25Retriever, InputError, OneLineParser, RemoteRetriever, RetrieverError, format_passages
+from checkpoint import write_json
+from errors import InputError, OneLineParser
+from retriever import BM25Retriever, RemoteRetriever, RetrieverError, format_passages
 
 
 def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None, timeout: float = 30.0,
@@ -32,9 +35,14 @@ def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | Non
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int = 16, with_ig: bool = False,
-             template: str = "igsearch", desc: str = "eval", **rollout_kw) -> tuple[dict, list]:
-    """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs."""
+def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int = 16,
+             with_ig: bool = False, template: str = "igsearch", desc: str = "eval",
+             use_fast: bool = True, **rollout_kw) -> tuple[dict, list]:
+    """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs.
+
+    with_ig: also the IG of every search step against the gold (counterfactuals from the same batch).
+    use_fast: the exact speed-ups of fast.py (the same rollouts and scores).
+    """
     tpl = ig.TEMPLATES[template]
     was_training = model.training
     model.eval()
@@ -42,16 +50,21 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
     for k in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
         batch = questions[k: k + batch_size]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
-        trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0, **rollout_kw)
+        trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0,
+                           turn=fast.CachedTurns() if use_fast else ig.generate_turn, **rollout_kw)
         if with_ig:
-            ig.information_gain(model, tokenizer, trajs, [q["golden_answers"] for q in batch], template=tpl)
+            golds = [q["golden_answers"] for q in batch]
+            draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
+            ig.information_gain(model, tokenizer, trajs, golds, draws, template=tpl,
+                                score=fast.answer_scores_shared_prefix if use_fast else ig.answer_scores)
         for q, t in zip(batch, trajs):
             pred = ig.extract_answer(t)
             em.append(ig.exact_match(pred, q["golden_answers"]))
             f1.append(ig.f1_score(pred, q["golden_answers"]))
             pairs.append((q, t))
     model.train(was_training)
-    n, hits = len(pairs), [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
+    n = len(pairs)
+    hits = [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
     summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
                "searches": sum(len(t.steps) for _, t in pairs) / n,
                "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
@@ -244,17 +257,6 @@ def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
     out.append(f"  answer: {pred!r}   EM = {ig.exact_match(pred, question['golden_answers']):.0f}")
     out.append("  --- full response ---\n" + traj.response_text.strip())
     return "\n".join(out)
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically: a temporary file, then rename."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,17 +2,20 @@
 
 Liang et al., 2026 (arXiv 2604.15148). The policy writes
 
-    <think>..</think> <search> q </search> [<documents> inserted </documents>] <refine>..</refine> .. <answer> a </answer>
+    <think> .. </think> <search> q </search> [<documents> inserted </documents>]
+    <refine> .. </refine> .. <answer> a </answer>
 
 and for every search step t of rollout i the reward model is the policy itself:
 
-    IG_t = s(a* | C_t^real) - (1/N) sum_j s(a* | C_t^rand,j)          (information gain, N = 3)
-    A_i = (R_i - mean_G R) / (std_G R + eps)                           (group baseline, R = exact match)
-    A_{i,p} = A_i + alpha * IG~_t / |Q_t|     for p in Q_t (the query tokens of step t), else A_i
-    loss = - sum_p mask_p * A_{i,p} * log pi(y_p | y_<p) / sum_p mask_p   (+ kl_coef * k3 KL)
+    IG_t = s(a* | C_t^real) - (1/N) sum_j s(a* | C_t^rand,j)             information gain, N = 3
+    s(a* | C) = (1/L) sum_k w_k log pi(a*_k | C, a*_<k)                   score of the gold answer
+    A_i = (R_i - mean_G R) / (std_G R + eps)                              group baseline, R = EM
+    A_{i,p} = A_i + alpha * IG~_t / |Q_t|   for p in Q_t (step t's query tokens), else A_i
+    loss = - sum_p mask_p A_{i,p} log pi(y_p | y_<p) / sum_p mask_p        (+ kl_coef * k3 KL)
 
-The sections below follow that order: 1 protocol, 2 rollout, 3 answers and rewards,
-4 information gain, 5 shaping and advantages, 6 loss.
+The sections follow that order: 1 protocol, 2 rollout, 3 answers and rewards, 4 information gain,
+5 shaping and advantages, 6 loss. Every function here is the plain version of its idea;
+fast.py holds exact speed-ups of three of them (same results, tested), which train.py uses.
 
 Departures from the paper and its official code, and why:
 
@@ -31,13 +34,9 @@ Departures from the paper and its official code, and why:
 5. The empty-context baseline (`ig_baseline="empty"`, the paper's ablation) keeps step t's search
    block and replaces its (documents, refine) pair by an empty documents block; one context, N = 1.
 6. A step whose counterfactual pool (other steps' pairs of the batch) is empty gets no IG.
-7. Policy log-probs and IG scores run the LM head only at the positions whose log-prob is used
-   (the trained response tokens; the answer tokens), which is exact and saves most of the head's
-   time and memory.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 import string
@@ -47,20 +46,21 @@ from typing import Callable
 
 import torch
 
-# ----------------------------------------------------------------------------- 1. protocol
+# ------------------------------------------------------------------------------------ 1. protocol
 
 IGSEARCH_INSTRUCTION = (
-    "Answer the question. Think in <think> </think>. To search, write <search> query </search>; results "
-    "come in <documents> </documents>. Write the useful facts in <refine> </refine>. Give the final answer, "
-    "a few words, in <answer> </answer>. Question: "
+    "Answer the question. Think in <think> </think>. To search, write <search> query </search>; "
+    "results come in <documents> </documents>. Write the useful facts in <refine> </refine>. Give "
+    "the final answer, a few words, in <answer> </answer>. Question: "
 )
 SEARCHR1_INSTRUCTION = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
-    "time you get new information. After reasoning, if you find you lack some knowledge, you can call "
-    "a search engine by <search> query </search> and it will return the top searched results between "
-    "<information> and </information>. You can search as many times as your want. If you find no "
-    "further external knowledge needed, you can directly provide the answer inside <answer> and "
-    "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>. Question: "
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first "
+    "every time you get new information. After reasoning, if you find you lack some knowledge, you "
+    "can call a search engine by <search> query </search> and it will return the top searched "
+    "results between <information> and </information>. You can search as many times as your want. "
+    "If you find no further external knowledge needed, you can directly provide the answer inside "
+    "<answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: "
 )
 # Search-R1's observation for a turn with neither a search nor an answer.
 INVALID_ACTION = (
@@ -91,9 +91,11 @@ def build_prompt(tokenizer, question: str, template: Template) -> str:
     The instruction goes in the system turn, so templates that add a default system prompt
     (SmolLM2, Qwen2.5) do not add theirs: fewer tokens, same content.
     """
-    instruction, question = template.instruction.removesuffix("Question: ").strip(), question.strip()
+    instruction = template.instruction.removesuffix("Question: ").strip()
+    question = question.strip()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": "Question: " + question}]
+        messages = [{"role": "system", "content": instruction},
+                    {"role": "user", "content": "Question: " + question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{instruction}\nQuestion: {question}\n"
 
@@ -120,7 +122,7 @@ def find_block(text: str, tag: str, last: bool = False) -> re.Match | None:
     return matches[-1] if last else matches[0]
 
 
-# ----------------------------------------------------------------------------- 2. rollout
+# ------------------------------------------------------------------------------------- 2. rollout
 
 
 @dataclass
@@ -142,9 +144,10 @@ class Trajectory:
     prompt_text: str
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)  # 1 sampled by the policy, 0 inserted
-    segments: list[tuple[int, int, bool, str]] = field(default_factory=list)  # (start, end, generated, text)
+    # (start, end, sampled, text) of each appended piece
+    segments: list[tuple[int, int, bool, str]] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
-    prefix_text: str | None = None  # prompt + response up to the first <search>, stripped (IG prefix)
+    prefix_text: str | None = None  # prompt + response up to the first <search>, stripped (IG)
     done: bool = False
     truncated: bool = False
 
@@ -164,7 +167,13 @@ class Trajectory:
         return [seg[3] for seg in self.segments if seg[2]]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding (masked by position, so any id will do): pad, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad id lists. Returns ids, attention mask and position ids, all (B, T).
 
     The mask comes from each sequence's length, never from comparing ids with pad_id.
@@ -180,7 +189,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids.to(device), mask.to(device), position_ids.to(device)
 
 
-def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+                 ) -> torch.Tensor:
     """(B, V) logits -> (B,) ids; greedy when temperature is 0."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -188,58 +198,29 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@dataclass
-class TurnCache:
-    """A rollout's KV cache kept between turns, so that a turn prefills only what was added since the
-    last one (the documents, the invalid-action note) instead of the whole sequence again.
-
-    Row b holds the first n[b] tokens of its sequence. mask is 0 on padding and on the filler tokens
-    fed to rows that had already stopped while others sampled on: they sit in the cache, unattended.
-    """
-
-    kv: object  # the transformers Cache, one row per sequence
-    mask: torch.Tensor  # (B, T) attention mask over the cached positions
-    n: list[int]  # tokens of each sequence in the cache
-
-    def select(self, rows: list[int]) -> TurnCache:
-        """Keep only these rows (trajectories that answered leave the batch)."""
-        idx = torch.tensor(rows, device=self.mask.device)
-        self.kv.batch_select_indices(idx)
-        return TurnCache(self.kv, self.mask[idx], [self.n[r] for r in rows])
+def cache_keyword(model) -> str:
+    """transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-                  generator: torch.Generator | None, stop: tuple[str, ...],
-                  cache: TurnCache | None = None) -> tuple[list[list[int]], TurnCache]:
-    """Sample one turn for every sequence, on the KV cache, until a stop string, EOS or the limit.
+def sample_tokens(model, tokenizer, out, mask: torch.Tensor, pos: torch.Tensor, max_new_tokens: int,
+                  temperature: float, generator: torch.Generator | None, stop: tuple[str, ...]):
+    """The decoding loop after a prefill `out` (logits of each row's last position, its KV cache).
 
-    With `cache` (from the previous turn, same rows) only the tokens of seqs not yet in it are fed.
-    Returns the new ids of each row, the stop token included (it is trained), and the cache.
+    Samples until a stop string, EOS or the limit; rows that stopped are fed filler tokens with mask
+    0 while the others go on. Returns the new ids of each row (the stop token included: it is
+    trained), the KV cache and its attention mask (B, T): what fast.CachedTurns continues from.
     """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id, pad_id} - {None}
-    # transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    if cache is None:
-        ids, mask, pos = left_pad(seqs, pad_id, device)  # (B, T)
-        kv = {}
-    else:
-        pending = [s[k:] for s, k in zip(seqs, cache.n)]  # the last turn's unfed token, documents, ...
-        assert all(pending), "every continuing row has new tokens"
-        ids, added, _ = left_pad(pending, pad_id, device)  # (B, P)
-        mask = torch.cat([cache.mask, added], dim=1)  # (B, T+P)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (B, P) positions count real tokens only
-        kv = {cache_kw: cache.kv}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
-    past = out.cache if hasattr(out, "cache") else out.past_key_values  # one object, grown in place by each call
-    n = [len(s) for s in seqs]
-    new: list[list[int]] = [[] for _ in seqs]
-    done = [False] * len(seqs)
+    device = mask.device
+    eos_ids = {tokenizer.eos_token_id, pad_token_id(tokenizer)} - {None}
+    cache_kw = cache_keyword(model)
+    past = out.cache if hasattr(out, "cache") else out.past_key_values  # grown in place by calls
+    new: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    done = [False] * mask.shape[0]
     for _ in range(max_new_tokens):
         next_ids = sample_token(out.logits[:, -1, :], temperature, generator)  # (B,)
-        fed = [not d for d in done]  # rows still running: their token is real, the others' is filler
+        fed = [not d for d in done]  # rows still running: their token is real, the others' filler
         for b, tok in enumerate(next_ids.tolist()):
             if done[b]:
                 continue
@@ -248,12 +229,24 @@ def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, 
             done[b] = tok in eos_ids or any(s in tail for s in stop)
         if all(done):
             break
-        mask = torch.cat([mask, torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]], dim=1)  # (B, T+1)
-        n = [k + f for k, f in zip(n, fed)]
+        fed_mask = torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]  # (B, 1)
+        mask = torch.cat([mask, fed_mask], dim=1)  # (B, T+1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{cache_kw: past})
-    return new, TurnCache(past, mask, n)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos,
+                    use_cache=True, **{cache_kw: past})
+    return new, past, mask
+
+
+@torch.no_grad()
+def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
+                  generator: torch.Generator | None, stop: tuple[str, ...]) -> list[list[int]]:
+    """Sample one turn for every sequence: prefill the whole sequences, then sample_tokens."""
+    device = next(model.parameters()).device
+    ids, mask, pos = left_pad(seqs, pad_token_id(tokenizer), device)  # (B, T)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    return sample_tokens(model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator,
+                         stop)[0]
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
@@ -266,51 +259,51 @@ def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tupl
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], list[str]], *,
-            template: Template = TEMPLATES["igsearch"], max_searches: int = 5, max_turn_tokens: int = 512,
-            max_response_tokens: int = 4096, temperature: float = 1.0,
-            generator: torch.Generator | None = None) -> list[Trajectory]:
+            template: Template = TEMPLATES["igsearch"], max_searches: int = 5,
+            max_turn_tokens: int = 512, max_response_tokens: int = 4096, temperature: float = 1.0,
+            generator: torch.Generator | None = None, turn: Callable = generate_turn
+            ) -> list[Trajectory]:
     """Multi-turn batched rollout. `search(queries) -> documents text` is called once per turn.
 
-    At most max_searches searches; the turn after the last allowed search must answer.
+    At most max_searches searches; the turn after the last allowed search must answer. `turn`
+    samples one turn (generate_turn, or fast.CachedTurns(): the same ids, the KV cache kept).
     """
     specials = list(tokenizer.all_special_tokens)
     trajs = [Trajectory(tokenizer(p, add_special_tokens=False).input_ids, p) for p in prompts]
-    active, cache = trajs, None
-    for turn in range(max_searches + 1):
-        keep = [i for i, t in enumerate(active) if not t.done]
-        if not keep:
+    for n_turn in range(max_searches + 1):
+        active = [t for t in trajs if not t.done]
+        if not active:
             break
-        if cache is not None and len(keep) < len(active):  # the rows that answered leave the cache
-            cache = cache.select(keep)
-        active = [active[i] for i in keep]
-        new, cache = generate_turn(model, tokenizer, [t.prompt_ids + t.response_ids for t in active],
-                                   max_turn_tokens, temperature, generator, ("</search>", "</answer>"), cache)
+        new = turn(model, tokenizer, [t.prompt_ids + t.response_ids for t in active],
+                   max_turn_tokens, temperature, generator, ("</search>", "</answer>"))
         searching: list[tuple[Trajectory, str, tuple[int, int]]] = []
         for traj, ids in zip(active, new):
             text = tokenizer.decode(ids)
             prior_text = traj.response_text
             start, _ = traj.append(ids, text, generated=True)
-            if traj.steps and traj.steps[-1].refine is None:  # the refine block follows the documents
+            if traj.steps and traj.steps[-1].refine is None:  # a refine block follows documents
                 ref = find_block(text, "refine")
                 traj.steps[-1].refine = ref.group(1).strip() if ref else ""
             query = find_block(text, "search", last=True)
-            answered = find_block(text, "answer") is not None
-            if answered or turn == max_searches:
+            if find_block(text, "answer") is not None or n_turn == max_searches:
                 traj.done = True
             elif query is not None:
                 if traj.prefix_text is None:
-                    traj.prefix_text = (traj.prompt_text + prior_text + text[: query.start()]).rstrip()
+                    prefix = traj.prompt_text + prior_text + text[: query.start()]
+                    traj.prefix_text = prefix.rstrip()
                 span = char_span_to_tokens(tokenizer, ids, query.start(1), query.end(1))
                 searching.append((traj, query.group(1).strip(), (start + span[0], start + span[1])))
             else:  # neither a search nor an answer: Search-R1's invalid-action observation
-                traj.append(tokenizer(INVALID_ACTION, add_special_tokens=False).input_ids, INVALID_ACTION, False)
+                invalid_ids = tokenizer(INVALID_ACTION, add_special_tokens=False).input_ids
+                traj.append(invalid_ids, INVALID_ACTION, False)
         if searching:
             docs = search([q for _, q, _ in searching])  # one batched retrieval per turn
             for (traj, q, span), d in zip(searching, docs):
                 d = sanitize_documents(d, specials)
                 obs = observation_text(d, template)
-                obs_ids = tokenizer(obs, add_special_tokens=False, split_special_tokens=True).input_ids
-                traj.append(obs_ids, obs, generated=False)
+                obs_ids = tokenizer(obs, add_special_tokens=False,
+                                    split_special_tokens=True).input_ids
+                traj.append(obs_ids, obs, generated=False)  # loss mask 0: the environment's tokens
                 traj.steps.append(Step(query=q, documents=d, query_span=span))
         for traj in trajs:
             if not traj.done and len(traj.response_ids) >= max_response_tokens:
@@ -326,13 +319,13 @@ def supervised_trajectory(tokenizer, prompt: str, pieces: list[tuple[str, bool]]
     mask 1, inserted documents mask 0, exactly as in a rollout."""
     traj = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, prompt)
     for text, trained in pieces:
-        traj.append(tokenizer(text, add_special_tokens=False, split_special_tokens=not trained).input_ids,
-                    text, trained)
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=not trained).input_ids
+        traj.append(ids, text, trained)
     traj.done = True
     return traj
 
 
-# ----------------------------------------------------------------------------- 3. answers and rewards
+# ------------------------------------------------------------------------ 3. answers and rewards
 
 
 def extract_answer(traj: Trajectory) -> str | None:
@@ -345,7 +338,8 @@ def extract_answer(traj: Trajectory) -> str | None:
 
 
 def normalize_answer(s: str) -> str:
-    """Search-R1 / SQuAD normalisation: lower-case, drop punctuation and articles, collapse spaces."""
+    """Search-R1 / SQuAD normalisation: lower-case, drop punctuation and articles, collapse
+    whitespace."""
     s = s.lower()
     s = "".join(ch for ch in s if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
@@ -357,12 +351,6 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     if prediction is None:
         return 0.0
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
-
-
-def documents_hold_answer(documents: str, golds: list[str]) -> bool:
-    """Whether retrieved text contains a gold answer as whole words, both normalised: the query found it."""
-    text = f" {normalize_answer(documents)} "
-    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
 
 
 def f1_score(prediction: str | None, golds: list[str]) -> float:
@@ -379,189 +367,37 @@ def f1_score(prediction: str | None, golds: list[str]) -> float:
     return best
 
 
-# ----------------------------------------------------------------------------- 4. information gain
+def documents_hold_answer(documents: str, golds: list[str]) -> bool:
+    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
+    it. Not a reward; the measure of query quality that train.py logs as `hit`."""
+    text = f" {normalize_answer(documents)} "
+    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
-    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32.
-
-    With entropy=True also returns the entropy -sum_v p log p (B, T), without gradient, from the
-    same log-softmax (a second one would double the largest tensor of the update).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if not entropy:
-        return picked
-    with torch.no_grad():
-        return picked, -(logp.exp() * logp).sum(-1)  # (B, T), (B, T)
+# -------------------------------------------------------------------------- 4. information gain
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over positions where mask is 1 (over all of them when dim is None)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def tail_logprobs(model, seqs: list[list[int]], n_tail: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the last n_tail[b] tokens of each sequence, with the LM head on those positions only.
-
-    Left padding puts every tail at the right edge, so one `logits_to_keep` covers all rows.
-    Returns logp and mask, both (B, L) with L = max(n_tail), right-aligned.
-    """
-    device = next(model.parameters()).device
-    ids, attn, pos = left_pad(seqs, pad_id, device)  # (B, T)
-    L = max(n_tail)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits  # (B, L+1, V)
-    logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (B, L): position p predicts token p+1
-    tail_mask = torch.arange(L, device=device)[None, :] >= (L - torch.tensor(n_tail, device=device))[:, None]
-    return logp, tail_mask.long()  # (B, L), (B, L)
-
-
-def head_weights(n: int, head_tokens: int = 3, head_weight: float = 3.0) -> torch.Tensor:
-    """w_k = head_weight on the first min(head_tokens, n) answer tokens, 1 after; divided by their mean."""
-    w = torch.ones(n)
-    w[: min(head_tokens, n)] = head_weight
-    return w / w.mean()  # (n,)
-
-
-def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
-    """Indices sorted by length, in chunks of at most `size`; a chunk also ends where the next length
-    is over twice its shortest, so that left padding wastes little."""
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if not chunks or len(chunks[-1]) == size or lengths[i] > 2 * lengths[chunks[-1][0]]:
-            chunks.append([])
-        chunks[-1].append(i)
-    return chunks
-
-
-@torch.no_grad()
-def answer_scores(model, contexts: list[list[int]], answers: list[list[int]], pad_id: int, max_len: int,
-                  batch_size: int = 16, head_tokens: int = 3, head_weight: float = 3.0) -> list[float]:
-    """s(a* | C) for each (context ids, answer ids) pair, batched.
-
-    s = (1/L) sum_k w_k log p(a*_k | C, a*_<k); contexts are left-truncated so context + answer fit
-    max_len. Pairs are sorted by length so each mini-batch pads little (length_chunks).
-    """
-    seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]
-    scores = [0.0] * len(seqs)
-    for idx in length_chunks([len(s) for s in seqs], batch_size):
-        n_tail = [len(answers[i]) for i in idx]
-        logp, mask = tail_logprobs(model, [seqs[i] for i in idx], n_tail, pad_id)  # (b, L)
-        for row, i in enumerate(idx):
-            lp = logp[row, mask[row].bool()].cpu()  # (n,) the answer tokens in order
-            scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
-    return scores
-
-
-def common_prefix_len(seqs: list[list[int]]) -> int:
-    """Number of leading tokens that all sequences share."""
-    n = min(len(s) for s in seqs)
-    return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), n)
-
-
-def trunk_shares(seqs: list[list[int]], answers: list[list[int]], group_sizes: list[int]
-                 ) -> list[tuple[list[int], list[int], list[int]]]:
-    """Per group: its request indices, its trunk, and how many leading tokens each request shares with it.
-
-    group_sizes[g] consecutive requests form group g. The trunk is the group's longest context (the
-    sequence without its answer); a request shares its common prefix with the trunk, but keeps at least
-    one context token for its continuation (that token predicts the first answer token). The trunk is
-    cut to the longest share: no request reads past it.
-    """
-    out, first = [], 0
-    for n in group_sizes:
-        idx = list(range(first, first + n))
-        first += n
-        trunk = max((seqs[i][: len(seqs[i]) - len(answers[i])] for i in idx), key=len)
-        shares = [max(0, min(common_prefix_len([seqs[i], trunk]), len(seqs[i]) - len(answers[i]) - 1)) for i in idx]
-        out.append((idx, trunk[: max(shares)], shares))
-    return out
-
-
-@torch.no_grad()
-def answer_scores_shared_prefix(model, contexts: list[list[int]], answers: list[list[int]], group_sizes: list[int],
-                                pad_id: int, max_len: int, batch_size: int = 16, head_tokens: int = 3,
-                                head_weight: float = 3.0) -> list[float]:
-    """answer_scores, with the tokens that a group of contexts shares computed once.
-
-    group_sizes[g] consecutive (context, answer) pairs form group g, e.g. the 1 + N contexts of the
-    search steps of one rollout: step t's contexts are equal up to step t's documents, and each holds
-    the real blocks of every earlier step. The group's trunk (trunk_shares) runs once; its key/value
-    cache is repeated for the group's continuations (the rest of each context, then the answer), which
-    run batched, left-padded, each attending to the part of the trunk its context shares, with positions
-    continuing after it; a chunk of continuations gets the trunk's cache cut after the last position
-    that one of them reads. Same scores as answer_scores (same truncation and positions); batch_size
-    counts continuation rows. A model that returns no cache (the test fakes) is scored by answer_scores.
-    """
-    device = next(model.parameters()).device
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    seqs = [c[max(0, len(c) + len(a) - max_len):] + a for c, a in zip(contexts, answers)]
-    groups = trunk_shares(seqs, answers, group_sizes)  # (request indices, trunk, shares)
-    scores = [0.0] * len(seqs)
-    loose = [i for idx, trunk, _ in groups if not trunk for i in idx]  # nothing shared: score them whole
-    batches: list[list[tuple[list[int], list[int], list[int]]]] = []
-    for g in sorted((g for g in groups if g[1]), key=lambda g: max(len(seqs[i]) for i in g[0])):
-        if not batches or sum(len(idx) for idx, *_ in batches[-1]) + len(g[0]) > batch_size:
-            batches.append([])  # groups sorted by length, as many per batch as batch_size rows allow
-        batches[-1].append(g)
-    for batch in batches:
-        ids, attn, pos = left_pad([trunk for _, trunk, _ in batch], pad_id, device)  # (G, P)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None:
-            return answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
-        start = ids.shape[1] - attn.sum(-1)  # (G,) where each trunk begins, after its left padding
-        rows = [(g, i, k) for g, (idx, _, ks) in enumerate(batch) for i, k in zip(idx, ks)]  # (group, request, share)
-        # A real context continues the trunk for a few tokens, a counterfactual for its documents; an early
-        # step's rows read a short part of the trunk. Chunks by continuation length, then by length read.
-        conts = [len(seqs[i]) - k for _, i, k in rows]
-        chunks = [[c[j] for j in sub] for c in length_chunks(conts, batch_size)
-                  for sub in length_chunks([rows[r][2] + conts[r] for r in c], batch_size)]
-        for n, chunk in enumerate(chunks):
-            part = [rows[r] for r in chunk]
-            kv = cache if n == len(chunks) - 1 else copy.deepcopy(cache)  # each chunk extends its own copy
-            group = torch.tensor([g for g, _, _ in part], device=device)  # (rows,)
-            kv.batch_select_indices(group)  # (G, ...) -> (rows, ...): the trunk repeated for its continuations
-            shares = torch.tensor([k for _, _, k in part], device=device)  # (rows,)
-            at = torch.arange(ids.shape[1], device=device)[None, :] - start[group][:, None]  # (rows, P) index in trunk
-            seen = ((at >= 0) & (at < shares[:, None])).long()  # (rows, P) the trunk tokens each row's context holds
-            end = int((start[group] + shares).max())  # no row of this chunk reads the trunk past here
-            if end < ids.shape[1]:
-                kv.crop(end - ids.shape[1])  # a negative count: drop that many positions from the end
-                seen = seen[:, :end]  # (rows, end)
-            cont_ids, cont_attn, cont_pos = left_pad([seqs[i][k:] for _, i, k in part], pad_id, device)  # (rows, C)
-            L = max(len(answers[i]) for _, i, _ in part)
-            logits = model(input_ids=cont_ids, attention_mask=torch.cat([seen, cont_attn], 1),  # (rows, P + C)
-                           position_ids=cont_pos + shares[:, None],  # positions continue after the shared part
-                           logits_to_keep=L + 1, **{cache_kw: kv}).logits  # (rows, L+1, V)
-            logp = token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L): position p predicts token p+1
-            for row, (_, i, _) in enumerate(part):
-                lp = logp[row, L - len(answers[i]):].cpu()  # (n,) the answer tokens in order
-                scores[i] = float((head_weights(len(lp), head_tokens, head_weight) * lp).mean())
-    if loose:
-        for i, s in zip(loose, answer_scores(model, [contexts[i] for i in loose], [answers[i] for i in loose], pad_id,
-                                             max_len, batch_size, head_tokens, head_weight)):
-            scores[i] = s
-    return scores
-
-
-def ig_context(traj: Trajectory, t: int, template: Template, replace: tuple[str, str] | None = None) -> str:
-    """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then "\\n<answer> ".
-
-    Think blocks between steps and all steps after t are dropped. `replace` swaps step t's
-    (documents, refine) pair for another one (the counterfactual).
+def ig_context(traj: Trajectory, t: int, template: Template,
+               replace: tuple[str, str] | None = None) -> str:
+    """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then
+    "\\n<answer> ". Think blocks between steps and all steps after t are dropped. `replace` swaps
+    step t's (documents, refine) pair for another one: the counterfactual C_t^rand.
     """
     parts = [traj.prefix_text or traj.prompt_text.rstrip()]
     for s, step in enumerate(traj.steps[: t + 1]):
-        docs, refine = replace if (s == t and replace is not None) else (step.documents, step.refine)
+        docs, refine = (step.documents, step.refine)
+        if s == t and replace is not None:
+            docs, refine = replace
         parts.append(f"<search>{step.query}</search>")
         parts.append(f"<{template.doc_tag}>{docs}</{template.doc_tag}>")
         if template.refine and refine:
             parts.append(f"<refine>{refine}</refine>")
     return "\n".join(parts) + "\n<answer> "
+
+
+def step_pairs(traj: Trajectory) -> list[tuple[str, str]]:
+    """The (documents, refine) pair of every search step of a trajectory."""
+    return [(s.documents, s.refine or "") for s in traj.steps]
 
 
 def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: int,
@@ -578,18 +414,14 @@ def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: i
     return [others[i] for i in idx]
 
 
-def step_pairs(traj: Trajectory) -> list[tuple[str, str]]:
-    """The (documents, refine) pair of every search step of a trajectory."""
-    return [(s.documents, s.refine or "") for s in traj.steps]
+def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3,
+                         baseline: str = "random", generator: torch.Generator | None = None
+                         ) -> list[list[list[tuple[str, str]]]]:
+    """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = no IG).
 
-
-def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3, baseline: str = "random",
-                         generator: torch.Generator | None = None) -> list[list[list[tuple[str, str]]]]:
-    """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = the step gets no IG).
-
-    pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents hold
-    at least 10 characters; steps draw in batch order from one generator, so ranks of a data-parallel
-    run that plan over the same gathered list draw exactly what a single process draws.
+    pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents
+    hold at least 10 characters; steps draw in batch order from one generator, so ranks of a
+    data-parallel run that plan over the same gathered list draw exactly what one process draws.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     pool = [p for steps in pairs for p in steps if len(p[0].strip()) >= 10]
@@ -607,87 +439,137 @@ def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3, 
     return draws
 
 
-def ig_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]], *, template: Template,
-                n_random: int = 3, baseline: str = "random", all_golds: bool = False,
-                generator: torch.Generator | None = None, draws: list[list[list[tuple[str, str]]]] | None = None
-                ) -> tuple[list[list[int]], list[list[int]], list[tuple]]:
-    """The scoring work of a batch: context ids, answer ids, and a plan of (i, t, first request, 1 + N).
+@dataclass
+class ScoreRequest:
+    """The scoring work of search step t of trajectory i against one gold answer: the contexts
+    C_t^real, C_t^rand,1..N and the answer, each tokenised on its own (as the official code)."""
 
-    draws: the counterfactuals of each step (plan_counterfactuals); planned over trajs when None.
-    The 1 + N requests of one (step, gold) are consecutive: the real context first, then the baselines.
-    """
-    if draws is None:
-        draws = plan_counterfactuals([step_pairs(t) for t in trajs], n_random, baseline, generator)
-    requests: list[tuple[str, list[int]]] = []  # (context text, answer ids)
-    plan = []  # (traj, step, index of the real request, number of requests)
+    traj: int
+    step: int
+    context_ids: list[list[int]]  # the real context first, then the N counterfactuals
+    answer_ids: list[int]
+
+
+def score_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]],
+                   draws: list[list[list[tuple[str, str]]]], template: Template,
+                   all_golds: bool = False) -> list[ScoreRequest]:
+    """One ScoreRequest per scored step and gold (only the first gold unless all_golds)."""
+    requests, ids = [], {}  # ids: each distinct text tokenised once
+    tokenize = lambda text: ids.setdefault(  # noqa: E731
+        text, tokenizer(text, add_special_tokens=False).input_ids)
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
             step.ig = None
-            others = draws[i][t]
-            if not others:
+            if not draws[i][t]:
                 continue
-            contexts = [ig_context(traj, t, template)] + [ig_context(traj, t, template, o) for o in others]
-            for g, gold in enumerate(golds[i] if all_golds else golds[i][:1]):
-                ans = tokenizer(gold.strip(), add_special_tokens=False).input_ids
-                first = len(requests)
-                requests += [(c, ans) for c in contexts]
-                plan.append((i, t, first, len(contexts)))
-    ctx_ids = {c: tokenizer(c, add_special_tokens=False).input_ids for c in {r[0] for r in requests}}
-    return [ctx_ids[c] for c, _ in requests], [a for _, a in requests], plan
+            contexts = [ig_context(traj, t, template)]
+            contexts += [ig_context(traj, t, template, pair) for pair in draws[i][t]]
+            for gold in golds[i] if all_golds else golds[i][:1]:
+                requests.append(ScoreRequest(i, t, [tokenize(c) for c in contexts],
+                                             tokenize(gold.strip())))
+    return requests
 
 
-def trajectory_groups(plan: list[tuple], batch_size: int) -> list[int]:
-    """Group sizes for answer_scores_shared_prefix: the requests of one rollout's search steps, in plan
-    order, as many steps per group as batch_size rows allow. Step t's contexts hold every earlier step's
-    real blocks, so a rollout's steps share one trunk: computed once instead of once per step."""
-    sizes: list[int] = []
-    for k, (i, _, _, n) in enumerate(plan):
-        if sizes and plan[k - 1][0] == i and sizes[-1] + n <= batch_size:
-            sizes[-1] += n
-        else:
-            sizes.append(n)
-    return sizes
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
+    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32.
+
+    With entropy=True also returns the entropy -sum_v p log p (B, T), without gradient, from the
+    same log-softmax (a second one would double the largest tensor of the update).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not entropy:
+        return picked
+    with torch.no_grad():
+        return picked, -(logp.exp() * logp).sum(-1)  # (B, T), (B, T)
+
+
+def answer_score(logp: torch.Tensor, head_tokens: int = 3, head_weight: float = 3.0) -> float:
+    """s(a* | C) = (1/L) sum_k w_k log p_k from the answer tokens' log-probs (L,): w_k = head_weight
+    on the first min(head_tokens, L) tokens, 1 after, divided by their mean (official code: 3, 3;
+    head_weight 1 is the plain mean)."""
+    w = torch.ones(len(logp))
+    w[: min(head_tokens, len(logp))] = head_weight
+    w = w / w.mean()  # (L,)
+    return float((w * logp.cpu()).mean())
+
+
+def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices sorted by length, in chunks of at most `size`; a chunk also ends where the next
+    length is over twice its shortest, so that left padding wastes little."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not chunks or len(chunks[-1]) == size or lengths[i] > 2 * lengths[chunks[-1][0]]:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
+def truncate_left(context: list[int], answer: list[int], max_len: int) -> list[int]:
+    """The context cut from the left so that context + answer fit max_len tokens."""
+    return context[max(0, len(context) + len(answer) - max_len):]
 
 
 @torch.no_grad()
-def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]], *,
-                     template: Template = TEMPLATES["igsearch"], n_random: int = 3, baseline: str = "random",
-                     all_golds: bool = False, max_len: int = 2048, batch_size: int = 16,
-                     head_tokens: int = 3, head_weight: float = 3.0, shared_prefix: bool = True,
-                     generator: torch.Generator | None = None,
-                     draws: list[list[list[tuple[str, str]]]] | None = None) -> list[list[float | None]]:
+def answer_scores(model, requests: list[ScoreRequest], pad_id: int, max_len: int,
+                  batch_size: int = 16, head_tokens: int = 3, head_weight: float = 3.0
+                  ) -> list[list[float]]:
+    """s(a* | C) for every context of every request: one list of 1 + N scores per request.
+
+    Each (context, answer) runs whole, left-padded in mini-batches of similar length; the LM head
+    runs only on the answer positions (logits_to_keep).
+    """
+    device = next(model.parameters()).device
+    seqs = [truncate_left(c, r.answer_ids, max_len) + r.answer_ids
+            for r in requests for c in r.context_ids]
+    n_ans = [len(r.answer_ids) for r in requests for _ in r.context_ids]
+    flat = [0.0] * len(seqs)
+    for idx in length_chunks([len(s) for s in seqs], batch_size):
+        ids, attn, pos = left_pad([seqs[i] for i in idx], pad_id, device)  # (b, T)
+        L = max(n_ans[i] for i in idx)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                       logits_to_keep=L + 1).logits  # (b, L+1, V)
+        logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (b, L): position p predicts token p+1
+        for row, i in enumerate(idx):
+            flat[i] = answer_score(logp[row, L - n_ans[i]:], head_tokens, head_weight)
+    out, k = [], 0
+    for r in requests:
+        out.append(flat[k: k + len(r.context_ids)])
+        k += len(r.context_ids)
+    return out
+
+
+@torch.no_grad()
+def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]],
+                     draws: list[list[list[tuple[str, str]]]], *,
+                     template: Template = TEMPLATES["igsearch"], all_golds: bool = False,
+                     max_len: int = 2048, batch_size: int = 16, head_tokens: int = 3,
+                     head_weight: float = 3.0, score: Callable = answer_scores
+                     ) -> list[list[float | None]]:
     """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
 
-    Two parts: plan_counterfactuals draws the baselines (given as `draws`, e.g. planned over the
-    global batch of a data-parallel run; else planned here over trajs), then scoring. All scoring
-    sequences of the batch go through the model together (mini-batches); with shared_prefix the
-    part that a rollout's contexts share runs once (same values).
-    Returns, per trajectory, the list of raw IG values (None where a step gets no IG).
+    draws: the counterfactuals of each step (plan_counterfactuals). `score` is answer_scores, or
+    fast.answer_scores_shared_prefix (the same scores; the context that a rollout's requests share
+    runs once). With several golds, the one with the best real score is kept.
+    Returns, per trajectory, the raw IG of each step (None where a step gets no IG).
     """
-    contexts, answers, plan = ig_requests(tokenizer, trajs, golds, template=template, n_random=n_random,
-                                          baseline=baseline, all_golds=all_golds, generator=generator, draws=draws)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if shared_prefix:
-        scores = answer_scores_shared_prefix(model, contexts, answers, trajectory_groups(plan, batch_size), pad_id,
-                                             max_len, batch_size, head_tokens, head_weight)
-    else:
-        scores = answer_scores(model, contexts, answers, pad_id, max_len, batch_size, head_tokens, head_weight)
-    best: dict[tuple[int, int], tuple[float, float]] = {}  # (i, t) -> (real score, IG) of the best gold
-    for i, t, first, n in plan:
-        real, rand = scores[first], scores[first + 1: first + n]
-        ig = real - sum(rand) / len(rand)  # IG_t = s(real) - mean_j s(rand_j)
-        if (i, t) not in best or real > best[(i, t)][0]:  # several golds: keep the best real score
-            best[(i, t)] = (real, ig)
-    for (i, t), (_, ig) in best.items():
-        trajs[i].steps[t].ig = ig
+    requests = score_requests(tokenizer, trajs, golds, draws, template, all_golds)
+    scores = score(model, requests, pad_token_id(tokenizer), max_len, batch_size, head_tokens,
+                   head_weight)
+    best: dict[tuple[int, int], float] = {}  # (i, t) -> real score of the best gold so far
+    for r, (real, *rand) in zip(requests, scores):
+        if (r.traj, r.step) not in best or real > best[(r.traj, r.step)]:
+            best[(r.traj, r.step)] = real
+            trajs[r.traj].steps[r.step].ig = real - sum(rand) / len(rand)  # IG_t
     return [[s.ig for s in traj.steps] for traj in trajs]
 
 
-# ----------------------------------------------------------------------------- 5. shaping and advantages
+# ----------------------------------------------------------------- 5. shaping and advantages
 
 
-def shape_ig(ig: float, dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None) -> float:
-    """IG~: 0 inside the dead zone |IG| < delta, eta * IG when negative, then clipped to [-clip, clip]."""
+def shape_ig(ig: float, dead_zone: float = 0.0, neg_scale: float = 1.0,
+             clip: float | None = None) -> float:
+    """IG~: 0 inside the dead zone |IG| < delta, eta * IG when negative, then clipped to [-c, c]."""
     if abs(ig) < dead_zone:
         return 0.0
     if ig < 0:
@@ -695,22 +577,12 @@ def shape_ig(ig: float, dead_zone: float = 0.0, neg_scale: float = 1.0, clip: fl
     return max(-clip, min(clip, ig)) if clip is not None else ig
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (R_i - mean_G R) / (std_G R + eps) over consecutive groups of G rollouts; (B,) -> (B,)."""
-    r = rewards.view(-1, group_size)  # (B/G, G)
-    adv = r - r.mean(-1, keepdim=True)
-    if normalize_std:
-        adv = adv / (r.std(-1, keepdim=True) + eps)
-    return adv.reshape(-1)  # (B,)
-
-
 def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[list[float | None]]:
     """IG_t minus the mean IG of the scored steps of its group (the G rollouts of one question).
 
     Not in the paper (a variant, `--ig_center`): with random documents as the baseline almost every
-    query gets IG > 0, so the raw bonus pushes up every sampled query; centred, it ranks a question's
-    queries against each other, as the group baseline does for the outcome. None stays None.
+    query gets IG > 0, so the raw bonus pushes up every sampled query; centred, it ranks a
+    question's queries against each other, as the group baseline does for the outcome.
     """
     out = []
     for g in range(0, len(igs), group_size):
@@ -720,8 +592,21 @@ def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[lis
     return out
 
 
-def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float, dead_zone: float = 0.0,
-                     neg_scale: float = 1.0, clip: float | None = None, center_groups: int = 0) -> list[torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps) over consecutive groups of G rollouts.
+
+    (B,) -> (B,)."""
+    r = rewards.view(-1, group_size)  # (B/G, G)
+    adv = r - r.mean(-1, keepdim=True)
+    if normalize_std:
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)  # (B,)
+
+
+def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
+                     dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None,
+                     center_groups: int = 0) -> list[torch.Tensor]:
     """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
 
     center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
@@ -741,7 +626,7 @@ def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float, d
     return out
 
 
-# ----------------------------------------------------------------------------- 6. loss
+# ------------------------------------------------------------------------------------- 6. loss
 
 
 def response_batch(trajs: list[Trajectory], pad_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -758,35 +643,26 @@ def response_batch(trajs: list[Trajectory], pad_id: int, device=None) -> dict[st
 
 
 def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_p | y_<p) at the trained response positions, and the policy entropy there.
-
-    The LM head runs only on the hidden states whose log-prob the loss uses (loss_mask 1): with a
-    49k vocabulary the head over every position would cost more time and memory than the body.
-    Returns logp (B, R) with gradient and entropy (B, R) without, both 0 where the mask is 0.
-    """
+    """log pi(y_p | y_<p) at the response positions, and the policy entropy there, both (B, R) and
+    0 where the loss mask is 0; logp keeps its gradient, the entropy has none."""
     R = batch["targets"].shape[1]
-    # through the model's own forward (an FSDP root gathers its weights there), the head on 1 position only
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                position_ids=batch["position_ids"], logits_to_keep=1, output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -R - 1:-1]  # (B, R, H), after the final norm: position p predicts token p + 1
-    sel = batch["loss_mask"].bool()  # (B, R)
-    logits = model.get_output_embeddings()(hidden[sel])  # (M, V), M = number of trained tokens
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-style soft-capping, applied as the model's own forward would
-        logits = torch.tanh(logits / cap) * cap
-    lp, ent = token_logprobs(logits[None], batch["targets"][sel][None], entropy=True)  # (1, M) each
-    logp = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp[0])  # (B, R)
-    entropy = torch.zeros_like(logp).detach().masked_scatter(sel, ent[0])  # (B, R)
-    return logp, entropy
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False,
+                   logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V): p predicts token p + 1
+    logp, entropy = token_logprobs(logits, batch["targets"], entropy=True)  # (B, R) each
+    mask = batch["loss_mask"].to(logp.dtype)
+    return logp * mask, entropy * mask
 
 
-def policy_loss(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None = None,
-                kl_coef: float = 0.0, n_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE with a baseline: loss = - sum_p mask_p A_p log pi_p / sum_p mask_p (+ kl_coef * KL).
+def policy_loss(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                n_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE with a baseline: loss = - sum_p mask_p A_p log pi_p / sum_p mask_p (+ kl_coef KL).
 
     KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1, on the same tokens. All (B, R).
     n_tokens is sum_p mask_p over the whole batch when this is one micro-batch of it, so the
-    accumulated gradient equals the full batch's. Returns the loss and the KL (0 without a reference).
+    accumulated gradient equals the full batch's. Returns the loss and the KL (0 without a
+    reference).
     """
     mask = mask.to(logp.dtype)
     denom = n_tokens if n_tokens is not None else mask.sum().clamp(min=1)

@@ -40,7 +40,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from igsearch import normalize_answer
-from retriever import BM25Retriever, InputError, OneLineParser
+from errors import InputError, OneLineParser
+from retriever import BM25Retriever
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub

@@ -26,16 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-
-class InputError(ValueError):
-    """Bad user input. str(e) is one line: 'FILE:LINE: problem' (LINE omitted when not applicable)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Command-line mistakes end in one line naming the problem and a non-zero exit."""
-
-    def error(self, message: str):
-        raise InputError(f"command line: {message} (see --help)")
+from errors import InputError
 
 
 class RetrieverError(RuntimeError):

@@ -91,33 +91,16 @@ def test_hostile_documents_cannot_answer_or_close_the_block(tokenizer, scripted)
 def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model):
     """Pins the left-padding bug: without position ids the shorter row's continuation changes."""
     seqs = [tokenizer("What is the capital of France? Paris is").input_ids, tokenizer("Hamlet").input_ids]
-    new, _ = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
+    new = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
     for s, n in zip(seqs, new):
         ref = tiny_model.generate(torch.tensor([s]), max_new_tokens=8, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
         assert n == ref[0, len(s):].tolist()[: len(n)]
 
 
-@pytest.mark.parametrize("keep", [[0, 1, 2], [0, 2]])
-def test_turn_cache_continues_exactly_like_a_fresh_prefill(tokenizer, tiny_model, keep):
-    """The next turn on the kept cache (rows that stopped early fed filler, one row dropped) samples
-    what a fresh prefill of the whole sequences samples."""
-    seqs = [tokenizer(t).input_ids for t in ("What is the capital of France? Paris is", "Hamlet", "Who wrote")]
-    probe, _ = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
-    words = [tokenizer.decode([t]) for t in probe[0][:-1]]  # row 0 stops early, the others run on past it
-    stop = (next(w for w in words if w.strip().isalpha() and all(w not in tokenizer.decode(p) for p in probe[1:])),)
-    new, cache = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
-    assert len(new[0]) < max(len(n) for n in new) and cache.n[0] < len(seqs[0]) + 8
-    docs = [tokenizer(t).input_ids for t in (" Doc 1 Paris", " Berlin is a city in Germany.", " x")]
-    cont = [seqs[b] + new[b] + docs[b] for b in keep]
-    cached, _ = ig.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, (), cache.select(keep))
-    fresh, _ = ig.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, ())
-    assert cached == fresh
-
-
 def test_sampling_is_reproducible_with_a_generator(tokenizer, tiny_model):
     seqs = [tokenizer("What is the capital").input_ids] * 3
-    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())[0]
+    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -204,15 +187,21 @@ class ConstantLM(torch.nn.Module):
         return SimpleNamespace(logits=self.base.expand(input_ids.shape[0], T, -1))
 
 
+def scores(model, ctxs, answers, pad_id, max_len, **kw) -> list[float]:
+    """ig.answer_scores of (context, answer) pairs, each its own one-context request."""
+    requests = [ig.ScoreRequest(0, k, [c], a) for k, (c, a) in enumerate(zip(ctxs, answers))]
+    return [s for (s,) in ig.answer_scores(model, requests, pad_id, max_len, **kw)]
+
+
 def test_head_weighted_score_by_hand():
     base = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25]))  # already normalised
     model = ConstantLM(base)
     answer = [1, 2, 3, 4, 0]
-    (s,) = ig.answer_scores(model, [[0, 1, 2]], [answer], pad_id=0, max_len=64)
+    (s,) = scores(model, [[0, 1, 2]], [answer], pad_id=0, max_len=64)
     lp = [math.log(p) for p in (0.2, 0.3, 0.15, 0.25, 0.1)]
     w = [3, 3, 3, 1, 1]
     assert s == pytest.approx(sum(wk / (11 / 5) * l for wk, l in zip(w, lp)) / 5, abs=1e-6)
-    (plain,) = ig.answer_scores(model, [[0]], [answer], pad_id=0, max_len=64, head_weight=1.0)
+    (plain,) = scores(model, [[0]], [answer], pad_id=0, max_len=64, head_weight=1.0)
     assert plain == pytest.approx(sum(lp) / 5, abs=1e-6)
 
 
@@ -222,12 +211,12 @@ def test_batched_scores_equal_one_at_a_time(tokenizer, tiny_model):
              "What is the capital of France? <answer> "] * 2
     ctxs = [tokenizer(t).input_ids for t in texts]
     answers = [tokenizer(a).input_ids for a in ["Paris", "Berlin Germany", "capital", "x"] * 2]
-    batched = ig.answer_scores(tiny_model, ctxs, answers, tokenizer.pad_token_id, 512, batch_size=8)
-    alone = ig.answer_scores(tiny_model, ctxs, answers, tokenizer.pad_token_id, 512, batch_size=1)
+    batched = scores(tiny_model, ctxs, answers, tokenizer.pad_token_id, 512, batch_size=8)
+    alone = scores(tiny_model, ctxs, answers, tokenizer.pad_token_id, 512, batch_size=1)
     assert batched == pytest.approx(alone, abs=1e-5)
     # left truncation keeps the answer and the end of the context
-    cut = ig.answer_scores(tiny_model, ctxs[2:3], answers[2:3], tokenizer.pad_token_id, 6, batch_size=1)
-    full = ig.answer_scores(tiny_model, [ctxs[2][-(6 - len(answers[2])):]], answers[2:3], tokenizer.pad_token_id, 512)
+    cut = scores(tiny_model, ctxs[2:3], answers[2:3], tokenizer.pad_token_id, 6, batch_size=1)
+    full = scores(tiny_model, [ctxs[2][-(6 - len(answers[2])):]], answers[2:3], tokenizer.pad_token_id, 512)
     assert cut == pytest.approx(full, abs=1e-6)
 
 
@@ -242,12 +231,17 @@ def ig_batch(golds_in_docs: list[bool]) -> list[Trajectory]:
     return trajs
 
 
+def information_gain(model, tokenizer, trajs, golds, baseline="random", **kw):
+    """IG with the counterfactuals planned over the batch, as train.py and evaluate.py do."""
+    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 3, baseline)
+    return ig.information_gain(model, tokenizer, trajs, golds, draws, template=TPL, **kw)
+
+
 def test_information_gain_batched_equals_single(tokenizer, tiny_model):
     trajs = ig_batch([True, False, False, True, False])
     golds = [["Paris"]] * 5
-    kw = dict(template=TPL, generator=None, max_len=512)
-    batched = ig.information_gain(tiny_model, tokenizer, trajs, golds, batch_size=16, **kw)
-    single = ig.information_gain(tiny_model, tokenizer, trajs, golds, batch_size=1, **kw)
+    batched = information_gain(tiny_model, tokenizer, trajs, golds, batch_size=16, max_len=512)
+    single = information_gain(tiny_model, tokenizer, trajs, golds, batch_size=1, max_len=512)
     assert [v[0] for v in batched] == pytest.approx([v[0] for v in single], abs=1e-5)
 
 
@@ -255,12 +249,12 @@ def test_ig_is_positive_for_documents_with_the_answer_and_flips_when_swapped(tok
     model = copy_lm(len(tokenizer))
     trajs = ig_batch([True, False, False, False])
     golds = [["Paris"]] * 4
-    igs = [v[0] for v in ig.information_gain(model, tokenizer, trajs, golds, template=TPL, max_len=512)]
+    igs = [v[0] for v in information_gain(model, tokenizer, trajs, golds, max_len=512)]
     assert igs[0] > 0.5  # the answer is in its documents and in none of the counterfactuals
     assert all(abs(v) < 0.3 or v < 0 for v in igs[1:])
     # swap the documents of rollout 0 and 1: the signs follow the documents
     trajs[0].steps[0].documents, trajs[1].steps[0].documents = trajs[1].steps[0].documents, trajs[0].steps[0].documents
-    igs2 = [v[0] for v in ig.information_gain(model, tokenizer, trajs, golds, template=TPL, max_len=512)]
+    igs2 = [v[0] for v in information_gain(model, tokenizer, trajs, golds, max_len=512)]
     assert igs2[1] > 0.5 and igs2[0] <= 0.3
 
 
@@ -268,15 +262,15 @@ def test_empty_baseline_and_missing_documents(tokenizer, copy_lm):
     model = copy_lm(len(tokenizer))
     trajs = ig_batch([True, False])
     trajs[1].steps[0].documents = "   "
-    out = ig.information_gain(model, tokenizer, trajs, [["Paris"], ["Paris"]], template=TPL, baseline="empty")
+    out = information_gain(model, tokenizer, trajs, [["Paris"], ["Paris"]], baseline="empty")
     assert out[0][0] > 0.5 and out[1][0] is None  # empty documents get no IG
 
 
 def test_several_golds_keep_the_best_real_score(tokenizer, copy_lm):
     model = copy_lm(len(tokenizer))
     trajs = ig_batch([True, False, False])
-    first_only = ig.information_gain(model, tokenizer, trajs, [["Berlin", "Paris"]] * 3, template=TPL)
-    best = ig.information_gain(model, tokenizer, trajs, [["Berlin", "Paris"]] * 3, template=TPL, all_golds=True)
+    first_only = information_gain(model, tokenizer, trajs, [["Berlin", "Paris"]] * 3)
+    best = information_gain(model, tokenizer, trajs, [["Berlin", "Paris"]] * 3, all_golds=True)
     assert best[0][0] > 0.5 and first_only[0][0] < 0.5
 
 
@@ -371,75 +365,3 @@ def test_policy_logprobs_equal_full_logits_at_trained_positions(tokenizer, tiny_
         R = len(t.response_ids)
         assert torch.allclose(logp[b, -R:][mask], ref[mask], atol=1e-5)
         assert torch.all(logp[b, -R:][~mask] == 0) and torch.all(entropy[b, -R:][mask] > 0)
-
-
-# ----------------------------------------------------------------------------- shared-prefix scoring
-
-
-def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
-    """The prefix computed once and its cache repeated (left-padded prefixes and continuations of
-    different lengths, answers of different lengths) gives the scores of each full context."""
-    prefixes = ["PROMPT What is the capital of France? <search> capital </search>", "Who wrote Hamlet? <search> a </search>"]
-    docs = ["<documents> Doc 1 Paris is the capital of France </documents>", "<documents> x </documents>",
-            "<documents> Berlin is in Germany, the largest city </documents> <refine> Berlin </refine>"]
-    ctxs, answers, groups = [], [], []
-    for p, ans in zip(prefixes, ["Paris", "William Shakespeare the writer"]):
-        ctxs += [tokenizer(p + d + "\n<answer> ").input_ids for d in docs]
-        answers += [tokenizer(ans).input_ids] * len(docs)
-        groups.append(len(docs))
-    ctxs.append(tokenizer("alone <answer> ").input_ids)  # a group of one shares its whole context
-    answers.append(tokenizer("x").input_ids)
-    groups.append(1)
-    pad = tokenizer.pad_token_id
-    for max_len, batch_size in [(512, 16), (512, 3), (20, 16)]:  # 20: left truncation, nothing shared
-        full = ig.answer_scores(tiny_model, ctxs, answers, pad, max_len, batch_size=1)
-        shared = ig.answer_scores_shared_prefix(tiny_model, ctxs, answers, groups, pad, max_len, batch_size)
-        assert shared == pytest.approx(full, abs=1e-4)
-
-
-def test_trunk_shares_nest_the_steps_of_a_rollout():
-    """A rollout's step-2 contexts hold step 1's real blocks: the group's trunk (its longest context) is
-    shared by each request up to where it departs, less one token kept to predict the first answer token;
-    a request that shares nothing gets 0, and the trunk is cut to the longest share."""
-    contexts = [[1, 2, 3, 10, 11, 50], [1, 2, 3, 20, 50],  # step 1: real documents 10 11, random 20
-                [1, 2, 3, 10, 11, 4, 12, 13, 50], [1, 2, 3, 10, 11, 4, 21, 22, 23, 50],  # step 2 after search 4
-                [9, 50]]  # shares nothing
-    answers = [[7]] * 5
-    seqs = [c + a for c, a in zip(contexts, answers)]
-    [(idx, trunk, shares)] = ig.trunk_shares(seqs, answers, [5])
-    assert idx == [0, 1, 2, 3, 4] and shares == [5, 3, 6, 9, 0]
-    assert trunk == [1, 2, 3, 10, 11, 4, 21, 22, 23]
-    split = ig.trunk_shares(seqs, answers, [2, 3])  # one group per step: step 1's blocks run twice
-    assert [g[1] for g in split] == [[1, 2, 3, 10, 11], trunk] and [g[2] for g in split] == [[5, 3], [6, 9, 0]]
-    assert ig.trajectory_groups([(0, 0, 0, 4), (0, 1, 4, 4), (1, 0, 8, 4), (1, 1, 12, 4), (1, 2, 16, 4)], 8) == [8, 8, 4]
-
-
-def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, tiny_model):
-    """One group over two search steps, a stranger that shares nothing and a row per gold: each row
-    attends to its own share of the trunk, with its own positions, and scores as its full context does."""
-    s1 = "PROMPT Who? <search> a </search>\n<documents> Doc 1 Paris is the capital </documents>"
-    texts = [s1, "PROMPT Who? <search> a </search>\n<documents> x </documents>",
-             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Lyon is a city </documents>",
-             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Berlin, Germany, a long one </documents>",
-             "unrelated"]
-    ctxs = [tokenizer(t + "\n<answer> ").input_ids for t in texts]
-    answers = [tokenizer(a).input_ids for a in ["Paris", "Paris", "Paris France", "Paris France", "x"]]
-    ctxs.append(ctxs[0])  # a second gold of step 1
-    answers.append(tokenizer("the city of Paris").input_ids)
-    pad = tokenizer.pad_token_id
-    for max_len, batch_size in [(512, 16), (512, 2), (24, 16)]:  # 24: contexts truncated unequally
-        full = ig.answer_scores(tiny_model, ctxs, answers, pad, max_len, batch_size=1)
-        shared = ig.answer_scores_shared_prefix(tiny_model, ctxs, answers, [6], pad, max_len, batch_size)
-        assert shared == pytest.approx(full, abs=1e-4)
-
-
-def test_information_gain_shared_prefix_equals_full_contexts(tokenizer, tiny_model):
-    trajs = ig_batch([True, False, False, True, False])
-    for k, t in enumerate(trajs):  # a second step, so the shared prefix holds a whole earlier step
-        t.steps.append(Step("second", f'Doc 1(Title: "Rome") Rome is in Italy {k}', (0, 0), "Rome"))
-    golds = [["Paris"], ["Paris"], ["Berlin Germany"], ["Paris"], ["Rome"]]
-    kw = dict(template=TPL, max_len=512, batch_size=8)
-    full = ig.information_gain(tiny_model, tokenizer, trajs, golds, shared_prefix=False, **kw)
-    shared = ig.information_gain(tiny_model, tokenizer, trajs, golds, shared_prefix=True, **kw)
-    assert sum(v is not None for row in full for v in row) == 10
-    assert [v for row in shared for v in row] == pytest.approx([v for row in full for v in row], abs=1e-4)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import igsearch as ig
 import prepare
@@ -123,7 +124,7 @@ def test_sigkill_at_random_moments_keeps_a_checkpoint_that_resumes(tiny_run_file
 # code has no hook.
 KILL_DRIVER = r"""
 import os, pathlib, shutil, signal, sys, torch
-import train
+import checkpoint, train
 point, real_save, real_rename, real_rmtree = sys.argv[1], torch.save, pathlib.Path.rename, shutil.rmtree
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -142,7 +143,7 @@ def rmtree(path, *a, **k):
         (path / "state.pt").unlink()
         die()  # the new checkpoint is in place; the old one is half removed
     return real_rmtree(path, *a, **k)
-torch.save, pathlib.Path.rename, train.shutil.rmtree = save, rename, rmtree
+torch.save, pathlib.Path.rename, checkpoint.shutil.rmtree = save, rename, rmtree
 sys.exit(train.main(sys.argv[2:]))
 """
 
@@ -268,7 +269,8 @@ def test_a_policy_that_never_closes_a_tag_ends_within_budget_with_reward_0(token
     rambler = trajs[list(scripts).index("Q-rambles")]
     assert all(e - s == max_turn_tokens for s, e, gen, _ in rambler.segments if gen)
     assert rambler.truncated == (max_response_tokens == 40)
-    ig.information_gain(tiny_model, tokenizer, trajs, golds, n_random=2, generator=torch.Generator().manual_seed(0))
+    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 2, "random", torch.Generator().manual_seed(0))
+    ig.information_gain(tiny_model, tokenizer, trajs, golds, draws)
     tok_adv = ig.token_advantages(trajs, ig.group_advantages(rewards, len(trajs)), alpha=0.3)
     model = copy.deepcopy(tiny_model)
     stats = train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -404,7 +406,7 @@ def test_a_tampered_state_file_is_refused_not_run(tmp_path):
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(train.InputError, match="state.pt: refused"):
-        train.load_state(tmp_path, model, optimizer, {})
+        checkpoint.load_state(tmp_path, model, optimizer, {})
     assert PWNED == []
 
 

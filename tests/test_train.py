@@ -186,55 +186,7 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
     assert stats["query_entropy"] != pytest.approx(stats["entropy"], rel=1e-3)  # not the all-token mean
 
 
-def answer_trajectories(tokenizer):
-    """Four supervised answer trajectories of different lengths and per-token advantages for them."""
-    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
-             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
-    return trajs, [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
-
-
-def flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def updated_weights(model, tokenizer, setup=None) -> torch.Tensor:
-    """The weights after one SGD update of a copy (setup(copy) first) over two micro-batches."""
-    model = copy.deepcopy(model)
-    if setup:
-        setup(model)
-    trajs, tok_adv = answer_trajectories(tokenizer)
-    train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
-                 Config(micro_batch=2))
-    return flat(model)
-
-
-def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, tiny_model, monkeypatch):
-    """lean_backward: a tied embedding's sparse gradient gives the same update as the dense one (over two
-    micro-batches, so it also adds into an existing .grad); an untied model keeps a dense embedding
-    gradient (AdamW takes no sparse one); the heap is trimmed once per `trim_every` layers a backward
-    pass goes through."""
-    from transformers import LlamaForCausalLM
-    trajs, tok_adv = answer_trajectories(tokenizer)
-    plain, lean = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, train.lean_backward))
-    assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
-    untied = LlamaForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "tie_word_embeddings": False}))
-    train.lean_backward(untied)
-    assert not untied.get_input_embeddings().sparse
-    stats = train.update(untied, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(untied.parameters()), Config())
-    assert not stats["skipped"]
-    for every, expected in ((1, 2), (2, 1)):  # the tiny model has 2 decoder layers
-        model, trims = copy.deepcopy(tiny_model), []
-        train.lean_backward(model, trim_every=every)
-        assert model.get_input_embeddings().sparse  # tied: the head's weight is the embedding's
-        monkeypatch.setattr(train, "release_freed_memory", lambda: trims.append(1))
-        model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
-        assert len(trims) == expected
-    model = copy.deepcopy(tiny_model)
-    undo = train.lean_backward(model, trim_every=1)  # bench.py's comparison: off again, as before
-    undo()
-    trims.clear()
-    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
-    assert trims == [] and not model.get_input_embeddings().sparse
+from test_fast import flat, updated_weights  # noqa: E402
 
 
 def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_model):
@@ -244,8 +196,9 @@ def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_
     assert torch.allclose(plain, recomputed, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
     prompts = [ig.build_prompt(tokenizer, q, ig.TEMPLATES["igsearch"]) for q in ("Who?", "What city?", "Where?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(queries)  # noqa: E731
-    runs = [train.rollouts(tiny_model, tokenizer, prompts, search, Config(rollout_batch=n, temperature=0.0),
-                           None, max_searches=1, max_turn_tokens=8) for n in (0, 2)]
+    runs = [train.rollouts(tiny_model, tokenizer, prompts, search, Config(rollout_batch=n, temperature=0.0,
+                                                                            max_searches=1, max_turn_tokens=8), None)
+            for n in (0, 2)]
     assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
 
 
@@ -376,9 +329,10 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
         evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
 
 
-def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer, monkeypatch):
+def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer):
+    import warmup
     gen = torch.Generator().manual_seed(0)
-    forms = train.query_forms("Who is this: Spiritual leader of Tibet since 1940?", gen)
+    forms = warmup.query_forms("Who is this: Spiritual leader of Tibet since 1940?", gen)
     assert forms[:2] == ["Who is this: Spiritual leader of Tibet since 1940?", "Spiritual leader Tibet since 1940"]
     assert set(forms[2].split()) <= set(forms[1].split()) and forms[2]
     questions = [{"question": f"What is this: capital number {i} of a country?", "golden_answers": [f"C{i}"]}
@@ -387,37 +341,12 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
     def search(queries):
         asked.extend(queries)
         return ["Doc 1 " + " ".join(f'(Title: "C{i}")' for i in range(40))] * len(queries)  # every gold found
-    monkeypatch.setattr(train, "update", lambda model, ref, tok, batch, adv, opt, cfg: targets.extend(
-        tok.decode(t.response_ids) for t in batch))
+    def update(model, ref, tok, batch, adv, opt, cfg):
+        targets.extend(tok.decode(t.response_ids) for t in batch)
     for mode in ("question", "varied"):
         asked.clear()
-        train.warmup(tiny_model, tokenizer, questions, search, Config(warmup_examples=8, warmup_query=mode),
-                     torch.Generator().manual_seed(0))
+        warmup.warmup(tiny_model, tokenizer, questions, search, Config(warmup_examples=8, warmup_query=mode),
+                      torch.Generator().manual_seed(0), update)
         verbatim = sum(q.startswith("What is this") for q in asked)
         assert verbatim == len(asked) if mode == "question" else 0 < verbatim < len(asked) / 2
     assert any("<search> capital number" in t for t in targets)  # the varied query is what the model is taught
-
-
-HEAP_PROBE = """
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-import train
-rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**30
-big = torch.ones(8 << 18); del big  # a freed 8 MiB block: glibc raises its mmap threshold, as in training
-base = rss()
-pairs = [(torch.ones(1 << 18), torch.ones(1 << 12)) for _ in range(300)]  # 1 MiB tensors between small ones
-kept = [small for _, small in pairs]
-del pairs  # 300 MiB freed in the middle of the heap
-if sys.argv[1] == 'release':
-    train.release_freed_memory()
-print(rss() - base)
-"""
-
-
-@pytest.mark.skipif(train.LIBC is None or not hasattr(train.LIBC, "malloc_trim"), reason="glibc (Linux) only")
-def test_freed_tensors_go_back_to_the_os():
-    """release_freed_memory: 300 MiB of freed tensors held between live ones leave the process."""
-    held = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode, str(ROOT)], capture_output=True,
-                                       text=True, check=True).stdout) for mode in ("keep", "release")}
-    assert held["keep"] > 0.2  # glibc keeps them: the behaviour the call exists for
-    assert held["release"] < 0.05
