@@ -32,6 +32,34 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(path: str | Path) -> None:
+    """Stop before the work, not after it, when a result file cannot be written at `path`."""
+    tmp = Path(f"{path}.tmp")
+    try:
+        if Path(path).is_dir():
+            raise IsADirectoryError(21, "a folder is in the way")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("")
+        tmp.unlink()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
+
+
+def read_json(path: str | Path) -> dict:
+    """A run file written by write_json: a JSON object, or one line naming the file's problem."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def write_lines(path: Path, lines: list[str]) -> None:
     """Replace a text file atomically."""
     tmp = path.with_suffix(path.suffix + ".tmp")

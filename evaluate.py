@@ -10,7 +10,7 @@ information gain of each search step against the gold answer.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 import time
@@ -22,7 +22,7 @@ from tqdm import tqdm
 import fast
 import igsearch as ig
 import prepare
-from checkpoint import write_json
+from checkpoint import check_writable, load_metrics, read_json, write_json
 from errors import InputError, OneLineParser
 from retriever import BM25Retriever, RemoteRetriever, RetrieverError, format_passages
 
@@ -145,10 +145,9 @@ def read_run(run: str) -> tuple[dict, dict, list[dict]]:
     path = Path(run) / "config.json"
     if not path.exists():
         raise InputError(f"{path}: no such file (is {run} a run folder?)")
-    table, metrics = Path(run) / "table.json", Path(run) / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return (json.loads(path.read_text()), json.loads(table.read_text()) if table.exists() else {},
-            [json.loads(line) for line in lines if line.strip()])
+    table = Path(run) / "table.json"
+    return (read_json(path), read_json(table) if table.exists() else {},
+            load_metrics(Path(run) / "metrics.jsonl", upto=math.inf))
 
 
 def compare_runs(runs: list[str]) -> str:
@@ -285,13 +284,21 @@ def main(argv: list[str] | None = None) -> int:
                 plot_runs(args.compare, args.plot)
                 print(f"curves written to {args.plot}")
             return 0
+        for name in ("topk", "batch_size", "max_turn_tokens"):
+            if getattr(args, name) < 1:
+                raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
+        for name in ("doc_words", "limit", "max_searches", "show"):
+            if getattr(args, name) < 0:
+                raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
-        model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
+        out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
+        check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
+        model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
         rows, shown, all_pairs = {}, [], []
-        for path in files:
-            questions = prepare.load_questions(path)[: args.limit or None]
+        for path, questions in zip(files, question_sets):
             summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,
                                       with_ig=args.show > 0, template=args.template, max_searches=args.max_searches,
                                       max_turn_tokens=args.max_turn_tokens, desc=Path(path).stem)
@@ -310,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     paper = format_paper_table(rows, Path(args.model).name or "offline default")
     if paper:
         print("\n" + paper)
-    out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
     write_json(out, {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "offline default",
                      "retriever": args.retriever_url or f"BM25 over {args.corpus or data.get('corpus')}",
                      "topk": args.topk, "doc_words": args.doc_words, "config": vars(args), "results": rows})

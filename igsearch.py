@@ -114,6 +114,29 @@ def observation_text(documents: str, template: Template) -> str:
     return f"\n\n<{template.doc_tag}>{documents}</{template.doc_tag}>\n\n"
 
 
+def fit_documents(tokenizer, documents: str, template: Template, room: int
+                  ) -> tuple[str, str, list[int], int]:
+    """(documents, observation text, its ids, tokens cut): the documents' tail is cut until the
+    observation holds at most `room` tokens (or the documents are empty), so no retriever, however
+    long its passages, grows a response past max_response_tokens."""
+    def encode(text: str) -> list[int]:  # inserted text: special-token strings stay plain text
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    obs = observation_text(documents, template)
+    obs_ids = encode(obs)
+    if len(obs_ids) <= room:
+        return documents, obs, obs_ids, 0
+    doc_ids = encode(documents)
+    keep = max(0, len(doc_ids) - (len(obs_ids) - room))
+    while True:  # re-encoding at the cut may merge differently: cut again until it fits
+        documents = tokenizer.decode(doc_ids[:keep])
+        obs = observation_text(documents, template)
+        obs_ids = encode(obs)
+        if len(obs_ids) <= room or keep == 0:
+            return documents, obs, obs_ids, len(doc_ids) - keep
+        keep = max(0, keep - (len(obs_ids) - room))
+
+
 def find_block(text: str, tag: str, last: bool = False) -> re.Match | None:
     """First (or last) closed `<tag> ... </tag>` block in text, or None."""
     matches = list(re.finditer(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL))
@@ -134,6 +157,7 @@ class Step:
     query_span: tuple[int, int]  # token span [start, end) in response_ids of the query Q_t
     refine: str | None = None  # inner text of the first refine block after the documents
     ig: float | None = None  # raw information gain, None when not scored
+    cut: int = 0  # document tokens dropped so that the response stays within its budget
 
 
 @dataclass
@@ -299,12 +323,14 @@ def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], 
         if searching:
             docs = search([q for _, q, _ in searching])  # one batched retrieval per turn
             for (traj, q, span), d in zip(searching, docs):
-                d = sanitize_documents(d, specials)
-                obs = observation_text(d, template)
-                obs_ids = tokenizer(obs, add_special_tokens=False,
-                                    split_special_tokens=True).input_ids
+                # the documents may fill the budget but leave room for one more turn
+                room = max_response_tokens - max_turn_tokens - len(traj.response_ids)
+                d, obs, obs_ids, cut = fit_documents(tokenizer, sanitize_documents(d, specials),
+                                                     template, room)
                 traj.append(obs_ids, obs, generated=False)  # loss mask 0: the environment's tokens
-                traj.steps.append(Step(query=q, documents=d, query_span=span))
+                traj.steps.append(Step(query=q, documents=d, query_span=span, cut=cut))
+                if len(obs_ids) > room:  # not even the empty documents block fits: no more turns
+                    traj.done = traj.truncated = True
         for traj in trajs:
             if not traj.done and len(traj.response_ids) >= max_response_tokens:
                 traj.done = traj.truncated = True

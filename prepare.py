@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from igsearch import normalize_answer
 from errors import InputError, OneLineParser
-from retriever import BM25Retriever
+from retriever import BM25Retriever, read_lines
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub
@@ -216,8 +216,9 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    except OSError as e:
-        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:  # no weights, no tokenizer files, an unknown config, ...
+        raise InputError(f"{path}: cannot load the model ({str(e).strip().splitlines()[0][:300]})"
+                         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, so any id will do
     return model, tokenizer
@@ -234,14 +235,15 @@ def load_questions(path: str) -> list[dict]:
         return _load_parquet(path)
     rows: list[dict] = []
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig drops a BOM; text mode turns CRLF into LF
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(_check_row(_json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}", len(rows)))
+        for lineno, raw in read_lines(path):  # a regular file, lines of at most 1 MiB
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig drops a BOM
+            if line.strip():  # (the \r of CRLF is JSON whitespace)
+                rows.append(_check_row(_json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}",
+                                       len(rows)))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file ({MISSING_DATA})") from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise InputError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise InputError(f"{path}: {e.strerror}") from None
     if not rows:
@@ -281,6 +283,9 @@ def _load_parquet(path: str) -> list[dict]:
     return rows
 
 
+MAX_QUESTION_CHARS = 2000  # a question or gold answer longer than this is refused (NQ's: < 200)
+
+
 def _json_object(line: str, where: str) -> object:
     try:
         return json.loads(line)
@@ -295,12 +300,18 @@ def _check_row(row: object, where: str, index: int) -> dict:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: 'question' missing, empty or not a string")
+    if len(question) > MAX_QUESTION_CHARS:  # the prompt holds it whole: bound it
+        raise InputError(f"{where}: 'question' is {len(question)} characters, more than "
+                         f"{MAX_QUESTION_CHARS}")
     answers = row.get("golden_answers")
     if not isinstance(answers, list) or not answers:
         raise InputError(f"{where}: 'golden_answers' must be a non-empty list of strings")
     for answer in answers:
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: 'golden_answers' holds {answer!r}, not a non-empty string")
+        if len(answer) > MAX_QUESTION_CHARS:  # IG scores it as a continuation: bound it
+            raise InputError(f"{where}: a gold answer is {len(answer)} characters, more than "
+                             f"{MAX_QUESTION_CHARS}")
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer")

@@ -15,9 +15,13 @@ import argparse
 import codecs
 import http.client
 import http.server
+import itertools
 import json
+import os
 import re
+import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,37 +72,60 @@ def tokenize(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
+MAX_LINE_BYTES = 1 << 20  # a JSON-lines row over 1 MiB is no passage or question: refused
+MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of one query
+# what `retriever.py serve` accepts by default, and what RemoteRetriever splits its batches to
+MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
+
+
+def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
+    """Yield (line number, bytes) of a regular file, each line at most max_bytes.
+
+    A FIFO (which would wait for a writer forever), a device such as /dev/zero (one endless line)
+    or a runaway line is refused with an InputError, never read without bound.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                return
+            if len(raw.rstrip(b"\r\n")) > max_bytes:
+                raise InputError(f"{path}:{lineno}: line longer than {max_bytes} bytes, refused")
+            yield lineno, raw
+
+
 def load_corpus(path: str) -> list[dict]:
     """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row index."""
     rows: list[dict] = []
     first_line: dict[str, int] = {}  # id -> line it was first seen on, for the duplicate message
     try:
-        with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte gets its line number
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                try:  # a BOM may open the file; the \r of CRLF is JSON whitespace
-                    line = raw.removeprefix(codecs.BOM_UTF8 if lineno == 1 else b"").decode("utf-8")
-                except UnicodeDecodeError:
-                    raise InputError(f"{where}: not UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                contents = row.get("contents")
-                if not isinstance(contents, str) or not contents.strip():
-                    raise InputError(f"{where}: 'contents' missing, empty or not a string")
-                doc_id = row.get("id", len(rows))
-                if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                    raise InputError(f"{where}: 'id' must be a string or an integer")
-                doc_id = str(doc_id)
-                if doc_id in first_line:
-                    raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
-                first_line[doc_id] = lineno
-                rows.append({"id": doc_id, "contents": contents})
+        for lineno, raw in read_lines(path):  # bytes, decoded per line: a bad byte gets its line
+            where = f"{path}:{lineno}"
+            try:  # a BOM may open the file; the \r of CRLF is JSON whitespace
+                line = raw.removeprefix(codecs.BOM_UTF8 if lineno == 1 else b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{where}: not UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            contents = row.get("contents")
+            if not isinstance(contents, str) or not contents.strip():
+                raise InputError(f"{where}: 'contents' missing, empty or not a string")
+            doc_id = row.get("id", len(rows))
+            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                raise InputError(f"{where}: 'id' must be a string or an integer")
+            doc_id = str(doc_id)
+            if doc_id in first_line:
+                raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+            first_line[doc_id] = lineno
+            rows.append({"id": doc_id, "contents": contents})
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except OSError as e:  # a directory, no permission, ...
@@ -133,11 +160,12 @@ class BM25Retriever:
         return len(self.passages)
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
-        """Top-k passages per query; ties (and an empty query: all zeros) keep corpus order."""
+        """Top-k passages per query (its first MAX_QUERY_WORDS words); ties (and an empty query: all
+        zeros) keep corpus order."""
         _check_args(queries, topk)
         results = []
         for query in queries:
-            scores = self.bm25.get_scores(tokenize(query))  # (N,)
+            scores = self.bm25.get_scores(tokenize(query)[:MAX_QUERY_WORDS])  # (N,)
             order = np.argsort(-scores, kind="stable")[:topk]  # ties: corpus order
             results.append([replace(self.passages[i], score=float(scores[i])) for i in order])
         return results
@@ -172,16 +200,21 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
+    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
+                 max_queries: int = MAX_QUERIES):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.max_queries = max_queries  # a request holds at most this many (the server's cap)
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
-        """POST the batch; retry connection errors, timeouts, 5xx and bad bodies, never 4xx."""
+        """POST the batch in requests of at most max_queries queries (each request retried on
+        connection errors, timeouts, 5xx and bad bodies, never on 4xx)."""
         _check_args(queries, topk)
-        if not queries:
-            return []
+        return [hits for k in range(0, len(queries), self.max_queries)
+                for hits in self._post(queries[k: k + self.max_queries], topk)]
+
+    def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
         last = ""
         for attempt in range(self.retries):
@@ -205,9 +238,15 @@ class RemoteRetriever:
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
 
 
-def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000, max_queries: int = 512,
-                max_query_chars: int = 2000, max_topk: int = 50) -> http.server.ThreadingHTTPServer:
-    """A Search-R1 compatible POST /retrieve server (not started: call serve_forever)."""
+def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000,
+                max_queries: int = MAX_QUERIES, max_query_chars: int = MAX_QUERY_CHARS,
+                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS
+                ) -> http.server.ThreadingHTTPServer:
+    """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
+
+    The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
+    top-k at most max_topk), and so is the number of requests handled at once (max_threads): the
+    next connection waits to be accepted."""
 
     def document(p: Passage) -> dict:
         """A wiki-18 row again: the inverse of parse_contents."""
@@ -272,9 +311,21 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                       for hits in retriever.search(queries, topk)]
             self.reply(200, {"result": result})
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True  # request threads must not keep the process alive on exit
-    return server
+    class BoundedServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True  # request threads must not keep the process alive on exit
+        slots = threading.BoundedSemaphore(max_threads)
+
+        def process_request(self, request, client_address):
+            self.slots.acquire()  # at most max_threads requests in flight; the accept loop waits
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    return BoundedServer((host, port), Handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve.add_argument("--max_queries", type=int, default=512, help="queries per request")
-    serve.add_argument("--max_query_chars", type=int, default=2000, help="characters per query")
-    serve.add_argument("--max_topk", type=int, default=50)
+    serve.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request")
+    serve.add_argument("--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query")
+    serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
+    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="requests handled at once")
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="JSON lines {id, contents}")
@@ -301,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
         bm25 = BM25Retriever(args.corpus)
-        server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk)
+        server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
+                             args.max_threads)
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

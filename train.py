@@ -132,13 +132,39 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
                            type={"int": int, "float": float}.get(f.type, str))
     args = p.parse_args(argv)
     values = dataclasses.asdict(Config())
+    given = {k: v for k, v in vars(args).items() if k in values and v is not None}
     if args.resume:
-        if not (Path(args.resume) / "config.json").exists():
-            raise InputError(f"{args.resume}: not a run folder (no config.json)")
-        values.update(json.loads((Path(args.resume) / "config.json").read_text()))
-    values.update(PRESETS[args.preset] if not args.resume else {})
-    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+        run = Path(args.resume)
+        if not (run / "config.json").exists():
+            raise InputError(f"{run}: not a run folder (no config.json)")
+        if not ckpt.last_checkpoint(run).exists():
+            raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
+                             f"first save): start it again without --resume")
+        saved = ckpt.read_json(run / "config.json")
+        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
+            if name in given and given[name] != saved.get(name):
+                raise InputError(f"--{name} cannot change on --resume (the run continues from "
+                                 f"{run}/checkpoint): start a new run to change it")
+        if args.preset != "default":
+            raise InputError("--preset cannot be given with --resume (the run keeps its config)")
+        values.update(checked_fields(saved, run / "config.json"))
+    else:
+        values.update(PRESETS[args.preset])
+    values.update(given)
     return Config(**values), args.resume
+
+
+def checked_fields(saved: dict, where: Path) -> dict:
+    """config.json's fields, each known and of its field's type, else one line naming it."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, value in saved.items():
+        if name not in fields:
+            raise InputError(f"{where}: unknown config field '{name}'")
+        ok = isinstance(value, kinds[fields[name]])
+        if not ok or (fields[name] != "bool" and isinstance(value, bool)):
+            raise InputError(f"{where}: '{name}' is {value!r}, not of type {fields[name]}")
+    return saved
 
 
 def check_config(cfg: Config, world_size: int = 1) -> None:
@@ -163,7 +189,24 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("retriever_retries", c.retriever_retries >= 1, ">= 1"),
         ("retriever_timeout", c.retriever_timeout > 0, "> 0"),
         ("rollout_batch", c.rollout_batch >= 0, ">= 0"),
-        ("val_questions", c.val_questions >= 0, ">= 0"), ("eval_every", c.eval_every >= 0, ">= 0")]
+        ("val_questions", c.val_questions >= 0, ">= 0"), ("eval_every", c.eval_every >= 0, ">= 0"),
+        ("steps", c.steps >= 0, ">= 0"), ("save_every", c.save_every >= 1, ">= 1"),
+        ("max_bad_steps", c.max_bad_steps >= 1, ">= 1"), ("seed", c.seed >= 0, ">= 0"),
+        ("doc_words", c.doc_words >= 0, ">= 0 (0 = whole passages)"),
+        ("ig_clip", c.ig_clip >= 0, ">= 0 (0 = off)"), ("grad_clip", c.grad_clip > 0, "> 0"),
+        ("kl_coef", c.kl_coef >= 0, ">= 0"), ("ig_neg_scale", c.ig_neg_scale >= 0, ">= 0"),
+        ("ig_dead_zone", c.ig_dead_zone >= 0, ">= 0"),
+        ("ig_head_weight", c.ig_head_weight > 0, "> 0"),
+        ("ig_batch_size", c.ig_batch_size >= 1, ">= 1"),
+        ("ig_max_len", c.ig_max_len >= 64, ">= 64 (a context and its answer must fit)"),
+        ("eval_batch", c.eval_batch >= 1, ">= 1"), ("warmup_batch", c.warmup_batch >= 1, ">= 1"),
+        ("warmup_examples", c.warmup_examples >= 0, ">= 0"),
+        ("warmup_lr", c.warmup_lr > 0, "> 0"), ("eval_questions", c.eval_questions >= 0, ">= 0"),
+        ("max_response_tokens", c.max_response_tokens >= c.max_turn_tokens,
+         f">= max_turn_tokens ({c.max_turn_tokens})"),
+        ("out_dir", c.out_dir.strip() != "", "a folder path")]
+    rules += [(f.name, math.isfinite(getattr(c, f.name)), "a finite number")
+              for f in dataclasses.fields(c) if f.type == "float"]
     for name, ok, accepted in rules:
         if not ok:
             raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range "
@@ -284,23 +327,25 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
     """The step's log line over the global batch: every rank's rollouts gathered (times: rank 0's).
 
     hit: share of search steps whose documents hold a gold answer; ig_hit / ig_miss: mean IG of
-    those steps and of the others (does IG tell a query that found the answer from one that not?).
+    those steps and of the others (does IG tell a query that found the answer from one that not?);
+    docs_cut: share of search steps whose documents were cut to the response budget.
     """
     mem = peak_memory_gb(device)
     mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated,
-             mem, [(ig.documents_hold_answer(s.documents, g), s.ig) for s in t.steps])
+             mem, [(ig.documents_hold_answer(s.documents, g), s.ig, s.cut > 0) for s in t.steps])
             for t, g, r in zip(trajs, golds, rewards.tolist())]
     r, searches, length, valid, truncated, mem, step_lists = zip(
         *[x for part in dd.all_gather(mine) for x in part])
-    steps = [x for xs in step_lists for x in xs]  # (hit, IG or None) of every search step
-    igs = [v for _, v in steps if v is not None]
+    steps = [x for xs in step_lists for x in xs]  # (hit, IG or None, cut) of every search step
+    igs = [v for _, v, _ in steps if v is not None]
     mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
     zero_adv = (torch.tensor(r).view(-1, cfg.group_size).std(-1) == 0).float().mean()
     return {"step": step + 1, "reward": float(np.mean(r)), "em": float(np.mean(r)),
             "ig_mean": mean(igs), "ig_pos": mean([v > 0 for v in igs]),
-            "hit": mean([h for h, _ in steps]),
-            "ig_hit": mean([v for h, v in steps if h and v is not None]),
-            "ig_miss": mean([v for h, v in steps if not h and v is not None]),
+            "hit": mean([h for h, _, _ in steps]),
+            "ig_hit": mean([v for h, v, _ in steps if h and v is not None]),
+            "ig_miss": mean([v for h, v, _ in steps if not h and v is not None]),
+            "docs_cut": mean([c for _, _, c in steps]),
             "searches": float(np.mean(searches)), "length": float(np.mean(length)),
             "zero_adv_groups": float(zero_adv), "valid": float(np.mean(valid)),
             "truncated": float(np.mean(truncated)), **stats,
@@ -386,10 +431,15 @@ def set_up(cfg: Config, resume: str) -> Setup:
             "ig": torch.Generator().manual_seed(cfg.seed + 1),
             "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank())}
     run = Path(resume or cfg.out_dir)
+    table = run / "table.json"  # a resumed run's rows so far, read before any work
+    table = ckpt.read_json(table) if resume and table.exists() else {}
     if main:
-        run.mkdir(parents=True, exist_ok=True)
+        try:  # before any work: a file in the way or a folder without write access stops here
+            run.mkdir(parents=True, exist_ok=True)
+            ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
+        except OSError as e:
+            raise InputError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
         if device.type == "cpu" and not cfg.model:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
                   f"rates, train.CPU_SECONDS); each phase's bar shows its own ETA")
@@ -419,7 +469,7 @@ def set_up(cfg: Config, resume: str) -> Setup:
     elif cfg.fast:  # (FSDP's sharded gradients stay dense)
         fast.lean_backward(model)
     s = Setup(cfg, run, device, model, policy, tokenizer, search, train_q,
-              val_q if main else [], test_q if main else [], gens)
+              val_q if main else [], test_q if main else [], gens, table=table)
     if not resume:
         if s.test_q and cfg.eval_start:
             s.table["start model"] = evaluate_on(s, s.test_q, "eval start")
@@ -436,8 +486,6 @@ def set_up(cfg: Config, resume: str) -> Setup:
         s.step = ckpt.load_state(run, model, s.optimizer, gens)
         if dd.rank():  # the checkpoint holds rank 0's sampling state; the others must not repeat it
             gens["sample"].manual_seed(cfg.seed + 2 + 1000 * dd.rank() + s.step)
-        if (run / "table.json").exists():
-            s.table = json.loads((run / "table.json").read_text())
         kept = ckpt.load_metrics(run / "metrics.jsonl", s.step)  # drop records after the checkpoint
         if main:
             ckpt.write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])

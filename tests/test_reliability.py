@@ -426,7 +426,7 @@ GOOD_Q = b'{"question": "Who?", "golden_answers": ["X"]}'
     (b"", "", "no questions"),
     (BOM, "", "no questions"),
     (BOM + b"\r\n  \r\n", "", "no questions"),
-    (GOOD_Q + b'\n{"question": "Caf\xe9?", "golden_answers": ["X"]}\n', "", "not UTF-8"),  # Latin-1
+    (GOOD_Q + b'\n{"question": "Caf\xe9?", "golden_answers": ["X"]}\n', ":2", "not UTF-8"),  # Latin-1
     (BOM + GOOD_Q + b'\r\n{"question": "Who?", "golden_answers": [3]}\r\n', ":2", "holds 3"),
     (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [null]}\n', ":2", "holds None"),
     (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [""]}\n', ":2", "golden_answers"),
