@@ -225,8 +225,9 @@ def run_cli(*args):
     (["--model", "./no/such/model"], "no/such/model"),
     (["--resume", "/nonexistent/run"], "not a run folder"),
 ])
-def test_bad_config_gets_one_line_and_exit_2(args, needle, tiny_run_files):
-    files = ["--corpus", tiny_run_files["corpus"], "--train_data", tiny_run_files["train_data"]]
+def test_bad_config_gets_one_line_and_exit_2(args, needle, tiny_run_files, tmp_path):
+    files = ["--corpus", tiny_run_files["corpus"], "--train_data", tiny_run_files["train_data"],
+             "--out_dir", str(tmp_path / "run")]  # never the user's runs/default
     r = run_cli("train.py", *files, *args)
     assert r.returncode == 2 and needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
