@@ -347,7 +347,7 @@ class Bench:
                     self.model, requests, pad, c.ig_max_len, bs, head_weight=c.ig_head_weight, group_sizes=steps),
                 "floor: packed plain forward, LM head at answers": lambda: plain_forward(self.model, rows, heads, bs),
                 "floor, LM head at every position": lambda: plain_forward(self.model, rows, heads, bs, full_head=True),
-                "floor with a prefix per step (the issue's)": lambda: plain_forward(self.model, step_rows,
+                "floor with a prefix per step": lambda: plain_forward(self.model, step_rows,
                                                                                    step_heads, bs)}
         names, times, values = list(runs), {k: [] for k in runs}, {}
         for r in range(self.args.repeats):
