@@ -163,7 +163,45 @@ def compare_runs(runs: list[str]) -> str:
         hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
         lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{pm['f1']:>15}"
                      f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
-    return "\n".join(lines)
+    means = training_means(runs)
+    return "\n".join(lines + ([""] + means if means else []))
+
+
+TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),
+              ("query_entropy", "query entropy"), ("zero_adv_groups", "groups with zero outcome advantage"),
+              ("ig_pos", "share of search steps with IG > 0"), ("ig_hit", "mean IG of steps that hit"),
+              ("ig_miss", "mean IG of steps that miss"))
+
+
+def training_means(runs: list[str], window: int = 10) -> list[str]:
+    """Lines of per-method means of the RL steps' metrics.jsonl: first `window` steps -> last `window` steps,
+    and over all steps (each run's mean, then the mean over the method's runs). Steps where a quantity is
+    undefined (no step hit, say) are left out of its means."""
+    per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    for run in runs:
+        config, _, recs = read_run(run)
+        recs = [r for r in recs if r.get("step", 0) > 0 and "reward" in r]
+        method = method_name(config) if recs else ""
+        for key, _ in TRAIN_KEYS:
+            if key.startswith("ig_") and method == "outcome-only":
+                continue  # IG is not computed without the IG reward: its logged zeros mean nothing
+            vals = [float(r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if vals:
+                first, last = vals[:window], vals[-window:]
+                per.setdefault(method, {}).setdefault(key, []).append(
+                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals)))
+    if not per:
+        return []
+    lines = [f"training means over each run's RL steps (first {window} -> last {window}, all), mean over runs:"]
+    lines.append(f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per))
+    for key, title in TRAIN_KEYS:
+        cells = []
+        for stats in per.values():
+            got = stats.get(key)
+            mean = [sum(x[i] for x in got) / len(got) for i in range(3)] if got else None
+            cells.append(f"{mean[0]:.2f} -> {mean[1]:.2f} ({mean[2]:.2f})" if mean else "-")
+        lines.append(f"{title:<38}" + "".join(f"{c:>26}" for c in cells))
+    return lines
 
 
 PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),

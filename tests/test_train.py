@@ -298,6 +298,26 @@ def test_compare_runs_mean_and_spread(tmp_path):
         evaluate.compare_runs([str(tmp_path / "missing")])
 
 
+def test_compare_runs_prints_training_means_per_method(tmp_path):
+    import evaluate
+    def run(name, rewards, **config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(dataclasses.asdict(Config(**config))))
+        recs = [{"step": s + 1, "reward": r, "hit": 0.5, "ig_pos": 0.0, "ig_miss": None if s else 2.0}
+                for s, r in enumerate(rewards)] + [{"step": len(rewards), "val_em": 0.9}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(tmp_path / name)
+    runs = [run("ig0", [0.0] * 3 + [1.0] * 3), run("ig1", [0.5] * 6), run("oo", [0.25] * 6, outcome_only=True)]
+    lines = evaluate.training_means(runs, window=3)
+    assert lines[1].split() == ["quantity", "IG-Search", "outcome-only"]
+    reward = next(line for line in lines if line.startswith("training reward"))
+    # IG-Search: first 3 steps -> last 3 (all steps), each a mean over its two runs; then outcome-only
+    assert reward.split()[-8:] == ["0.25", "->", "0.75", "(0.50)", "0.25", "->", "0.25", "(0.25)"]
+    miss = next(line for line in lines if line.startswith("mean IG of steps that miss"))
+    assert miss.split()[-5:] == ["2.00", "->", "2.00", "(2.00)", "-"]  # None left out; no IG for outcome-only
+    assert evaluate.training_means([run("warm", [])]) == []  # no RL steps: no block
+
+
 def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path):
     import evaluate
 
