@@ -17,23 +17,13 @@ The sections follow that order: 1 protocol, 2 rollout, 3 answers and rewards, 4 
 5 shaping and advantages, 6 loss. Every function here is the plain version of its idea;
 fast.py holds exact speed-ups of three of them (same results, tested), which train.py uses.
 
-Departures from the paper and its official code, and why:
-
-1. Padding is by position: attention masks come from sequence lengths, never from comparing ids
-   with the pad id. The official code compares with the pad id, which hides real `<|im_end|>` /
-   `<|endoftext|>` tokens (they are the pad token of SmolLM2 and Qwen) from attention.
-2. The blocks of an IG context are taken from what the rollout recorded (the generated query and
-   refine text, the inserted documents) instead of a regex over the decoded response, so a
-   document that contains `</documents>` or `<refine>` cannot shift a block boundary. The search
-   block is rebuilt as `<search>q</search>` with q stripped.
-3. Retrieved text is sanitised before insertion: protocol tags (`<answer>`, `</documents>`, ...)
-   become `(answer)`, `(/documents)`, and special-token strings (`<|im_end|>`) lose their bars, so a
-   hostile passage can neither close the documents block, supply the answer, nor end the turn.
-4. The query tokens Q_t are the generated tokens whose text overlaps the query between `<search>`
-   and `</search>` (the tags themselves keep A_i): the paper says "query tokens" without more.
-5. The empty-context baseline (`ig_baseline="empty"`, the paper's ablation) keeps step t's search
-   block and replaces its (documents, refine) pair by an empty documents block; one context, N = 1.
-6. A step whose counterfactual pool (other steps' pairs of the batch) is empty gets no IG.
+Departures from the paper and its official code (reasons in docs/departures.md, cited by number):
+1. attention masks come from sequence lengths, never from comparing ids with the pad id;
+2. IG contexts are built from the blocks the rollout recorded, not from a regex over the response;
+3. retrieved text is sanitised: protocol tags and special-token strings cannot act as such;
+4. the query tokens Q_t are the generated tokens whose text overlaps the query;
+5. the empty-context baseline keeps step t's search block and empties its documents;
+6. a step with no counterfactual pool (no other step of the batch) gets no IG.
 """
 from __future__ import annotations
 
@@ -200,7 +190,7 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad id lists. Returns ids, attention mask and position ids, all (B, T).
 
-    The mask comes from each sequence's length, never from comparing ids with pad_id.
+    The mask comes from each sequence's length, never from comparing ids with pad_id (departure 1).
     """
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -274,7 +264,8 @@ def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, 
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
-    """Token span [i, j) of the ids whose decoded text overlaps characters [start, end)."""
+    """Token span [i, j) of the ids whose decoded text overlaps characters [start, end): the
+    query tokens Q_t of a search (departure 4)."""
     ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]  # char end of token k
     starts = [0] + ends[:-1]
     hit = [k for k in range(len(ids)) if starts[k] < end and ends[k] > start]
@@ -407,7 +398,8 @@ def ig_context(traj: Trajectory, t: int, template: Template,
                replace: tuple[str, str] | None = None) -> str:
     """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then
     "\\n<answer> ". Think blocks between steps and all steps after t are dropped. `replace` swaps
-    step t's (documents, refine) pair for another one: the counterfactual C_t^rand.
+    step t's (documents, refine) pair for another one: the counterfactual C_t^rand. The blocks are
+    what the rollout recorded, not a regex over the response (departure 2).
     """
     parts = [traj.prefix_text or traj.prompt_text.rstrip()]
     for s, step in enumerate(traj.steps[: t + 1]):
@@ -432,7 +424,7 @@ def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: i
     replacement unless fewer than N remain."""
     others = [p for p in pool if p != own]
     if not others:
-        return []
+        return []  # no pool: no IG (departure 6)
     if len(others) >= n:
         idx = torch.randperm(len(others), generator=generator)[:n].tolist()
     else:
@@ -458,7 +450,7 @@ def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3,
             if len(own[0].strip()) == 0:
                 row.append([])  # steps whose documents are empty get no IG
             elif baseline == "empty":
-                row.append([("", "")])
+                row.append([("", "")])  # departure 5
             else:
                 row.append(draw_counterfactuals(own, pool, n_random, generator))
         draws.append(row)

@@ -88,7 +88,7 @@ def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
         raise InputError(f"{path}: not a regular file")
     with open(path, "rb") as f:
         for lineno in itertools.count(1):
-            raw = f.readline(max_bytes + 1)
+            raw = f.readline(max_bytes + 2)  # + 2: a line of max_bytes may end in "\r\n"
             if not raw:
                 return
             if len(raw.rstrip(b"\r\n")) > max_bytes:

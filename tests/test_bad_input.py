@@ -58,6 +58,16 @@ def test_a_line_over_one_mebibyte_is_refused_with_its_line(load, tmp_path):
         load(str(path))
 
 
+@pytest.mark.parametrize("end", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_a_line_of_exactly_the_limit_is_one_line_and_the_next_keeps_its_number(end, tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"x" * 10 + end + b"y" * 10 + end + b"z" * 11 + end)
+    read = retriever.read_lines(str(path), max_bytes=10)
+    assert [next(read), next(read)] == [(1, b"x" * 10 + end), (2, b"y" * 10 + end)]
+    with pytest.raises(InputError, match=f"^{path}:3: line longer than 10 bytes"):
+        next(read)
+
+
 @pytest.mark.parametrize("row, problem", [
     ({"question": "W" * 2001, "golden_answers": ["X"]}, "'question' is 2001 characters"),
     ({"question": "Who?", "golden_answers": ["X", "Y" * 2001]}, "a gold answer is 2001 characters"),
