@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -331,17 +330,6 @@ def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], 
     return trajs
 
 
-def supervised_trajectory(tokenizer, prompt: str, pieces: list[tuple[str, bool]]) -> Trajectory:
-    """A trajectory from given (text, trained) pieces, for the format warm-up: trained pieces get
-    mask 1, inserted documents mask 0, exactly as in a rollout."""
-    traj = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, prompt)
-    for text, trained in pieces:
-        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=not trained).input_ids
-        traj.append(ids, text, trained)
-    traj.done = True
-    return traj
-
-
 # ------------------------------------------------------------------------ 3. answers and rewards
 
 
@@ -368,27 +356,6 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     if prediction is None:
         return 0.0
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
-
-
-def f1_score(prediction: str | None, golds: list[str]) -> float:
-    """Word-level F1 against the best gold answer."""
-    if prediction is None:
-        return 0.0
-    best, pred = 0.0, normalize_answer(prediction).split()
-    for g in golds:
-        gold = normalize_answer(g).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-def documents_hold_answer(documents: str, golds: list[str]) -> bool:
-    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
-    it. Not a reward; the measure of query quality that train.py logs as `hit`."""
-    text = f" {normalize_answer(documents)} "
-    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
 
 
 # -------------------------------------------------------------------------- 4. information gain

@@ -32,7 +32,7 @@ import igsearch as ig
 import prepare
 from errors import InputError, OneLineParser
 from warmup import warmup
-from evaluate import evaluate, format_table, make_search, method_name
+from evaluate import documents_hold_answer, evaluate, format_table, make_search, method_name
 from retriever import RetrieverError
 
 
@@ -332,7 +332,7 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
     """
     mem = peak_memory_gb(device)
     mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated,
-             mem, [(ig.documents_hold_answer(s.documents, g), s.ig, s.cut > 0) for s in t.steps])
+             mem, [(documents_hold_answer(s.documents, g), s.ig, s.cut > 0) for s in t.steps])
             for t, g, r in zip(trajs, golds, rewards.tolist())]
     r, searches, length, valid, truncated, mem, step_lists = zip(
         *[x for part in dd.all_gather(mine) for x in part])

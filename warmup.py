@@ -20,6 +20,17 @@ QUERY_STOPWORDS = frozenset("a an and are as at by for from how in is it of on o
                             "was what when where which who whom whose why with".split())
 
 
+def supervised_trajectory(tokenizer, prompt: str, pieces: list[tuple[str, bool]]) -> ig.Trajectory:
+    """A trajectory from given (text, trained) pieces, for the format warm-up: trained pieces get
+    mask 1, inserted documents mask 0, exactly as in a rollout."""
+    traj = ig.Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, prompt)
+    for text, trained in pieces:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=not trained).input_ids
+        traj.append(ids, text, trained)
+    traj.done = True
+    return traj
+
+
 def query_forms(question: str, gen: torch.Generator) -> list[str]:
     """Three mechanical queries for one question: verbatim, its keywords, a random half of them.
 
@@ -57,7 +68,7 @@ def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Gene
         if gold.lower() not in d.lower() or len(trajs) >= cfg.warmup_examples:
             continue
         d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
-        trajs.append(ig.supervised_trajectory(
+        trajs.append(supervised_trajectory(
             tokenizer, ig.build_prompt(tokenizer, q["question"], tpl),
             [(f"<search> {query} </search>", True), (ig.observation_text(d, tpl), False),
              (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))

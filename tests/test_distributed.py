@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import igsearch as ig  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
+import warmup  # noqa: E402
 from igsearch import Step, Trajectory  # noqa: E402
 from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
 
@@ -41,7 +42,7 @@ def update_batch(tokenizer, groups: int = 3) -> tuple[list[Trajectory], list[tor
         pieces = [(f"<search> {'which city ' * (k % 3)}{title} </search>", True),
                   (ig.observation_text(f'Doc 1(Title: "{title}") {text}', ig.TEMPLATES["igsearch"]), False),
                   (f"<answer> {title} </answer><|im_end|>", True)]
-        t = ig.supervised_trajectory(tokenizer, f"Question {k}: {text}?", pieces)
+        t = warmup.supervised_trajectory(tokenizer, f"Question {k}: {text}?", pieces)
         trajs.append(t)
         tok_adv.append(torch.randn(len(t.response_ids), generator=gen))
     return trajs, tok_adv

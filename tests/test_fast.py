@@ -10,6 +10,7 @@ import torch
 import fast
 import igsearch as ig
 import train
+import warmup
 from igsearch import ScoreRequest, Step, TEMPLATES, Trajectory
 from train import Config
 
@@ -159,7 +160,7 @@ def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, ti
 
 def answer_trajectories(tokenizer):
     """Four supervised answer trajectories of different lengths and per-token advantages for them."""
-    trajs = [ig.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
+    trajs = [warmup.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
              for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
     return trajs, [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
 

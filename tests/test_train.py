@@ -11,6 +11,7 @@ import torch
 
 import igsearch as ig
 import train
+import warmup
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +146,7 @@ def test_outcome_only_gives_query_tokens_the_rollout_advantage(tiny_run_files, t
 
 def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_model):
     model = copy.deepcopy(tiny_model)
-    good, bad = (ig.supervised_trajectory(tokenizer, "Question?", [(f"<answer> {a} </answer>", True)])
+    good, bad = (warmup.supervised_trajectory(tokenizer, "Question?", [(f"<answer> {a} </answer>", True)])
                  for a in ("Paris", "Berlin"))
     adv = ig.group_advantages(torch.tensor([1.0, 0.0]), 2)
     tok_adv = ig.token_advantages([good, bad], adv, alpha=0.0)
@@ -167,7 +168,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
 def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_model):
     """The health metric that shows whether IG has anything to act on: entropy on the query tokens only."""
     model = copy.deepcopy(tiny_model)
-    trajs = [ig.supervised_trajectory(tokenizer, "Question?", [(f"<search> {q} </search>", True),
+    trajs = [warmup.supervised_trajectory(tokenizer, "Question?", [(f"<search> {q} </search>", True),
              ("<documents> d </documents>", False), ("<answer> x </answer>", True)]) for q in ("capital city", "a")]
     for t, q in zip(trajs, ("capital city", "a")):  # the query's span, as the rollout records it
         lo = len(tokenizer("<search> ", add_special_tokens=False).input_ids)
