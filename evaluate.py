@@ -173,17 +173,19 @@ def read_run(run: str) -> tuple[dict, dict, list[dict]]:
 
 
 def compare_runs(runs: list[str]) -> str:
-    """Held-out results of several runs (their table.json), grouped by row name: mean +- std over runs."""
+    """Held-out results of several runs (their table.json), grouped by row name: mean +- std (population)
+    and the lowest and highest EM over runs."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         for name, row in read_run(run)[1].items():
             groups.setdefault(name, []).append(row)
-    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
+    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     for name, rows in groups.items():
         stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
         pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
         hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
-        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{pm['f1']:>15}"
+        spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"  # seeds' spreads overlap or not
+        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
                      f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
     means = training_means(runs)
     return "\n".join(lines + ([""] + means if means else []))
