@@ -188,7 +188,23 @@ def compare_runs(runs: list[str]) -> str:
         lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
                      f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
     means = training_means(runs)
-    return "\n".join(lines + ([""] + means if means else []))
+    return "\n".join(lines + [""] + per_run(runs) + ([""] + means if means else []))
+
+
+def per_run(runs: list[str]) -> list[str]:
+    """One line per run: its folder, method, seed, wall time (wall.json, when the run was timed), test EM
+    and hit of its table row, and validation EM at every validated step."""
+    lines = [f"{'run':<14}{'method':<30}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
+    for run in runs:
+        config, table, recs = read_run(run)
+        wall = Path(run) / "wall.json"
+        seconds = f"{read_json(wall).get('wall_seconds', '-')}" if wall.exists() else "-"
+        row = next(iter(table.values()), {})
+        em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
+        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in recs if "val_em" in r)
+        name = method_name(config) if any(r.get("step", 0) > 0 for r in recs) else next(iter(table), "-")
+        lines.append(f"{Path(run).name:<14}{name:<30}{config.get('seed', '-'):>5}{seconds:>8}{em:>9}{hit:>6}  {val}")
+    return lines
 
 
 TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),

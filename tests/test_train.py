@@ -294,7 +294,11 @@ def test_compare_runs_mean_and_spread(tmp_path):
     (tmp_path / "val_only").mkdir()  # a run that evaluated no test questions has no table row
     (tmp_path / "val_only" / "config.json").write_text("{}")
     text = evaluate.compare_runs([str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "val_only")])
-    assert "IG-Search" in text and "0.500 ± 0.100" in text and "0.400-0.600" in text and len(text.splitlines()) == 2
+    table, runs = text.split("\n\n")[:2]
+    assert "IG-Search" in table and "0.500 ± 0.100" in table and "0.400-0.600" in table and len(table.splitlines()) == 2
+    assert runs.splitlines()[1].split()[:6] == ["run0", "IG-Search", "0", "-", "0.400", "-"]  # no wall.json, no hit
+    (tmp_path / "run1" / "wall.json").write_text(json.dumps({"wall_seconds": 1234}))
+    assert "1234" in evaluate.per_run([str(tmp_path / "run1")])[1]
     with pytest.raises(evaluate.InputError, match="config.json"):
         evaluate.compare_runs([str(tmp_path / "missing")])
 
