@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -403,4 +404,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `evaluate.py --compare ... | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -303,6 +303,15 @@ def test_compare_runs_mean_and_spread(tmp_path):
         evaluate.compare_runs([str(tmp_path / "missing")])
 
 
+def test_compare_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_path):
+    for k in range(2000):  # 160 KB of lines: more than a pipe holds, so writes go on after head exits
+        (tmp_path / f"r{k}").mkdir()
+        (tmp_path / f"r{k}" / "config.json").write_text("{}")
+    proc = subprocess.run(f"cd {tmp_path} && {sys.executable} {ROOT / 'evaluate.py'} --compare r* | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("method") and proc.stderr == ""
+
+
 def test_compare_runs_prints_training_means_per_method(tmp_path):
     import evaluate
     def run(name, rewards, **config):
