@@ -10,7 +10,6 @@ information gain of each search step against the gold answer.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from tqdm import tqdm
 import fast
 import igsearch as ig
 import prepare
-from checkpoint import check_writable, load_metrics, read_json, write_json
+from checkpoint import check_writable, write_json
 from errors import InputError, OneLineParser
 from retriever import BM25Retriever, RemoteRetriever, RetrieverError, format_passages
 
@@ -148,166 +147,6 @@ def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> 
     return "\n".join(out)
 
 
-def method_name(config: dict) -> str:
-    """The name of a run's method (its table row), from its config: the method and every IG setting that
-    departs from the paper's formulation."""
-    if config.get("outcome_only") or config.get("ig_alpha") == 0:
-        return "outcome-only"
-    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
-             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
-             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
-             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
-             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
-    marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
-
-
-def read_run(run: str) -> tuple[dict, dict, list[dict]]:
-    """A run folder's config.json, table.json (held-out rows; {} when the run evaluated no test questions)
-    and metrics.jsonl records (none without RL steps)."""
-    path = Path(run) / "config.json"
-    if not path.exists():
-        raise InputError(f"{path}: no such file (is {run} a run folder?)")
-    table = Path(run) / "table.json"
-    return (read_json(path), read_json(table) if table.exists() else {},
-            load_metrics(Path(run) / "metrics.jsonl", upto=math.inf))
-
-
-def compare_runs(runs: list[str]) -> str:
-    """Held-out results of several runs (their table.json), grouped by row name: mean +- std (population)
-    and the lowest and highest EM over runs."""
-    groups: dict[str, list[dict]] = {}
-    for run in runs:
-        for name, row in read_run(run)[1].items():
-            groups.setdefault(name, []).append(row)
-    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
-    for name, rows in groups.items():
-        stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
-        pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
-        hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
-        spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"  # seeds' spreads overlap or not
-        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
-                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
-    means = training_means(runs)
-    return "\n".join(lines + [""] + per_run(runs) + ([""] + means if means else []))
-
-
-def per_run(runs: list[str]) -> list[str]:
-    """One line per run: its folder, method, seed, wall time (wall.json, when the run was timed), test EM
-    and hit of its table row, and validation EM at every validated step."""
-    lines = [f"{'run':<14}{'method':<30}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
-    for run in runs:
-        config, table, recs = read_run(run)
-        wall = Path(run) / "wall.json"
-        seconds = f"{read_json(wall).get('wall_seconds', '-')}" if wall.exists() else "-"
-        row = next(iter(table.values()), {})
-        em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
-        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in recs if "val_em" in r)
-        name = method_name(config) if any(r.get("step", 0) > 0 for r in recs) else next(iter(table), "-")
-        lines.append(f"{Path(run).name:<14}{name:<30}{config.get('seed', '-'):>5}{seconds:>8}{em:>9}{hit:>6}  {val}")
-    return lines
-
-
-TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),
-              ("query_entropy", "query entropy"), ("zero_adv_groups", "groups with zero outcome advantage"),
-              ("ig_pos", "share of search steps with IG > 0"), ("ig_hit", "mean IG of steps that hit"),
-              ("ig_miss", "mean IG of steps that miss"))
-
-
-def training_means(runs: list[str], window: int = 10) -> list[str]:
-    """Lines of per-method means of the RL steps' metrics.jsonl: first `window` steps -> last `window` steps,
-    and over all steps (each run's mean, then the mean over the method's runs). Steps where a quantity is
-    undefined (no step hit, say) are left out of its means."""
-    per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
-    for run in runs:
-        config, _, recs = read_run(run)
-        recs = [r for r in recs if r.get("step", 0) > 0 and "reward" in r]
-        method = method_name(config) if recs else ""
-        for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and method == "outcome-only":
-                continue  # IG is not computed without the IG reward: its logged zeros mean nothing
-            vals = [float(r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if vals:
-                first, last = vals[:window], vals[-window:]
-                per.setdefault(method, {}).setdefault(key, []).append(
-                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals)))
-    if not per:
-        return []
-    lines = [f"training means over each run's RL steps (first {window} -> last {window}, all), mean over runs:"]
-    lines.append(f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per))
-    for key, title in TRAIN_KEYS:
-        cells = []
-        for stats in per.values():
-            got = stats.get(key)
-            mean = [sum(x[i] for x in got) / len(got) for i in range(3)] if got else None
-            cells.append(f"{mean[0]:.2f} -> {mean[1]:.2f} ({mean[2]:.2f})" if mean else "-")
-        lines.append(f"{title:<38}" + "".join(f"{c:>26}" for c in cells))
-    return lines
-
-
-PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),
-               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"))
-
-
-def learning_curves(runs: list[str]) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """method -> metric -> RL step -> one value per run, for the keys of PLOT_PANELS.
-
-    A run's method is method_name of its config (e.g. "IG-Search"). Training metrics are noisy (16 rollouts a
-    step): each run's are a trailing 5-step mean. A run without RL steps (the shared warm-up) gives every
-    method its step-0 validation point."""
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    start: dict[str, float] = {}
-    for run in runs:
-        config, _, recs = read_run(run)
-        if not any(r.get("step", 0) > 0 for r in recs):
-            start.update({k: v for r in recs for k, v in r.items() if k.startswith("val_")})
-            continue
-        per_key = curves.setdefault(method_name(config), {})
-        for key, _ in PLOT_PANELS:
-            points = [(r["step"], r[key]) for r in recs if key in r]
-            if not key.startswith("val_"):
-                points = [(s, sum(v for _, v in points[max(0, k - 4): k + 1]) / len(points[max(0, k - 4): k + 1]))
-                          for k, (s, _) in enumerate(points)]
-            for s, v in points:
-                per_key.setdefault(key, {}).setdefault(s, []).append(v)
-    for per_key in curves.values():
-        for key, value in start.items():
-            if key in per_key:
-                per_key[key].setdefault(0, [value])
-    return curves
-
-
-def plot_runs(runs: list[str], out: str) -> None:
-    """learning_curves drawn to a PNG: per method, the mean over its runs (seeds), shaded from the lowest
-    to the highest run, against RL step. Panels without data are left out."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plotting needs matplotlib: pip install matplotlib") from None
-    curves = learning_curves(runs)
-    panels = [(k, title) for k, title in PLOT_PANELS if any(k in c for c in curves.values())]
-    if not panels:
-        raise InputError("no learning curves: none of the runs has RL steps in its metrics.jsonl")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for method, per_key in curves.items():
-            steps = sorted(per_key.get(key, {}))
-            values = [torch.tensor(per_key[key][s]) for s in steps]
-            if not steps:
-                continue
-            line, = ax.plot(steps, [float(v.mean()) for v in values], marker="o" if key.startswith("val_") else None,
-                            markersize=3, label=f"{method} ({max(len(v) for v in values)} runs)")
-            ax.fill_between(steps, [float(v.min()) for v in values], [float(v.max()) for v in values],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("RL step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-
-
 def ig_by_retrieval(pairs: list) -> str:
     """Mean IG of the scored search steps whose documents hold a gold answer, against those whose do not:
     whether IG tells a query that found the answer from one that did not."""
@@ -353,16 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="print the held-out table of finished runs, no model")
-    p.add_argument("--plot", metavar="PNG", help="with --compare: also draw the runs' training curves to PNG")
     try:
         args = p.parse_args(argv)
-        if args.compare:
-            print(compare_runs(args.compare))
-            if args.plot:
-                plot_runs(args.compare, args.plot)
-                print(f"curves written to {args.plot}")
-            return 0
         for name in ("topk", "batch_size", "max_turn_tokens"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -404,6 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if hasattr(signal, "SIGPIPE"):  # `evaluate.py --compare ... | head` ends quietly, as Unix tools do
+    if hasattr(signal, "SIGPIPE"):  # `evaluate.py ... | head` ends quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="IG-Search: step-level information-gain rewards for search-augmented reasoning",
     py_modules=["igsearch", "fast", "retriever", "prepare", "train", "warmup", "evaluate", "checkpoint", "errors",
-                "bench", "distributed"],
+                "bench", "distributed", "compare"],
     python_requires=">=3.10",
     install_requires=["torch", "transformers", "numpy", "rank-bm25", "tqdm"],
     extras_require={

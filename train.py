@@ -30,10 +30,11 @@ import distributed as dd
 import fast
 import igsearch as ig
 import prepare
+from compare import method_name
 from errors import InputError, OneLineParser
-from warmup import warmup
-from evaluate import documents_hold_answer, evaluate, format_table, make_search, method_name
+from evaluate import documents_hold_answer, evaluate, format_table, make_search
 from retriever import RetrieverError
+from warmup import warmup
 
 
 @dataclass

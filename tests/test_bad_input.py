@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+import compare
 import evaluate
 import igsearch as ig
 import prepare
@@ -244,7 +245,7 @@ def test_compare_with_a_broken_table_is_one_line(finished_run, tmp_path, capsys)
     run = tmp_path / "copy"
     os.system(f"cp -r {finished_run} {run}")
     (run / "table.json").write_text("{")
-    code = evaluate.main(["--compare", str(run)])
+    code = compare.main([str(run)])
     assert f"{run}/table.json:1: not JSON" in one_line_error(capsys, code)
 
 

@@ -284,7 +284,7 @@ def test_ig_by_retrieval_splits_steps_on_whether_the_documents_hold_the_gold():
 
 
 def test_compare_runs_mean_and_spread(tmp_path):
-    import evaluate
+    import compare
     for k, em in enumerate((0.4, 0.6)):
         run = tmp_path / f"run{k}"
         run.mkdir()
@@ -293,47 +293,48 @@ def test_compare_runs_mean_and_spread(tmp_path):
         (run / "table.json").write_text(json.dumps({"IG-Search": row}))
     (tmp_path / "val_only").mkdir()  # a run that evaluated no test questions has no table row
     (tmp_path / "val_only" / "config.json").write_text("{}")
-    text = evaluate.compare_runs([str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "val_only")])
+    read = lambda *names: [compare.Run.read(str(tmp_path / n)) for n in names]  # noqa: E731
+    text = compare.report(read("run0", "run1", "val_only"))
     table, runs = text.split("\n\n")[:2]
     assert "IG-Search" in table and "0.500 ± 0.100" in table and "0.400-0.600" in table and len(table.splitlines()) == 2
     assert runs.splitlines()[1].split()[:6] == ["run0", "IG-Search", "0", "-", "0.400", "-"]  # no wall.json, no hit
     (tmp_path / "run1" / "wall.json").write_text(json.dumps({"wall_seconds": 1234}))
-    assert "1234" in evaluate.per_run([str(tmp_path / "run1")])[1]
-    with pytest.raises(evaluate.InputError, match="config.json"):
-        evaluate.compare_runs([str(tmp_path / "missing")])
+    assert "1234" in compare.per_run(read("run1"))[1]
+    with pytest.raises(compare.InputError, match="config.json"):
+        read("missing")
 
 
 def test_compare_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_path):
     for k in range(2000):  # 160 KB of lines: more than a pipe holds, so writes go on after head exits
         (tmp_path / f"r{k}").mkdir()
         (tmp_path / f"r{k}" / "config.json").write_text("{}")
-    proc = subprocess.run(f"cd {tmp_path} && {sys.executable} {ROOT / 'evaluate.py'} --compare r* | head -1",
+    proc = subprocess.run(f"cd {tmp_path} && {sys.executable} {ROOT / 'compare.py'} r* | head -1",
                           shell=True, capture_output=True, text=True, timeout=300)
     assert proc.stdout.startswith("method") and proc.stderr == ""
 
 
 def test_compare_runs_prints_training_means_per_method(tmp_path):
-    import evaluate
+    import compare
     def run(name, rewards, **config):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(dataclasses.asdict(Config(**config))))
         recs = [{"step": s + 1, "reward": r, "hit": 0.5, "ig_pos": 0.0, "ig_miss": None if s else 2.0}
                 for s, r in enumerate(rewards)] + [{"step": len(rewards), "val_em": 0.9}]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        return str(tmp_path / name)
+        return compare.Run.read(str(tmp_path / name))
     runs = [run("ig0", [0.0] * 3 + [1.0] * 3), run("ig1", [0.5] * 6), run("oo", [0.25] * 6, outcome_only=True)]
-    lines = evaluate.training_means(runs, window=3)
+    lines = compare.training_means(runs, window=3)
     assert lines[1].split() == ["quantity", "IG-Search", "outcome-only"]
     reward = next(line for line in lines if line.startswith("training reward"))
     # IG-Search: first 3 steps -> last 3 (all steps), each a mean over its two runs; then outcome-only
     assert reward.split()[-8:] == ["0.25", "->", "0.75", "(0.50)", "0.25", "->", "0.25", "(0.25)"]
     miss = next(line for line in lines if line.startswith("mean IG of steps that miss"))
     assert miss.split()[-5:] == ["2.00", "->", "2.00", "(2.00)", "-"]  # None left out; no IG for outcome-only
-    assert evaluate.training_means([run("warm", [])]) == []  # no RL steps: no block
+    assert compare.training_means([run("warm", [])]) == []  # no RL steps: no block
 
 
 def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path):
-    import evaluate
+    import compare
 
     def run(name, table, records, **config):
         (tmp_path / name).mkdir()
@@ -350,18 +351,18 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
         lines = (Path(ig_runs[k]) / "metrics.jsonl").read_text().replace(', "val_em": null', "")
         (Path(ig_runs[k]) / "metrics.jsonl").write_text(lines)
     out = run("oo", {"outcome-only": row}, [{"step": 1, "reward": 0.5}], outcome_only=True)
-    curves = evaluate.learning_curves([warm, *ig_runs, out])
+    runs = [compare.Run.read(r) for r in (warm, *ig_runs, out)]
+    curves = compare.learning_curves(runs)
     assert set(curves) == {"IG-Search", "outcome-only"}  # the warm-up is no method: it starts each curve
     assert curves["IG-Search"]["val_em"] == {0: [0.3], 2: [0.4, 0.5]}
     assert curves["IG-Search"]["reward"] == {1: [0.0, 0.0], 2: [0.5, 0.5]}  # a trailing mean over steps
     assert "val_em" not in curves["outcome-only"] and "val_hit" not in curves["IG-Search"]
     pytest.importorskip("matplotlib")
-    evaluate.plot_runs([warm, *ig_runs, out], str(tmp_path / "c.png"))
+    assert compare.main([warm, *ig_runs, out, "--plot", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
-    with pytest.raises(evaluate.InputError, match="no learning curves"):
-        evaluate.plot_runs([warm], str(tmp_path / "d.png"))
-    with pytest.raises(evaluate.InputError, match="config.json"):
-        evaluate.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "d.png"))
+    with pytest.raises(compare.InputError, match="no learning curves"):
+        compare.plot(runs[:1], str(tmp_path / "d.png"))
+    assert compare.main([str(tmp_path / "nothing"), "--plot", str(tmp_path / "d.png")]) == 2
 
 
 def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer):
