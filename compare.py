@@ -105,14 +105,18 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
     each run's mean, then the mean over the method's runs. Steps where a quantity is undefined (no step
     hit, say) are left out of its means; IG is not computed for outcome-only, so its zeros are left out."""
     per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
-    for run in (r for r in runs if r.rl_steps):
+    for run in runs:
+        steps = run.rl_steps
+        if not steps:
+            continue
+        method = run.method
         for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and run.method == "outcome-only":
+            if key.startswith("ig_") and method == "outcome-only":
                 continue
-            vals = [float(r[key]) for r in run.rl_steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            vals = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if vals:
                 first, last = vals[:window], vals[-window:]
-                per.setdefault(run.method, {}).setdefault(key, []).append(
+                per.setdefault(method, {}).setdefault(key, []).append(
                     (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals)))
     if not per:
         return []

@@ -333,7 +333,7 @@ def test_compare_runs_prints_training_means_per_method(tmp_path):
     assert compare.training_means([run("warm", [])]) == []  # no RL steps: no block
 
 
-def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path):
+def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path, capsys):
     import compare
 
     def run(name, table, records, **config):
@@ -363,6 +363,7 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
     with pytest.raises(compare.InputError, match="no learning curves"):
         compare.plot(runs[:1], str(tmp_path / "d.png"))
     assert compare.main([str(tmp_path / "nothing"), "--plot", str(tmp_path / "d.png")]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer):
