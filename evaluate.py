@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,27 +32,6 @@ def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | Non
     """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
     backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
-
-
-def f1_score(prediction: str | None, golds: list[str]) -> float:
-    """Word-level F1 against the best gold answer."""
-    if prediction is None:
-        return 0.0
-    best, pred = 0.0, ig.normalize_answer(prediction).split()
-    for g in golds:
-        gold = ig.normalize_answer(g).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-def documents_hold_answer(documents: str, golds: list[str]) -> bool:
-    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
-    it. Not a reward; the measure of query quality that train.py logs as `hit`."""
-    text = f" {ig.normalize_answer(documents)} "
-    return any(f" {g} " in text for g in map(ig.normalize_answer, golds) if g)
 
 
 @torch.no_grad()
@@ -82,15 +60,18 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
         for q, t in zip(batch, trajs):
             pred = ig.extract_answer(t)
             em.append(ig.exact_match(pred, q["golden_answers"]))
-            f1.append(f1_score(pred, q["golden_answers"]))
+            f1.append(ig.f1_score(pred, q["golden_answers"]))
             pairs.append((q, t))
     model.train(was_training)
     n = len(pairs)
-    hits = [documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
+    hits = [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
     summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
                "searches": sum(len(t.steps) for _, t in pairs) / n,
                "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
-               "hit": sum(hits) / max(len(hits), 1)}  # share of search steps whose documents hold the gold
+               "hit": sum(hits) / max(len(hits), 1),  # share of search steps whose documents hold the gold
+               # share of questions whose first search finds the gold (no search: a miss)
+               "hit1": sum(bool(t.steps) and ig.documents_hold_answer(t.steps[0].documents, q["golden_answers"])
+                           for q, t in pairs) / n}
     return summary, pairs
 
 
@@ -154,7 +135,7 @@ def ig_by_retrieval(pairs: list) -> str:
     for q, t in pairs:
         for step in t.steps:
             if step.ig is not None:
-                found[documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
+                found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
     part = [f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
             if v else f"{name} none" for name, v in (("gold in the documents", found[True]),
                                                      ("gold not in them", found[False]))]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -358,6 +359,28 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
 
 
+def f1_score(prediction: str | None, golds: list[str]) -> float:
+    """Word-level F1 against the best gold answer (a measure, not the reward)."""
+    if prediction is None:
+        return 0.0
+    best, pred = 0.0, normalize_answer(prediction).split()
+    for g in golds:
+        gold = normalize_answer(g).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def documents_hold_answer(documents: str, golds: list[str]) -> bool:
+    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
+    it. The one hit test of the project: the warm-up keeps its examples by it, training logs it as
+    `hit`, evaluation reports it, and the hit-bonus baseline (`--step_reward hit`) rewards it."""
+    text = f" {normalize_answer(documents)} "
+    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
+
+
 # -------------------------------------------------------------------------- 4. information gain
 
 
@@ -591,13 +614,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
 
 def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
                      dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None,
-                     center_groups: int = 0) -> list[torch.Tensor]:
+                     center_groups: int = 0, step_values: list[list[float | None]] | None = None
+                     ) -> list[torch.Tensor]:
     """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
 
     center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
-    Returns one (R_i,) tensor per trajectory, aligned with its response_ids.
+    step_values replaces IG_t by another value per search step (the hit-bonus baseline gives
+    [documents hold a gold answer]); default: each step's IG. Returns one (R_i,) tensor per
+    trajectory, aligned with its response_ids.
     """
-    igs = [[s.ig for s in t.steps] for t in trajs]
+    igs = step_values if step_values is not None else [[s.ig for s in t.steps] for t in trajs]
     if center_groups:
         igs = center_in_groups(igs, center_groups)
     out = []

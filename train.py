@@ -32,7 +32,7 @@ import igsearch as ig
 import prepare
 from compare import method_name
 from errors import InputError, OneLineParser
-from evaluate import documents_hold_answer, evaluate, format_table, make_search
+from evaluate import evaluate, format_table, make_search
 from retriever import RetrieverError
 from warmup import warmup
 
@@ -40,6 +40,7 @@ from warmup import warmup
 @dataclass
 class Config:
     # data, model, retriever ("" = the offline default built by prepare.py)
+    task: str = "plain"  # offline questions: plain, or noisy (behind distractors: the query decides)
     model: str = ""  # HF name or folder (paper: Qwen/Qwen2.5-3B)
     trust_remote_code: bool = False  # run Python code shipped with the model (trusted repos only)
     train_data: str = ""  # FlashRAG JSON lines (paper: NQ + HotpotQA train)
@@ -60,6 +61,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature (paper 1.0)
     # reward
     outcome_only: bool = False  # alpha = 0: the Search-R1 GRPO baseline
+    step_reward: str = "ig"  # what alpha weighs on the query tokens: ig (paper), or hit (a baseline)
     ig_alpha: float = 0.3  # weight of IG on the query tokens (paper 0.3)
     ig_n_random: int = 3  # N counterfactual document sets per step (paper 3)
     ig_baseline: str = "random"  # random (paper) or empty (the paper's ablation)
@@ -86,7 +88,7 @@ class Config:
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
-    warmup_query: str = "question"  # the warm-up's query: the question, or "varied" (query_forms)
+    warmup_query: str = "question"  # the warm-up's query: question, varied, or retry (two searches)
     # evaluation, logging, checkpoints
     eval_questions: int = 64  # held-out test questions in the before/after table (0 = skip)
     val_questions: int = 200  # validation questions carved from the train split, never trained on
@@ -104,6 +106,11 @@ PRESETS = {
     # every 10 steps, all 751 test questions at the end (micro_batch 8, no checkpointing: faster)
     "learn": dict(steps=40, lr=2e-5, eval_questions=751, eval_start=False, warmup_examples=0,
                   eval_every=10, micro_batch=8, grad_checkpointing=False, out_dir="runs/learn"),
+    # the query task's experiment: the same protocol on the noisy questions, with turns long enough
+    # to copy a noisy question into a query
+    "query": dict(task="noisy", steps=40, lr=2e-5, eval_questions=751, eval_start=False,
+                  warmup_examples=0, eval_every=10, micro_batch=8, grad_checkpointing=False,
+                  max_turn_tokens=64, out_dir="runs/query"),
     "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
                   max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
                   kl_coef=0.001, micro_batch=4, ig_batch_size=32, ig_max_len=4096,
@@ -184,7 +191,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("max_turn_tokens", c.max_turn_tokens >= 1, ">= 1"),
         ("ig_n_random", c.ig_n_random >= 1, ">= 1"), ("micro_batch", c.micro_batch >= 1, ">= 1"),
         ("ig_baseline", c.ig_baseline in ("random", "empty"), "random or empty"),
-        ("warmup_query", c.warmup_query in ("question", "varied"), "question or varied"),
+        ("warmup_query", c.warmup_query in ("question", "varied", "retry"),
+         "question, varied or retry"),
+        ("task", c.task in prepare.TASKS, " or ".join(prepare.TASKS)),
+        ("step_reward", c.step_reward in ("ig", "hit"), "ig or hit"),
         ("template", c.template in ig.TEMPLATES, " or ".join(ig.TEMPLATES)),
         ("lr", c.lr > 0, "> 0"), ("temperature", c.temperature >= 0, ">= 0"),
         ("retriever_retries", c.retriever_retries >= 1, ">= 1"),
@@ -327,13 +337,14 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
                 device: torch.device) -> dict:
     """The step's log line over the global batch: every rank's rollouts gathered (times: rank 0's).
 
-    hit: share of search steps whose documents hold a gold answer; ig_hit / ig_miss: mean IG of
+    hit: share of search steps whose documents hold a gold answer; hit1: share of rollouts whose
+    first search does (none counts as a miss); ig_hit / ig_miss: mean IG of
     those steps and of the others (does IG tell a query that found the answer from one that not?);
     docs_cut: share of search steps whose documents were cut to the response budget.
     """
     mem = peak_memory_gb(device)
     mine = [(r, len(t.steps), len(t.response_ids), ig.extract_answer(t) is not None, t.truncated,
-             mem, [(documents_hold_answer(s.documents, g), s.ig, s.cut > 0) for s in t.steps])
+             mem, [(ig.documents_hold_answer(s.documents, g), s.ig, s.cut > 0) for s in t.steps])
             for t, g, r in zip(trajs, golds, rewards.tolist())]
     r, searches, length, valid, truncated, mem, step_lists = zip(
         *[x for part in dd.all_gather(mine) for x in part])
@@ -344,6 +355,7 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
     return {"step": step + 1, "reward": float(np.mean(r)), "em": float(np.mean(r)),
             "ig_mean": mean(igs), "ig_pos": mean([v > 0 for v in igs]),
             "hit": mean([h for h, _, _ in steps]),
+            "hit1": mean([bool(xs) and xs[0][0] for xs in step_lists]),
             "ig_hit": mean([v for h, v, _ in steps if h and v is not None]),
             "ig_miss": mean([v for h, v, _ in steps if not h and v is not None]),
             "docs_cut": mean([c for _, _, c in steps]),
@@ -445,7 +457,7 @@ def set_up(cfg: Config, resume: str) -> Setup:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
                   f"rates, train.CPU_SECONDS); each phase's bar shows its own ETA")
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
-    data = {} if own_data else prepare.default_data()
+    data = {} if own_data else prepare.default_data(cfg.task)
     train_file = cfg.train_data or data["train"]
     train_q, val_q = prepare.split_validation(prepare.load_questions(train_file),
                                               cfg.val_questions if cfg.eval_every else 0)
@@ -527,14 +539,19 @@ def train(cfg: Config, resume: str = "") -> dict:
         golds = [q["golden_answers"] for q in qs]
         rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g)
                                 for t, g in zip(trajs, golds)])  # (B,)
-        if alpha > 0:
+        step_values = None  # None: IG_t; the hit-bonus baseline: 1 where the documents hold a gold
+        if alpha > 0 and cfg.step_reward == "ig":
             with bf16(s.device):
                 information_gain(s.policy, s.tokenizer, trajs, golds, cfg, s.gens["ig"])
+        elif alpha > 0:
+            step_values = [[float(ig.documents_hold_answer(st.documents, g)) for st in t.steps]
+                           for t, g in zip(trajs, golds)]
         t2 = time.time()
         # ---- 3. advantages: the group baseline, plus alpha * IG~_t / |Q_t| on the query tokens
         adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
         tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale,
-                                      cfg.ig_clip or None, cfg.group_size if cfg.ig_center else 0)
+                                      cfg.ig_clip or None, cfg.group_size if cfg.ig_center else 0,
+                                      step_values)
         # ---- 4. one on-policy REINFORCE update
         stats = update(s.model, s.ref_model, s.tokenizer, trajs, tok_adv, s.optimizer, cfg)
         s.sync_policy()

@@ -138,8 +138,8 @@ def test_exact_match_normalisation(pred, golds, em):
 
 
 def test_f1_partial_credit():
-    assert evaluate.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
-    assert evaluate.f1_score("nothing", ["Eiffel Tower"]) == 0.0
+    assert ig.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert ig.f1_score("nothing", ["Eiffel Tower"]) == 0.0
 
 
 # ----------------------------------------------------------------------------- information gain
@@ -322,9 +322,9 @@ def test_centred_ig_ranks_the_queries_of_one_question_against_each_other():
 
 def test_documents_hold_answer_on_whole_normalised_words():
     docs = 'Doc 1(Title: "The Nile") The Nile is long. Doc 2(Title: "Romeo and Juliet") a play.'
-    assert evaluate.documents_hold_answer(docs, ["nile"]) and evaluate.documents_hold_answer(docs, ["Rome", "the nile!"])
-    assert not evaluate.documents_hold_answer(docs, ["Rome"])  # "Romeo" is not "Rome"
-    assert not evaluate.documents_hold_answer(docs, ["", "the"])  # nothing left after normalising finds nothing
+    assert ig.documents_hold_answer(docs, ["nile"]) and ig.documents_hold_answer(docs, ["Rome", "the nile!"])
+    assert not ig.documents_hold_answer(docs, ["Rome"])  # "Romeo" is not "Rome"
+    assert not ig.documents_hold_answer(docs, ["", "the"])  # nothing left after normalising finds nothing
 
 
 def test_loss_gradient_is_zero_on_masked_tokens(tokenizer, tiny_model):
