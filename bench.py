@@ -32,10 +32,10 @@ import torch
 
 import fast
 import igsearch as ig
+import lm
 import prepare
 import train
-from evaluate import make_search
-from retriever import BM25Retriever, RemoteRetriever, load_corpus, make_server, tokenize
+from retriever import BM25Retriever, RemoteRetriever, load_corpus, make_search, make_server, tokenize
 
 SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
@@ -371,7 +371,7 @@ class Bench:
 
     def section_rollout(self) -> None:
         prompt_ids = [self.tok(p, add_special_tokens=False).input_ids for p in self.prompts]
-        ids, mask, _ = ig.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
+        ids, mask, _ = lm.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
         per_row = math.ceil(sum(sum(t.loss_mask) for t in (self.trajs or self.rollout())) / len(self.prompts))
         sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None)
 

@@ -17,24 +17,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_metrics, read_json
+from config import method_name
 from errors import InputError, OneLineParser
-
-
-def method_name(config: dict) -> str:
-    """The name of a run's method (its table row), from its config: the method and every IG setting that
-    departs from the paper's formulation."""
-    if config.get("outcome_only") or config.get("ig_alpha") == 0:
-        return "outcome-only"
-    if config.get("step_reward") == "hit":  # not the paper's: alpha * [the documents hold a gold]
-        alpha = config.get("ig_alpha", 0.3)
-        return "hit bonus" + (f" (alpha {alpha:g})" if alpha != 0.3 else "")
-    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
-             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
-             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
-             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
-             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
-    marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
 
 
 @dataclass

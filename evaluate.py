@@ -21,17 +21,12 @@ from tqdm import tqdm
 
 import fast
 import igsearch as ig
+import lm
 import prepare
 from checkpoint import check_writable, write_json
+from config import TASKS
 from errors import InputError, OneLineParser
-from retriever import BM25Retriever, RemoteRetriever, RetrieverError, format_passages
-
-
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None, timeout: float = 30.0,
-                retries: int = 3):
-    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
-    return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
+from retriever import RetrieverError, make_search
 
 
 @torch.no_grad()
@@ -51,7 +46,7 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
         batch = questions[k: k + batch_size]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
         trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0,
-                           turn=fast.CachedTurns() if use_fast else ig.generate_turn, **rollout_kw)
+                           turn=fast.CachedTurns() if use_fast else lm.generate_turn, **rollout_kw)
         if with_ig:
             golds = [q["golden_answers"] for q in batch]
             draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
@@ -92,7 +87,7 @@ def format_table(rows: dict[str, dict], average: bool = True, first: str = "data
 
 
 # Exact match of Qwen2.5-3B rows, quoted from the IG-Search paper (arXiv 2604.15148), in the order of
-# prepare.BENCHMARKS, then the average. None: a cell our copy of the table (SPEC.md 5b) does not give.
+# prepare.BENCHMARKS, then the average. None: a cell the paper's table does not give for that row.
 PAPER_EM = {
     "Direct inference": (.106, .288, .108, .149, .244, .020, .024, .134),
     "RAG": (.348, .544, .387, .255, .226, .047, .080, .270),
@@ -162,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
     p.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
     p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
+    p.add_argument("--task", default="plain", choices=TASKS, help="the offline test split: plain or noisy")
     p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
     p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)")
     p.add_argument("--topk", type=int, default=3)
@@ -181,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("doc_words", "limit", "max_searches", "show"):
             if getattr(args, name) < 0:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
-        data = prepare.default_data() if not (args.data and args.corpus) else {}
+        own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
+        data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")

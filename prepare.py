@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config import TASKS
 from igsearch import normalize_answer
 from errors import InputError, OneLineParser
 from retriever import BM25Retriever, load_corpus, parse_contents, read_lines
@@ -187,9 +188,6 @@ def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
     for name, rows in {"corpus": corpus, **splits}.items():
         _write_jsonl(out_dir / f"{name}.jsonl", rows)
     return {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
-
-
-TASKS = ("plain", "noisy")  # the offline default's question sets (train.py --task)
 
 
 def default_data(task: str = "plain") -> dict[str, str]:

@@ -6,6 +6,7 @@ import torch
 
 import evaluate
 import igsearch as ig
+import lm
 from igsearch import Step, TEMPLATES, Trajectory
 
 TPL = TEMPLATES["igsearch"]
@@ -92,7 +93,7 @@ def test_hostile_documents_cannot_answer_or_close_the_block(tokenizer, scripted)
 def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model):
     """Pins the left-padding bug: without position ids the shorter row's continuation changes."""
     seqs = [tokenizer("What is the capital of France? Paris is").input_ids, tokenizer("Hamlet").input_ids]
-    new = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
+    new = lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
     for s, n in zip(seqs, new):
         ref = tiny_model.generate(torch.tensor([s]), max_new_tokens=8, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
@@ -101,7 +102,7 @@ def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model
 
 def test_sampling_is_reproducible_with_a_generator(tokenizer, tiny_model):
     seqs = [tokenizer("What is the capital").input_ids] * 3
-    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
+    runs = [lm.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
