@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+import config
 import fast
 import igsearch as ig
 import lm
@@ -191,7 +192,7 @@ def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
 class Bench:
     def __init__(self, args):
         self.args, group = args, 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
-        self.cfg = c = train.Config(**{**train.PRESETS[args.shape], "model": args.model, "group_size": group,
+        self.cfg = c = train.Config(**{**config.PRESETS[args.shape], "model": args.model, "group_size": group,
                                        "questions_per_step": args.batch // group, "normalize_std": group > 1})
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:

@@ -1,8 +1,6 @@
 """The run's configuration: every field with its meaning and the paper's value, the presets, the
-checks, and the name of the method a config stands for.
-
-train.py builds its command line from Config; compare.py names a finished run's method with
-method_name, from the run's config.json alone.
+command line (every field a flag), the checks, the time a run will take, and the name of the
+method a config stands for (compare.py names a finished run's method from its config.json).
 """
 from __future__ import annotations
 
@@ -11,7 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import InputError
+import checkpoint as ckpt
+from errors import InputError, OneLineParser
 
 TASKS = ("plain", "noisy")  # the offline default's question sets (prepare.default_data)
 
@@ -63,7 +62,7 @@ class Config:
     rollout_batch: int = 0  # sequences generated together, at most (0 = all): bounds the KV cache
     grad_checkpointing: bool = True  # recompute each layer's activations in the backward pass
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over the ranks
-    fast: bool = True  # the exact speed-ups of fast.py (same results, less time and memory)
+    fast: bool = True  # fast.py's speed-ups (the same results up to float rounding)
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
@@ -180,3 +179,65 @@ def method_name(config: dict) -> str:
              (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
     marks = [m for m, on in marks if on]
     return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
+
+
+def parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+        text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
+    """--field value for every Config field, --preset NAME, --resume RUN_DIR -> (config, resume)."""
+    p = OneLineParser(description="Train a search policy with IG-Search; every Config field is a flag.")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
+    for f in dataclasses.fields(Config):
+        if f.type == "bool":  # --flag, or --flag true/false
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=parse_bool)
+        else:
+            p.add_argument(f"--{f.name}", default=None,
+                           type={"int": int, "float": float}.get(f.type, str))
+    args = p.parse_args(argv)
+    values = dataclasses.asdict(Config())
+    given = {k: v for k, v in vars(args).items() if k in values and v is not None}
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").exists():
+            raise InputError(f"{run}: not a run folder (no config.json)")
+        if not ckpt.last_checkpoint(run).exists():
+            raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
+                             f"first save): start it again without --resume")
+        saved = ckpt.read_json(run / "config.json")
+        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
+            if name in given and given[name] != saved.get(name):
+                raise InputError(f"--{name} cannot change on --resume (the run continues from "
+                                 f"{run}/checkpoint): start a new run to change it")
+        if args.preset != "default":
+            raise InputError("--preset cannot be given with --resume (the run keeps its config)")
+        values.update(checked_fields(saved, run / "config.json"))
+    else:
+        values.update(PRESETS[args.preset])
+    values.update(given)
+    return Config(**values), args.resume
+
+
+
+# Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain
+# `python train.py`: the time estimate printed at the start of a run scales these.
+CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 2.0, "eval_formatted": 1.0,
+               "rollout": 3.85}
+
+
+def estimate_seconds(cfg: Config) -> float:
+    """The run's wall-clock on 2 CPU cores with the default model, from CPU_SECONDS."""
+    c, n = CPU_SECONDS, cfg.eval_questions
+    evals = n * (c["eval_untrained"] * cfg.eval_start
+                 + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0)))
+    if cfg.eval_every:  # validation at step 0 (when this run made its start model), each K steps
+        n_val = bool(cfg.eval_start or cfg.warmup_examples) + math.ceil(cfg.steps / cfg.eval_every)
+        evals += n_val * cfg.val_questions * c["eval_formatted"]
+    rl = cfg.steps * cfg.questions_per_step * cfg.group_size * c["rollout"]  # rollout + IG + update
+    return c["setup"] + evals + cfg.warmup_examples * c["warmup"] + rl

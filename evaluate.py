@@ -36,7 +36,7 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
     """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs.
 
     with_ig: also the IG of every search step against the gold (counterfactuals from the same batch).
-    use_fast: the exact speed-ups of fast.py (the same rollouts and scores).
+    use_fast: the speed-ups of fast.py (the same rollouts and scores, up to float rounding).
     """
     tpl = ig.TEMPLATES[template]
     was_training = model.training

@@ -1,8 +1,9 @@
-"""Exact speed-ups: each gives what a plain function of igsearch.py or train.py gives, in less time
+"""Speed-ups: each gives what a plain function of igsearch.py, lm.py or train.py gives (up to float
+rounding: the tests compare at 1e-4 to 1e-6; greedy rollouts are token for token the same), in less time
 or memory. train.py uses them unless `--fast false`, as nanoGPT uses torch.compile unless told
 not to; tests/test_fast.py checks each against its plain twin.
 
-1. CachedTurns equals igsearch.generate_turn: it keeps a rollout's KV cache from one turn to the
+1. CachedTurns equals lm.generate_turn: it keeps a rollout's KV cache from one turn to the
    next, so a turn prefills only what was added (documents, the invalid-action note) instead of
    the whole sequence again.
 2. answer_scores_shared_prefix equals igsearch.answer_scores: step t's contexts hold every earlier
@@ -29,7 +30,7 @@ import lm
 
 
 class CachedTurns:
-    """igsearch.generate_turn with memory: one instance per rollout (its cache lives until then).
+    """lm.generate_turn with memory: one instance per rollout (its cache lives until then).
 
     A call whose sequences extend, in order, rows of the previous call's sequences continues their
     cache: the rows that left are dropped from it, and only each row's new tokens are prefilled

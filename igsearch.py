@@ -15,7 +15,8 @@ and for every search step t of rollout i the reward model is the policy itself:
 
 The sections follow that order: 1 protocol, 2 rollout, 3 answers and rewards, 4 information gain,
 5 shaping and advantages, 6 loss. Every function here is the plain version of its idea;
-fast.py holds exact speed-ups of three of them (same results, tested), which train.py uses.
+fast.py holds speed-ups of three of them (the same results up to float rounding, tested), which
+train.py uses.
 
 Departures from the paper and its official code (reasons in docs/departures.md, cited by number):
 1. attention masks come from sequence lengths, never from comparing ids with the pad id;

@@ -1,6 +1,6 @@
 """Driving a causal language model: left padding with position ids, the decoding loop with a KV
 cache, length-sorted batches. Nothing here is IG-Search; igsearch.py builds the method on it, and
-fast.py's CachedTurns is the exact speed-up of generate_turn.
+fast.py's CachedTurns is the speed-up of generate_turn (the same tokens).
 """
 from __future__ import annotations
 

@@ -32,74 +32,12 @@ import fast
 import igsearch as ig
 import lm
 import prepare
-from config import PRESETS, Config, check_config, checked_fields, method_name
+from config import Config, check_config, estimate_seconds, method_name, parse_config
 from errors import InputError, OneLineParser
 from evaluate import evaluate, format_table
 from retriever import RetrieverError, make_search
 from warmup import warmup
 
-
-
-def parse_bool(text: str) -> bool:
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
-        text.lower())
-    if value is None:
-        raise ValueError(text)
-    return value
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
-    """--field value for every Config field, --preset NAME, --resume RUN_DIR -> (config, resume)."""
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
-    for f in dataclasses.fields(Config):
-        if f.type == "bool":  # --flag, or --flag true/false
-            p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=parse_bool)
-        else:
-            p.add_argument(f"--{f.name}", default=None,
-                           type={"int": int, "float": float}.get(f.type, str))
-    args = p.parse_args(argv)
-    values = dataclasses.asdict(Config())
-    given = {k: v for k, v in vars(args).items() if k in values and v is not None}
-    if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.json").exists():
-            raise InputError(f"{run}: not a run folder (no config.json)")
-        if not ckpt.last_checkpoint(run).exists():
-            raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
-                             f"first save): start it again without --resume")
-        saved = ckpt.read_json(run / "config.json")
-        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
-            if name in given and given[name] != saved.get(name):
-                raise InputError(f"--{name} cannot change on --resume (the run continues from "
-                                 f"{run}/checkpoint): start a new run to change it")
-        if args.preset != "default":
-            raise InputError("--preset cannot be given with --resume (the run keeps its config)")
-        values.update(checked_fields(saved, run / "config.json"))
-    else:
-        values.update(PRESETS[args.preset])
-    values.update(given)
-    return Config(**values), args.resume
-
-
-
-# Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain
-# `python train.py`: the time estimate printed at the start of a run scales these.
-CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 2.0, "eval_formatted": 1.0,
-               "rollout": 3.85}
-
-
-def estimate_seconds(cfg: Config) -> float:
-    """The run's wall-clock on 2 CPU cores with the default model, from CPU_SECONDS."""
-    c, n = CPU_SECONDS, cfg.eval_questions
-    evals = n * (c["eval_untrained"] * cfg.eval_start
-                 + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0)))
-    if cfg.eval_every:  # validation at step 0 (when this run made its start model), each K steps
-        n_val = bool(cfg.eval_start or cfg.warmup_examples) + math.ceil(cfg.steps / cfg.eval_every)
-        evals += n_val * cfg.val_questions * c["eval_formatted"]
-    rl = cfg.steps * cfg.questions_per_step * cfg.group_size * c["rollout"]  # rollout + IG + update
-    return c["setup"] + evals + cfg.warmup_examples * c["warmup"] + rl
 
 
 class TrainingError(RuntimeError):
@@ -378,7 +316,7 @@ def set_up(cfg: Config, resume: str) -> Setup:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         if device.type == "cpu" and not cfg.model:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
-                  f"rates, train.CPU_SECONDS); each phase's bar shows its own ETA")
+                  f"rates, config.CPU_SECONDS); each phase's bar shows its own ETA")
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
     data = {} if own_data else prepare.default_data(cfg.task)
     train_file = cfg.train_data or data["train"]

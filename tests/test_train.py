@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import igsearch as ig
+import config
 import train
 import warmup
 from train import Config
@@ -77,7 +78,7 @@ def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path,
                                     warmup_examples=0, outcome_only=True, max_turn_tokens=3))
     assert list(table) == ["outcome-only"]  # a shared start checkpoint is evaluated once, by its own run
     assert json.loads((tmp_path / "b" / "table.json").read_text()) == table
-    cfg, c = Config(), train.CPU_SECONDS
+    cfg, c = Config(), config.CPU_SECONDS
     more = dataclasses.replace(cfg, steps=cfg.steps + 1)
     assert train.estimate_seconds(more) - train.estimate_seconds(cfg) == pytest.approx(
         cfg.questions_per_step * cfg.group_size * c["rollout"])  # one more step costs one step's rollouts
