@@ -19,16 +19,16 @@ setup(
         "bench",
         "distributed",
         "compare",
+        "config",
+        "lm",
     ],
     python_requires=">=3.10",
     install_requires=["torch", "transformers", "numpy", "rank-bm25", "tqdm"],
     extras_require={
         "test": ["pytest", "ruff"],  # ruff: .ci/run checks format and lint after the tests
         "gguf": ["gguf", "accelerate"],  # the offline default model ships as a GGUF file
-        "data": [
-            "datasets",
-            "pyarrow",
-        ],  # prepare.py --flashrag (the paper's benchmarks), Search-R1 parquet files
+        # prepare.py --flashrag (the paper's benchmarks), Search-R1 parquet files
+        "data": ["datasets", "pyarrow"],
         "plot": ["matplotlib"],
     },
 )
