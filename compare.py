@@ -77,17 +77,18 @@ def held_out_table(runs: list[Run]) -> list[str]:
             groups.setdefault(name + task, []).append(row)
     lines = [
         f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
-        f"{'valid':>8}{'hit':>8}"
+        f"{'valid':>8}{'hit':>8}{'hit1':>8}"
     ]
     for name, rows in groups.items():
         stat = {
             k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")
         }
         pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
-        hit = (
-            f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}"
-            if all("hit" in r for r in rows)
+        hit = "".join(  # tables written before a share was measured show "-"
+            f"{sum(r[k] for r in rows) / len(rows):>8.2f}"
+            if all(k in r for r in rows)
             else f"{'-':>8}"
+            for k in ("hit", "hit1")
         )
         spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
         lines.append(
@@ -173,11 +174,38 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
     return lines
 
 
+def first_search_hits(runs: list[Run]) -> list[str]:
+    """Per method, the validation share of questions whose first search finds the gold at each
+    validated step (mean over runs), and the first step at which it reaches outcome-only's final
+    level on the same task: how fast a reward teaches the queries."""
+    curves = {m: c["val_hit1"] for m, c in learning_curves(runs).items() if "val_hit1" in c}
+    if not curves:
+        return []
+    means = {m: {s: sum(v) / len(v) for s, v in sorted(c.items())} for m, c in curves.items()}
+    lines = ["validation: questions whose first search finds the gold, by step (mean over runs)"]
+    for method, curve in means.items():
+        task = method[method.find(" [") :] if " [" in method else ""
+        ref = means.get("outcome-only" + task)
+        reach = ""
+        if ref and not method.startswith("outcome-only"):
+            level = ref[max(ref)]
+            step = next((s for s, v in curve.items() if v >= level), None)
+            reach = f"   outcome-only's final {level:.3f} reached at step {step}"
+        points = " ".join(f"{s}:{v:.3f}" for s, v in curve.items())
+        lines.append(f"{method:<38}{points}{reach}")
+    return lines
+
+
 def report(runs: list[Run]) -> str:
     """Everything above, blocks separated by a blank line."""
     return "\n\n".join(
         "\n".join(block)
-        for block in (held_out_table(runs), per_run(runs), training_means(runs))
+        for block in (
+            held_out_table(runs),
+            per_run(runs),
+            training_means(runs),
+            first_search_hits(runs),
+        )
         if block
     )
 

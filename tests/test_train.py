@@ -799,3 +799,44 @@ def test_task_is_recorded_and_kept_on_resume(tiny_run_files, tmp_path, monkeypat
     assert all(
         "hit1" in r and r["ig_mean"] == 0 for r in read_metrics(tmp_path / "r")
     )  # the hit bonus scores no IG
+
+
+def test_compare_reports_first_search_hits_per_task_and_when_they_reach_outcome_only(tmp_path):
+    """The query task's measure: validation hit1 curves by method, never averaged across tasks, and
+    the first step at which a method reaches outcome-only's final level on the same task."""
+    import compare
+
+    def run(name, table, records, **config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(
+            json.dumps(dataclasses.asdict(Config(**config)))
+        )
+        (tmp_path / name / "table.json").write_text(json.dumps(table))
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (tmp_path / name / "metrics.jsonl").write_text(lines)
+        return compare.Run.read(str(tmp_path / name))
+
+    row = {"n": 4, "em": 0.5, "f1": 0.5, "searches": 1.5, "valid": 1, "hit": 0.5, "hit1": 0.25}
+    curve = lambda vals: [{"step": s, "reward": 0.5, "val_em": 0.1, "val_hit1": v} for s, v in vals]
+    runs = [
+        run("warm", {"after warm-up": row}, [{"step": 0, "val_hit1": 0.2}], task="noisy"),
+        run(
+            "oo",
+            {"outcome-only": row},
+            curve([(10, 0.3), (20, 0.5)]),
+            task="noisy",
+            outcome_only=True,
+        ),
+        run("ig", {"IG-Search": row}, curve([(10, 0.6), (20, 0.7)]), task="noisy"),
+        run("plain", {"IG-Search": {**row, "hit1": 0.75}}, curve([(10, 0.1), (20, 0.2)])),
+    ]
+    table = compare.held_out_table(runs)
+    assert any(line.startswith("IG-Search [noisy]") and line.endswith("0.25") for line in table)
+    assert any(line.startswith("IG-Search   ") and line.endswith("0.75") for line in table)
+    lines = compare.first_search_hits(runs)
+    ig_line = next(line for line in lines if line.startswith("IG-Search [noisy]"))
+    assert "0:0.200 10:0.600 20:0.700" in ig_line and "final 0.500 reached at step 10" in ig_line
+    plain = next(line for line in lines if line.startswith("IG-Search ") and "[" not in line)
+    assert (
+        "reached" not in plain and "0:0.200" not in plain
+    )  # no plain outcome-only, no noisy warm-up
