@@ -29,6 +29,7 @@ import checkpoint as ckpt
 import distributed as dd
 import fast
 import igsearch as ig
+import lora
 import prepare
 from compare import method_name
 from errors import InputError, OneLineParser
@@ -83,6 +84,10 @@ class Config:
     grad_checkpointing: bool = True  # recompute each layer's activations in the backward pass
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over the ranks
     fast: bool = True  # the exact speed-ups of fast.py (same results, less time and memory)
+    lora_rank: int = 0  # LoRA adapters of this rank through peft (lora.py); 0 = all weights (paper)
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank on the adapters' output
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # adapted layers
+    ignore_memory_check: bool = False  # run even when memory.py's estimate exceeds the device
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
@@ -142,7 +147,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
             raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
                              f"first save): start it again without --resume")
         saved = ckpt.read_json(run / "config.json")
-        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
+        for name in ("model", "out_dir", "lora_rank"):  # the run folder and checkpoint fix these
             if name in given and given[name] != saved.get(name):
                 raise InputError(f"--{name} cannot change on --resume (the run continues from "
                                  f"{run}/checkpoint): start a new run to change it")
@@ -179,6 +184,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
          f">= 1 and >= the {world_size} ranks"),
         ("questions_per_step", not c.fsdp or c.questions_per_step % world_size == 0,
          f"a multiple of the {world_size} ranks with --fsdp"),
+        ("lora_rank", c.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+        ("lora_rank", not (c.lora_rank and c.fsdp), "0 with --fsdp (LoRA runs in one process)"),
+        ("lora_alpha", c.lora_alpha > 0, "> 0"),
         ("fsdp", not c.fsdp or world_size > 1,
          "False in one process: launch with torchrun --nproc_per_node K to shard"),
         ("max_turn_tokens", c.max_turn_tokens >= 1, ">= 1"),
@@ -458,9 +466,12 @@ def set_up(cfg: Config, resume: str) -> Setup:
         test_q = prepare.load_questions(test_file)[: cfg.eval_questions]
     search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk,
                          cfg.doc_words or None, cfg.retriever_timeout, cfg.retriever_retries)
-    start_model = str(ckpt.last_checkpoint(run)) if resume else cfg.model
+    start_model = str(ckpt.last_checkpoint(run)) if resume and not cfg.lora_rank else cfg.model
     model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code,
                                           dtype=torch.float32)
+    if cfg.lora_rank:  # the base stays the loaded model; a resumed run reloads only its adapter
+        lora.add_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                         ckpt.last_checkpoint(run) if resume else None)
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
     policy = model
@@ -480,7 +491,9 @@ def set_up(cfg: Config, resume: str) -> Setup:
             if s.test_q:
                 s.table["after warm-up"] = evaluate_on(s, s.test_q, "eval warm-up")
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and cfg.lora_rank:  # the base with the adapter off: no second copy
+        s.ref_model = lora.AdapterOff(policy)
+    elif cfg.kl_coef > 0:
         s.ref_model = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False)
     s.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if resume:
