@@ -30,6 +30,7 @@ import distributed as dd
 import fast
 import igsearch as ig
 import lora
+import memory
 import prepare
 from compare import method_name
 from errors import InputError, OneLineParser
@@ -452,6 +453,8 @@ def set_up(cfg: Config, resume: str) -> Setup:
         if device.type == "cpu" and not cfg.model:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
                   f"rates, train.CPU_SECONDS); each phase's bar shows its own ETA")
+    memory.check(cfg, str(ckpt.last_checkpoint(run)) if resume else cfg.model or
+                 prepare.default_model(), device, dd.world_size(), quiet=not main)
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
     data = {} if own_data else prepare.default_data()
     train_file = cfg.train_data or data["train"]
