@@ -110,7 +110,8 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 def merged_state(model) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every adapter merged: W + (alpha / R) B A."""
-    layers = {name: m for name, m in model.named_modules() if m in set(adapter_layers(model))}
+    adapted = set(adapter_layers(model))
+    layers = {name: m for name, m in model.named_modules() if m in adapted}
     state = {}
     for key, value in model.state_dict().items():
         if ".lora_" in key:
