@@ -2,17 +2,19 @@
 
 With --lora_rank R each target projection y = W x becomes
 
-    y = W x + (alpha / R) B A x          A: (R, in), B: (out, R); B starts at 0, so the policy starts
-                                         as the loaded model; only A and B train
+    y = W x + (alpha / R) B A x        A: (R, in), B: (out, R); B starts at 0, so the policy
+                                       starts as the loaded model; only A and B train
 
 so the gradients and AdamW state shrink to the adapters' (a few % of the weights), and the KL
 reference is the same base with the adapter switched off: no second copy of the model. The adapter
 is injected into the model in place (peft.inject_adapter_in_model): the policy stays the plain
 transformers model, so rollouts, IG scoring and fast.py's speed-ups run on it unchanged, with the
 adapter on. A checkpoint is a plain Hugging Face folder with the adapter merged (W + (alpha/R) B A),
-which from_pretrained and evaluate.py load as any model, and the adapter itself in checkpoint/adapter
-(PeftModel.from_pretrained(base, "checkpoint/adapter") for PEFT users; --resume reads it).
+which from_pretrained and evaluate.py load as any model, and the adapter itself in
+checkpoint/adapter (PeftModel.from_pretrained(base, "checkpoint/adapter") for PEFT users; --resume
+reads it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,12 +41,16 @@ def linear_names(model) -> set[str]:
     weight is tied to the embedding in SmolLM2 and Qwen2.5-3B, and fast.py applies it outside the
     model's forward)."""
     head = model.get_output_embeddings()
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m is not head}
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    }
 
 
-def add_adapter(model, rank: int, alpha: float, targets: str, resume_from: Path | None = None
-                ) -> None:
+def add_adapter(
+    model, rank: int, alpha: float, targets: str, resume_from: Path | None = None
+) -> None:
     """Freeze the model and inject a LoRA adapter into its `targets` (comma-separated last names of
     linear layers) in place; with resume_from, the adapter's weights come from that checkpoint."""
     peft = require_peft()
@@ -52,11 +58,19 @@ def add_adapter(model, rank: int, alpha: float, targets: str, resume_from: Path 
     have = linear_names(model)
     missing = [t for t in names if t not in have] or ([] if names else ["(none given)"])
     if missing:
-        raise InputError(f"--lora_targets: {model.config.model_type} has no linear layer named "
-                         f"{', '.join(missing)} (its linear layers: {', '.join(sorted(have))})")
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0,
-                             bias="none", task_type="CAUSAL_LM",
-                             base_model_name_or_path=model.config.name_or_path or None)
+        raise InputError(
+            f"--lora_targets: {model.config.model_type} has no linear layer named "
+            f"{', '.join(missing)} (its linear layers: {', '.join(sorted(have))})"
+        )
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=names,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=model.config.name_or_path or None,
+    )
     model.requires_grad_(False)
     peft.inject_adapter_in_model(config, model)  # the adapters' weights train, nothing else
     model.lora_config = config  # kept for the adapter's adapter_config.json
@@ -66,6 +80,7 @@ def add_adapter(model, rank: int, alpha: float, targets: str, resume_from: Path 
 
 def adapter_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
+
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
@@ -104,8 +119,11 @@ class AdapterOff:
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapters' weights under the names PeftModel.from_pretrained expects."""
     from peft import get_peft_model_state_dict
-    return {f"base_model.model.{k}": v.detach().cpu().contiguous()
-            for k, v in get_peft_model_state_dict(model).items()}
+
+    return {
+        f"base_model.model.{k}": v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
 
 
 def merged_state(model) -> dict[str, torch.Tensor]:
@@ -133,17 +151,22 @@ def save_weights(model, folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         return
     from safetensors.torch import save_file
+
     model.save_pretrained(folder, state_dict=merged_state(model), safe_serialization=True)
     (folder / ADAPTER).mkdir(parents=True, exist_ok=True)
     model.lora_config.save_pretrained(folder / ADAPTER)
-    save_file(adapter_state(model), folder / ADAPTER / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        adapter_state(model),
+        folder / ADAPTER / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def load_adapter(model, folder: Path) -> None:
     """The adapters' weights from a folder written by save_weights."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
     path = folder / "adapter_model.safetensors"
     if not path.exists():
         raise InputError(f"{path}: no adapter to resume the LoRA run from")
@@ -151,8 +174,10 @@ def load_adapter(model, folder: Path) -> None:
     if saved.get("r") != model.lora_config.r:
         raise InputError(f"{folder}: adapter of rank {saved.get('r')}, not {model.lora_config.r}")
     prefix = "base_model.model."
-    state = {k[len(prefix):]: v for k, v in load_file(path).items()}
+    state = {k[len(prefix) :]: v for k, v in load_file(path).items()}
     result = set_peft_model_state_dict(model, state)
     if getattr(result, "unexpected_keys", None):
-        raise InputError(f"{path}: adapter weights that the model has no place for "
-                         f"({result.unexpected_keys[0]}, ...)")
+        raise InputError(
+            f"{path}: adapter weights that the model has no place for "
+            f"({result.unexpected_keys[0]}, ...)"
+        )
