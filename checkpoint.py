@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import distributed as dd
+import lora
 from errors import InputError
 
 
@@ -122,7 +123,7 @@ def save_checkpoint(
         return
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
+    lora.save_weights(policy, tmp)  # a plain model folder (a LoRA adapter merged, and beside it)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
     (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))

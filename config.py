@@ -68,6 +68,10 @@ class Config:
     grad_checkpointing: bool = True  # recompute each layer's activations in the backward pass
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over the ranks
     fast: bool = True  # fast.py's speed-ups (the same results up to float rounding)
+    lora_rank: int = 0  # LoRA adapters of this rank through peft (lora.py); 0 = all weights (paper)
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank on the adapters' output
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # adapted layers
+    ignore_memory_check: bool = False  # run even when memory.py's estimate exceeds the device
     warmup_examples: int = 64  # format warm-up: supervised trajectories from the train split
     warmup_lr: float = 5e-5  # learning rate of the warm-up
     warmup_batch: int = 8  # trajectories per warm-up step
@@ -172,6 +176,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
             not c.fsdp or c.questions_per_step % world_size == 0,
             f"a multiple of the {world_size} ranks with --fsdp",
         ),
+        ("lora_rank", c.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+        ("lora_rank", not (c.lora_rank and c.fsdp), "0 with --fsdp (LoRA runs in one process)"),
+        ("lora_alpha", c.lora_alpha > 0, "> 0"),
         (
             "fsdp",
             not c.fsdp or world_size > 1,
@@ -289,7 +296,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
                 f"first save): start it again without --resume"
             )
         saved = ckpt.read_json(run / "config.json")
-        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
+        for name in ("model", "out_dir", "lora_rank"):  # the run folder and checkpoint fix these
             if name in given and given[name] != saved.get(name):
                 raise InputError(
                     f"--{name} cannot change on --resume (the run continues from "

@@ -21,11 +21,14 @@ setup(
         "compare",
         "config",
         "lm",
+        "lora",
+        "memory",
     ],
     python_requires=">=3.10",
     install_requires=["torch", "transformers", "numpy", "rank-bm25", "tqdm"],
     extras_require={
-        "test": ["pytest", "ruff"],  # ruff: .ci/run checks format and lint after the tests
+        "test": ["pytest", "ruff", "peft"],  # ruff: .ci/run checks the style; peft: the LoRA tests
+        "lora": ["peft"],  # --lora_rank: LoRA adapters through peft
         "gguf": ["gguf", "accelerate"],  # the offline default model ships as a GGUF file
         # prepare.py --flashrag (the paper's benchmarks), Search-R1 parquet files
         "data": ["datasets", "pyarrow"],

@@ -31,6 +31,8 @@ import distributed as dd
 import fast
 import igsearch as ig
 import lm
+import lora
+import memory
 import prepare
 from config import Config, check_config, estimate_seconds, method_name, parse_config
 from errors import InputError
@@ -409,6 +411,13 @@ def set_up(cfg: Config, resume: str) -> Setup:
                 f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
                 f"rates, config.CPU_SECONDS); each phase's bar shows its own ETA"
             )
+    memory.check(
+        cfg,
+        str(ckpt.last_checkpoint(run)) if resume else cfg.model or prepare.default_model(),
+        device,
+        dd.world_size(),
+        quiet=not main,
+    )
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
     data = {} if own_data else prepare.default_data(cfg.task)
     train_file = cfg.train_data or data["train"]
@@ -432,10 +441,18 @@ def set_up(cfg: Config, resume: str) -> Setup:
         cfg.retriever_timeout,
         cfg.retriever_retries,
     )
-    start_model = str(ckpt.last_checkpoint(run)) if resume else cfg.model
+    start_model = str(ckpt.last_checkpoint(run)) if resume and not cfg.lora_rank else cfg.model
     model, tokenizer = prepare.load_model(
         start_model, device, cfg.trust_remote_code, dtype=torch.float32
     )
+    if cfg.lora_rank:  # the base stays the loaded model; a resumed run reloads only its adapter
+        lora.add_adapter(
+            model,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_targets,
+            ckpt.last_checkpoint(run) if resume else None,
+        )
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
     policy = model
@@ -496,7 +513,9 @@ def train(cfg: Config, resume: str = "") -> dict:
             ckpt.write_json(s.run / "table.json", s.table)
         if s.val_q and (cfg.eval_start or cfg.warmup_examples):  # this run made its start model
             ckpt.write_lines(s.run / "metrics.jsonl", [json.dumps({"step": 0, **validate(s, 0)})])
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and cfg.lora_rank:  # the base with the adapter off: no second copy
+        s.ref_model = lora.AdapterOff(s.policy)
+    elif cfg.kl_coef > 0:
         s.ref_model = frozen_copy(s.policy, s.device)
     bad_steps = 0
     for step in tqdm(

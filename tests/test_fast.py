@@ -25,16 +25,33 @@ def requests_of(ctxs: list[list[int]], answers: list[list[int]]) -> list[ScoreRe
     return [ScoreRequest(0, k, [c], a) for k, (c, a) in enumerate(zip(ctxs, answers))]
 
 
+@pytest.fixture(params=["full", "lora"])
+def policy(request, tiny_model):
+    """The tiny model, and the same with a LoRA adapter whose B is nonzero (as after training): each
+    speed-up must stay exact under --lora_rank too."""
+    if request.param == "full":
+        return tiny_model
+    pytest.importorskip("peft")
+    import lora
+
+    model = copy.deepcopy(tiny_model)
+    lora.add_adapter(model, 4, 8.0, Config().lora_targets)
+    gen = torch.Generator().manual_seed(1)
+    for layer in lora.adapter_layers(model):
+        layer.lora_B["default"].weight.data.normal_(0, 0.05, generator=gen)
+    return model.eval()
+
+
 # ------------------------------------------------------------------ 1. CachedTurns = generate_turn
 
 
 @pytest.mark.parametrize("keep", [[0, 1, 2], [0, 2]])
-def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, tiny_model, keep):
+def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, policy, keep):
     """The next turn on the kept cache (rows that stopped early fed filler, one row dropped) samples
     what generate_turn's fresh prefill of the whole sequences samples."""
     texts = ("What is the capital of France? Paris is", "Hamlet", "Who wrote")
     seqs = [tokenizer(t).input_ids for t in texts]
-    probe = lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
+    probe = lm.generate_turn(policy, tokenizer, seqs, 8, 0.0, None, ())
     words = [tokenizer.decode([t]) for t in probe[0][:-1]]  # row 0 stops early, the others run on
     stop = (
         next(
@@ -44,23 +61,23 @@ def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, tiny_mode
         ),
     )
     turns = fast.CachedTurns()
-    new = turns(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
-    assert new == lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
+    new = turns(policy, tokenizer, seqs, 8, 0.0, None, stop)
+    assert new == lm.generate_turn(policy, tokenizer, seqs, 8, 0.0, None, stop)
     assert len(new[0]) < max(len(n) for n in new)  # row 0's later positions hold filler
     docs = [tokenizer(t).input_ids for t in (" Doc 1 Paris", " Berlin is a city in Germany.", " x")]
     cont = [seqs[b] + new[b] + docs[b] for b in keep]
     assert turns.rows_continued(cont) == keep
-    cached = turns(tiny_model, tokenizer, cont, 6, 0.0, None, ())
-    assert cached == lm.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, ())
+    cached = turns(policy, tokenizer, cont, 6, 0.0, None, ())
+    assert cached == lm.generate_turn(policy, tokenizer, cont, 6, 0.0, None, ())
     assert turns.rows_continued([seqs[0] + [5]]) is None  # not a continuation: a fresh prefill
 
 
-def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer, tiny_model):
+def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer, policy):
     prompts = [ig.build_prompt(tokenizer, q, TPL) for q in ("Who?", "What city?", "Where is it?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital.'] * len(queries)
     runs = [
         ig.rollout(
-            tiny_model,
+            policy,
             tokenizer,
             prompts,
             search,
@@ -78,7 +95,7 @@ def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer
 # ----------------------------------------------- 2. answer_scores_shared_prefix = answer_scores
 
 
-def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
+def test_shared_prefix_scores_equal_full_contexts(tokenizer, policy):
     """The prefix computed once and its cache repeated (left-padded prefixes and continuations of
     different lengths, answers of different lengths) gives the scores of each full context."""
     prefixes = [
@@ -108,8 +125,8 @@ def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
         (512, 3),
         (20, 16),
     ]:  # 20: left truncation, nothing shared
-        full = ig.answer_scores(tiny_model, requests, pad, max_len, batch_size=1)
-        shared = fast.answer_scores_shared_prefix(tiny_model, requests, pad, max_len, batch_size)
+        full = ig.answer_scores(policy, requests, pad, max_len, batch_size=1)
+        shared = fast.answer_scores_shared_prefix(policy, requests, pad, max_len, batch_size)
         assert [len(s) for s in shared] == [3, 3, 1]
         assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
@@ -142,7 +159,7 @@ def test_trunk_shares_nest_the_steps_of_a_rollout():
     assert fast.rollout_groups(requests, 8) == [8, 8, 4]  # a rollout's steps, up to 8 rows a group
 
 
-def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, tiny_model):
+def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, policy):
     """One group over two search steps, a stranger that shares nothing and a row per gold: each row
     attends to its own share of the trunk, with its own positions, and scores as its full
     context."""
@@ -164,14 +181,14 @@ def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, tin
     answers.append(tokenizer("the city of Paris").input_ids)
     pad, requests = tokenizer.pad_token_id, requests_of(ctxs, answers)
     for max_len, batch_size in [(512, 16), (512, 2), (24, 16)]:  # 24: contexts truncated unequally
-        full = ig.answer_scores(tiny_model, requests, pad, max_len, batch_size=1)
+        full = ig.answer_scores(policy, requests, pad, max_len, batch_size=1)
         shared = fast.answer_scores_shared_prefix(
-            tiny_model, requests, pad, max_len, batch_size, group_sizes=[6]
+            policy, requests, pad, max_len, batch_size, group_sizes=[6]
         )
         assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
 
-def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, tiny_model):
+def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, policy):
     trajs = []
     for k, has in enumerate([True, False, False, True, False]):
         t = Trajectory([], f"Question {k}?")
@@ -187,9 +204,9 @@ def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, tin
     golds = [["Paris"], ["Paris"], ["Berlin Germany"], ["Paris"], ["Rome"]]
     draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
     kw = dict(template=TPL, max_len=512, batch_size=8)
-    full = ig.information_gain(tiny_model, tokenizer, trajs, golds, draws, **kw)
+    full = ig.information_gain(policy, tokenizer, trajs, golds, draws, **kw)
     shared = ig.information_gain(
-        tiny_model, tokenizer, trajs, golds, draws, score=fast.answer_scores_shared_prefix, **kw
+        policy, tokenizer, trajs, golds, draws, score=fast.answer_scores_shared_prefix, **kw
     )
     assert sum(v is not None for row in full for v in row) == 10
     assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
@@ -198,7 +215,7 @@ def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, tin
 # --------------------------------------------------- 3. fast.policy_logprobs = policy_logprobs
 
 
-def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, tiny_model):
+def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, policy):
     trajs = []
     for q, a in [
         ("Question?", "<answer> a </answer>"),
@@ -210,8 +227,8 @@ def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, ti
         t.append(tokenizer(a).input_ids, "", True)
         trajs.append(t)
     batch = ig.response_batch(trajs, tokenizer.pad_token_id)
-    plain_logp, plain_ent = ig.policy_logprobs(tiny_model, batch)
-    logp, ent = fast.policy_logprobs(tiny_model, batch)
+    plain_logp, plain_ent = ig.policy_logprobs(policy, batch)
+    logp, ent = fast.policy_logprobs(policy, batch)
     assert torch.allclose(logp, plain_logp, atol=1e-5) and torch.allclose(ent, plain_ent, atol=1e-5)
     assert torch.all(logp[batch["loss_mask"] == 0] == 0) and torch.all(
         ent[batch["loss_mask"] == 1] > 0
@@ -254,10 +271,10 @@ def updated_weights(model, tokenizer, setup=None, **cfg) -> torch.Tensor:
     return flat(model)
 
 
-def test_the_fast_update_equals_the_plain_one(tokenizer, tiny_model):
-    plain = updated_weights(tiny_model, tokenizer, fast=False)
-    lean = updated_weights(tiny_model, tokenizer, fast.lean_backward, fast=True)
-    assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
+def test_the_fast_update_equals_the_plain_one(tokenizer, policy):
+    plain = updated_weights(policy, tokenizer, fast=False)
+    lean = updated_weights(policy, tokenizer, fast.lean_backward, fast=True)
+    assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(policy))
 
 
 def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(

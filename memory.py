@@ -1,0 +1,318 @@
+"""What a run will need, before it runs: the peak memory of a training run, from its config and the
+model's config alone (no weights loaded), against what the device has.
+
+    python memory.py                      # the offline default, on this machine
+    python memory.py --model_config qwen2.5-3b --device cuda --device_gib 24 --ranks 0,16,64 \\
+        --preset paper --rollout_batch 8 --micro_batch 1 --ig_batch_size 8
+
+Each phase of a step holds the fixed part (fp32 weights, AdamW state, the KL reference, a LoRA
+adapter) and its own working memory; the estimate is the largest phase. Sequences are counted at
+their full budget (every turn at max_turn_tokens, every search at max_searches, passages at
+doc_words), so a model that stops early needs less. train.py prints it in its first lines and stops
+when it exceeds the device. docs/performance.md compares it with measured peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from errors import InputError
+
+GiB = 2**30
+PROMPT_TOKENS = 100  # instruction + question (86 with the default template and tokenizer)
+TOKENS_PER_WORD = 1.3
+PASSAGE_WORDS = 100  # a wiki-18 passage, when doc_words = 0 keeps whole passages
+CPU_RUNTIME = (
+    0.43 * GiB
+)  # Python, torch, tokenizer, questions, BM25 index: measured, offline default
+CUDA_RUNTIME = 0.5 * GiB  # CUDA context and allocator slack (assumed, not measured here)
+
+# Qwen2.5-3B's published architecture (its config.json), so its table prints offline.
+QWEN25_3B = dict(
+    model_type="qwen2",
+    hidden_size=2048,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    intermediate_size=11008,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    attention_bias=True,
+)
+NAMED = {"qwen2.5-3b": QWEN25_3B}
+
+# the flag that lowers each term, for the one-line stop
+FLAGS = {
+    "weights": "a smaller --model",
+    "AdamW state": "--lora_rank 16",
+    "gradients": "--lora_rank 16",
+    "reference model": "--kl_coef 0 or --lora_rank 16",
+    "autocast bf16 weights": "--lora_rank 16",
+    "KV cache of a rollout chunk": "--rollout_batch",
+    "prefill of a rollout chunk": "--rollout_batch",
+    "IG scoring batch": "--ig_batch_size",
+    "update activations": "--micro_batch (or --grad_checkpointing true)",
+    "LM-head logits": "--micro_batch",
+    "runtime": "nothing (fixed)",
+    "LoRA adapter": "--lora_rank",
+}
+
+
+@dataclass
+class Shape:
+    """What memory depends on in a decoder-only transformer's config."""
+
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+def model_shape(config) -> Shape:
+    """From a transformers config (or its dict): the parameter count is computed, not loaded."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    c = c.get("text_config", c)  # multimodal configs nest the language model's
+    H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    d = c.get("head_dim") or H // heads
+    inter = c.get("intermediate_size") or 4 * H
+    bias = (heads + 2 * kv) * d if c.get("attention_bias") or c.get("model_type") == "qwen2" else 0
+    layer = (
+        H * heads * d * 2 + 2 * H * kv * d + bias + 3 * H * inter + 2 * H
+    )  # attention, MLP, norms
+    embed = V * H * (1 if c.get("tie_word_embeddings", False) else 2)
+    return Shape(L * layer + embed + H, L, H, heads, kv, d, inter, V)
+
+
+def lora_params(shape: Shape, rank: int, targets: str) -> int:
+    """r (in + out) for every targeted projection of every layer."""
+    s, q, kv = shape, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    dims = {
+        "q_proj": (s.hidden, q),
+        "k_proj": (s.hidden, kv),
+        "v_proj": (s.hidden, kv),
+        "o_proj": (q, s.hidden),
+        "gate_proj": (s.hidden, s.intermediate),
+        "up_proj": (s.hidden, s.intermediate),
+        "down_proj": (s.intermediate, s.hidden),
+    }
+    return s.layers * sum(rank * sum(dims.get(t.strip(), (0, 0))) for t in targets.split(","))
+
+
+def lengths(cfg) -> tuple[int, int, int]:
+    """(sequence, generated, one search's inserted) tokens of a rollout at its full budget."""
+    generated = (cfg.max_searches + 1) * cfg.max_turn_tokens
+    passage = (cfg.doc_words or PASSAGE_WORDS) * TOKENS_PER_WORD + 12  # + 'Doc i(Title: "...")'
+    inserted = int(cfg.topk * passage + 16)  # + the documents tags
+    response = min(cfg.max_response_tokens, generated + cfg.max_searches * inserted)
+    return PROMPT_TOKENS + response, min(generated, response), inserted
+
+
+def estimate(cfg, shape: Shape, device_type: str, world_size: int = 1) -> dict[str, dict]:
+    """Bytes each term holds, per phase (rollout and evaluation, IG scoring, update), per rank."""
+    s, act = shape, (2 if device_type == "cuda" else 4)  # bf16 activations under autocast on CUDA
+    T, generated, inserted = lengths(cfg)
+    adapter = lora_params(s, cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else 0
+    trained = adapter or s.params
+    fixed = {
+        "runtime": CUDA_RUNTIME if device_type == "cuda" else CPU_RUNTIME,
+        "weights": 4 * s.params,
+        "AdamW state": 8 * trained,
+    }  # fp32 weights, two moments
+    if adapter:
+        fixed["LoRA adapter"] = 4 * adapter
+    elif device_type == "cuda":  # autocast keeps a bf16 copy of every weight that trains
+        fixed["autocast bf16 weights"] = 2 * s.params
+    if cfg.kl_coef > 0 and not adapter:  # LoRA's reference is the base, adapter off: no copy
+        fixed["reference model"] = s.params * (2 if device_type == "cuda" else 4)
+    kv_token = 2 * s.layers * s.kv_heads * s.head_dim * act  # keys and values of every layer
+    layer_token = (4 * s.hidden + 3 * s.intermediate) * act  # one layer's working set, no grad
+    chunk = cfg.rollout_batch or max(1, cfg.questions_per_step // world_size) * cfg.group_size
+    if cfg.eval_questions or cfg.eval_every:
+        chunk = max(chunk, cfg.eval_batch)
+    prefill = max(PROMPT_TOKENS, inserted)  # the first turn's prompt, or a search's documents
+    rollout = {
+        "KV cache of a rollout chunk": chunk * T * kv_token,
+        "prefill of a rollout chunk": chunk * prefill * (layer_token + T * act),
+    }
+    ctx = min(T, cfg.ig_max_len)  # IG: a batch of contexts, forward only, with their KV cache
+    ig = {"IG scoring batch": cfg.ig_batch_size * ctx * (kv_token + layer_token + ctx * act)}
+    mb, N = cfg.micro_batch, cfg.micro_batch * T
+    saved = (8 * s.hidden + 4 * s.intermediate + 4 * s.kv_heads * s.head_dim) * act  # per token
+    mask = mb * T * T * act  # each layer's attention mask (B, 1, T, T)
+    if cfg.grad_checkpointing:  # layer inputs (fp32 residual stream) + one layer recomputed
+        acts = s.layers * N * s.hidden * 4 + N * saved + mask
+    else:
+        acts = s.layers * (N * saved + mask)
+    head_tokens = mb * (generated if cfg.fast else T - PROMPT_TOKENS)  # fast: trained tokens only
+    update = {
+        "gradients": 4 * trained,
+        "update activations": acts,
+        "LM-head logits": head_tokens * s.vocab * (act + 12),
+    }  # logits, log-softmax, p, grad
+    return {"rollout": {**fixed, **rollout}, "IG": {**fixed, **ig}, "update": {**fixed, **update}}
+
+
+def peak(phases: dict[str, dict]) -> tuple[str, float, dict]:
+    """The phase with the largest total: (phase, bytes, its terms)."""
+    name = max(phases, key=lambda p: sum(phases[p].values()))
+    return name, sum(phases[name].values()), phases[name]
+
+
+def device_memory(device) -> tuple[float, str]:
+    """(bytes, description): the GPU's memory, or the machine's RAM (or a lower cgroup limit)."""
+    if device.type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(device.index or 0).total_memory
+        return total, f"CUDA total {total / GiB:.1f} GiB"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total, f"RAM {total / GiB:.1f} GiB"
+
+
+def summary(phase: str, total: float, terms: dict, top: int = 3) -> str:
+    big = sorted(terms.items(), key=lambda kv: -kv[1])[:top]
+    return (
+        f"{total / GiB:.2f} GiB at the {phase} phase ("
+        + ", ".join(f"{k} {v / GiB:.2f}" for k, v in big)
+        + ")"
+    )
+
+
+def check(cfg, model_path: str, device, world_size: int = 1, quiet: bool = False) -> None:
+    """train.py's check before any work: print the estimate and the device's memory; stop in one
+    line when the estimate exceeds it (--ignore_memory_check runs anyway)."""
+    say = (lambda text: None) if quiet else print
+    if cfg.fsdp:
+        say("memory: no estimate with --fsdp (the table in docs/paper-setting.md is per rank)")
+        return
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+        shape = model_shape(config)
+    except Exception as e:  # an estimate never stops a run: loading the model says what is wrong
+        say(f"memory: no estimate ({str(e).strip().splitlines()[0][:120]})")
+        return
+    phase, total, terms = peak(estimate(cfg, shape, device.type, world_size))
+    have, what = device_memory(device)
+    say(f"memory: estimate {summary(phase, total, terms)}; device: {what}")
+    if total > have and not cfg.ignore_memory_check:
+        term = max(terms, key=terms.get)
+        raise InputError(
+            f"memory: the estimate {total / GiB:.1f} GiB exceeds the device's "
+            f"{have / GiB:.1f} GiB; the largest term is {term} "
+            f"({terms[term] / GiB:.1f} GiB), lowered by {FLAGS[term]} "
+            f"(--ignore_memory_check runs anyway)"
+        )
+
+
+def table(columns: dict[str, dict[str, dict]], have: float | None) -> str:
+    """Terms as rows, one column per configuration, the peak phase of each."""
+    peaks = {name: peak(phases) for name, phases in columns.items()}
+    rows = list(dict.fromkeys(k for _, _, terms in peaks.values() for k in terms))
+    lines = ["| GiB | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [
+        f"| {row} | "
+        + " | ".join(
+            f"{terms[row] / GiB:.2f}" if row in terms else "–" for _, _, terms in peaks.values()
+        )
+        + " |"
+        for row in rows
+    ]
+    lines.append(
+        "| **peak** (phase) | "
+        + " | ".join(f"**{t / GiB:.1f}** ({p})" for p, t, _ in peaks.values())
+        + " |"
+    )
+    lines.append(
+        "| phases: rollout / IG / update | "
+        + " | ".join(
+            " / ".join(f"{sum(terms.values()) / GiB:.1f}" for terms in phases.values())
+            for phases in columns.values()
+        )
+        + " |"
+    )
+    if have:
+        lines.append(
+            f"| fits {have / GiB:.1f} GiB | "
+            + " | ".join("yes" if t <= have else "no" for _, t, _ in peaks.values())
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    import prepare
+    import train
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("--model_config", default="", help="qwen2.5-3b, a model folder, a config.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device_gib", type=float, default=0.0, help="the device's memory (0: this one's)"
+    )
+    p.add_argument(
+        "--ranks", default="", help="comma-separated --lora_rank values, one column each"
+    )
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg, _ = train.parse_config(rest)
+        name = args.model_config or cfg.model or prepare.default_model()
+        if name.lower() in NAMED:
+            shape = model_shape(NAMED[name.lower()])
+        elif name.endswith(".json"):
+            import json
+
+            shape = model_shape(json.loads(open(name).read()))
+        else:
+            from transformers import AutoConfig
+
+            shape = model_shape(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as e:
+        print(
+            f"error: {args.model_config or 'model'}: no config ({str(e).splitlines()[0]})",
+            file=sys.stderr,
+        )
+        return 2
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    have = args.device_gib * GiB or (
+        device_memory(torch.device(args.device))[0]
+        if args.device == "cpu" or torch.cuda.is_available()
+        else None
+    )
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [cfg.lora_rank]
+    columns = {
+        ("full fine-tuning" if r == 0 else f"LoRA rank {r}"): estimate(
+            train.Config(**{**cfg.__dict__, "lora_rank": r}), shape, args.device
+        )
+        for r in ranks
+    }
+    T, generated, _ = lengths(cfg)
+    print(
+        f"{shape.params / 1e9:.2f} B parameters, {shape.layers} layers; sequences of {T} tokens "
+        f"({generated} generated) at full budget; {args.device}"
+    )
+    print(table(columns, have))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
