@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
+    p.add_argument("--html", default="", help="with --question, --answer: a page of credit (credit.py)")
+    p.add_argument("--question", default="")
+    p.add_argument("--answer", nargs="+", default=[], help="gold answer(s) of --question")
     try:
         args = p.parse_args(argv)
         for name in ("topk", "batch_size", "max_turn_tokens"):
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("doc_words", "limit", "max_searches", "show"):
             if getattr(args, name) < 0:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
+        if bool(args.html) != bool(args.question and args.answer):
+            raise InputError("--html, --question and --answer go together")
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
@@ -207,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
         model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        if args.html:  # instead of the evaluation: G sampled rollouts of one question, their credit
+            import credit  # here, not at the top: credit.py imports this module
+            credit.question_page(model, tokenizer, search, args.model, args.question, args.answer,
+                                 args.html)
+            return 0
         rows, shown, all_pairs = {}, [], []
         for path, questions in zip(files, question_sets):
             summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import credit
 import distributed as dd
 import fast
 import igsearch as ig
@@ -95,6 +96,7 @@ class Config:
     eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
     save_every: int = 5  # checkpoint every K steps (and at the end)
+    html_every: int = 0  # steps/step-NNNN.html, the credit of every token, every K steps (0 = off)
     seed: int = 0  # one seed for data order, sampling and counterfactual draws
 
 
@@ -192,6 +194,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("rollout_batch", c.rollout_batch >= 0, ">= 0"),
         ("val_questions", c.val_questions >= 0, ">= 0"), ("eval_every", c.eval_every >= 0, ">= 0"),
         ("steps", c.steps >= 0, ">= 0"), ("save_every", c.save_every >= 1, ">= 1"),
+        ("html_every", c.html_every >= 0, ">= 0 (0 = off)"),
         ("max_bad_steps", c.max_bad_steps >= 1, ">= 1"), ("seed", c.seed >= 0, ">= 0"),
         ("doc_words", c.doc_words >= 0, ">= 0 (0 = whole passages)"),
         ("ig_clip", c.ig_clip >= 0, ">= 0 (0 = off)"), ("grad_clip", c.grad_clip > 0, "> 0"),
@@ -547,6 +550,10 @@ def train(cfg: Config, resume: str = "") -> dict:
             ckpt.append_record(s.run / "metrics.jsonl", rec)
             tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in rec.items()))
+            if cfg.html_every and ((step + 1) % cfg.html_every == 0 or step + 1 == cfg.steps):
+                credit.write_step_page(s.run / "steps" / f"step-{step + 1:04d}.html", s.tokenizer,
+                                       qs, trajs, rewards, adv, tok_adv, cfg, f"{s.run}: step "
+                                       f"{step + 1}" + (", rank 0's share" * (dd.world_size() > 1)))
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{s.run}: {bad_steps} steps in a row had a non-finite loss or "
