@@ -35,7 +35,7 @@ body { font: 15px/1.5 "DejaVu Sans", Verdana, sans-serif; color: #1a1a1a; backgr
 h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 0 0 4px; }
 .meta, .note { color: #444; font-size: 13px; } .note { margin: 4px 0 8px; }
 .legend { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; font-size: 13px;
-          margin: 8px 0; }
+          margin: 3px 0; }
 .sw { display: inline-block; min-width: 54px; text-align: center; padding: 1px 3px;
       border: 1px solid #ccc; font-family: "DejaVu Sans Mono", monospace; }
 .group { border: 1px solid #bbb; border-radius: 6px; margin: 18px 0; padding: 10px 12px; }
@@ -45,7 +45,8 @@ h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 0 0 4px; }
 .resp { font: 13px/1.9 "DejaVu Sans Mono", monospace; white-space: pre-wrap;
         overflow-wrap: anywhere; }
 .t { border-radius: 2px; }
-.q { outline: 2px solid #222; outline-offset: -1px; }
+.q { border-bottom: 3px solid #222; }  /* the query tokens Q_t; the colour: the IG part's sign */
+.qp { border-bottom-color: rgb(33, 102, 172); } .qn { border-bottom-color: rgb(178, 24, 43); }
 .obs { color: #8a8a8a; font-size: 12px; }
 .step { display: block; font: 13px/1.5 "DejaVu Sans", Verdana, sans-serif; white-space: normal;
         background: #f4f4f4; border-left: 4px solid #888; margin: 4px 0; padding: 4px 8px; }
@@ -142,7 +143,7 @@ def rollout_html(tokenizer, traj: ig.Trajectory, i: int, gold: list[str], reward
             continue
         for p, tok, m, piece in zip(range(start, end), ids, mask, token_texts(tokenizer, ids)):
             a = adv[p]
-            cls = "t q" if p in query else "t"
+            cls = "t" if p not in query else "t q qp" if a > a_i else "t q qn" if a < a_i else "t q"
             title = f"A = {a:+.4f}: outcome A_i {a_i:+.4f} + IG part {a - a_i:+.4f}"
             parts.append(f'<span class="{cls}" data-id="{tok}" data-m="{m}" data-a="{num(a)}" '
                          f'style="background:{colour(a, scale)}" title="{title}">{esc(piece)}'
@@ -151,7 +152,8 @@ def rollout_html(tokenizer, traj: ig.Trajectory, i: int, gold: list[str], reward
     answer = "no answer" if answer is None else f"&laquo;{esc(answer)}&raquo;"
     return (f'<div class="rollout" data-rollout="{i}" data-outcome="{num(a_i)}"><div class="rhead">'
             f"<b>rollout {i + 1}</b> &nbsp; answer {answer} &nbsp; reward R = {reward:g} &nbsp; "
-            f"outcome advantage A_i = <b>{a_i:+.3f}</b> &nbsp; {len(traj.steps)} searches, "
+            f"outcome advantage A_i = <b>{a_i:+.3f}</b> &nbsp; {len(traj.steps)} "
+            f"search{'es' * (len(traj.steps) != 1)}, "
             f"{len(traj.response_ids)} tokens{' (truncated)' if traj.truncated else ''}</div>"
             f'<div class="resp">{"".join(parts)}</div></div>')
 
@@ -160,9 +162,12 @@ def legend(scale: float) -> str:
     values = [-scale, -scale / 4, -scale / 16, 0.0, scale / 16, scale / 4, scale]
     swatches = "".join(f'<span class="sw" style="background:{colour(v, scale)}">{v:+.3g}</span>'
                        for v in values)
-    return (f'<div class="legend">advantage A<sub>i,p</sub>: pushed down {swatches} pushed up '
-            f'&nbsp; <span class="sw q">query</span> = Q<sub>t</sub>, where IG enters &nbsp; '
-            f'<span class="sw obs">grey</span> = inserted, loss mask 0</div>')
+    return (f'<div class="legend"><span>advantage A<sub>i,p</sub>: pushed down</span>{swatches}'
+            f'<span>pushed up</span></div><div class="legend"><span class="sw q qp">query</span>'
+            f"<span>underlined: the query tokens Q<sub>t</sub>, where IG enters; blue: IG raises "
+            f"their advantage, red: lowers it</span></div><div class=\"legend\">"
+            f'<span class="sw obs">grey</span><span>inserted by the environment: loss mask 0, '
+            f"not trained</span></div>")
 
 
 def step_page(tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
@@ -196,13 +201,13 @@ def step_page(tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
                + (f", mean IG {sum(igs) / len(igs):+.3f} nats" if igs else ""))
     how = ("Each token the update trains is coloured by its advantage A<sub>i,p</sub> "
            "= A<sub>i</sub> + &alpha;&middot;IG~<sub>t</sub>/|Q<sub>t</sub>| on the query tokens "
-           "Q<sub>t</sub> (outlined), A<sub>i</sub> elsewhere; hover a token for its two parts. "
+           "Q<sub>t</sub> (underlined), A<sub>i</sub> elsewhere; hover a token for its two parts. "
            "A<sub>i</sub> = (R<sub>i</sub> &minus; mean) / (std + &epsilon;) over the question's "
            "group. IG<sub>t</sub> = s(a*|C real) &minus; the mean of s(a*|C rand): the gold "
            "answer's mean log-prob after the real documents against other steps' documents.")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{esc(title)}</h1><div class=\"meta\">{esc(settings)}</div>"
+            f"<h1>Where the credit goes: {esc(title)}</h1><div class=\"meta\">{esc(settings)}</div>"
             f"<div class=\"meta\">{esc(summary)}</div><p class=\"note\">{how}</p>{legend(scale)}"
             f"{''.join(groups)}</body></html>")
 
