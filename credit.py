@@ -1,6 +1,6 @@
 """The page of one training step: where the update's credit goes, token by token.
 
-    python train.py --html_every 5       # runs/default/steps/step-0005.html, step-0010.html, the last
+    python train.py --html_every 5       # runs/default/steps/step-0005.html, step-0010.html, ...
     python evaluate.py --model runs/default/checkpoint --html page.html \\
         --question "What is this: Capital of Laos?" --answer Vientiane
 
@@ -48,7 +48,7 @@ h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 0 0 4px; }
 .q { border-bottom: 3px solid #222; }  /* the query tokens Q_t; the colour: the IG part's sign */
 .qp { border-bottom-color: rgb(33, 102, 172); } .qn { border-bottom-color: rgb(178, 24, 43); }
 .obs { color: #8a8a8a; font-size: 12px; }
-.step { display: block; font: 13px/1.5 "DejaVu Sans", Verdana, sans-serif; white-space: normal;
+.step { font: 13px/1.5 "DejaVu Sans", Verdana, sans-serif; white-space: normal;
         background: #f4f4f4; border-left: 4px solid #888; margin: 4px 0; padding: 4px 8px; }
 .step table { border-collapse: collapse; margin: 2px 0; }
 .step td, .step th { border: 1px solid #ccc; padding: 0 6px; font-size: 12px; text-align: right; }
@@ -112,13 +112,14 @@ def step_box(step: ig.Step, t: int, ig_part: float, n_query: int, golds: list[st
         head = "".join(f"<th>C rand {j}</th>" for j in range(1, len(step.scores)))
         cells = "".join(f"<td>{s:.3f}</td>" for s in step.scores)
         table = (f'<table data-scores="{" ".join(num(s) for s in step.scores)}"><tr>'
-                 f"<th>s(a*|C)</th><th>C real</th>{head}</tr><tr><td>score</td>{cells}</tr></table>")
+                 f"<th>s(a*|C)</th><th>C real</th>{head}</tr><tr><td>score</td>{cells}</tr>"
+                 f"</table>")
     hit = "yes" if documents_hold_answer(step.documents, golds) else "no"
     cut = f", {step.cut} tokens cut to the budget" if step.cut else ""
-    return (f'<span class="step" data-step="{t}"><b>search step {t + 1}</b> &nbsp; query: '
+    return (f'<div class="step" data-step="{t}"><b>search step {t + 1}</b> &nbsp; query: '
             f"&laquo;{esc(step.query)}&raquo; &nbsp; {igs}{table}gold answer in the documents: "
             f"<b>{hit}</b><details><summary>documents inserted by the environment (loss mask 0, "
-            f"not trained{cut})</summary>{obs}</details></span>")
+            f"not trained{cut})</summary>{obs}</details></div>")
 
 
 def rollout_html(tokenizer, traj: ig.Trajectory, i: int, gold: list[str], reward: float,
@@ -194,10 +195,10 @@ def step_page(tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
             f"{esc(' | '.join(q['golden_answers']))} &nbsp; rewards R = "
             f"{' '.join(f'{x:g}' for x in r.tolist())} &nbsp; mean {float(r.mean()):.3f} &nbsp; "
             f"std {float(r.std()) if len(r) > 1 else 0.0:.3f}{badge}</div>{rolls}</div>")
-    n_steps = [s for t in trajs for s in t.steps]
-    igs = [s.ig for s in n_steps if s.ig is not None]
+    search_steps = [s for t in trajs for s in t.steps]
+    igs = [s.ig for s in search_steps if s.ig is not None]
     summary = (f"{len(trajs)} rollouts, mean reward {float(rewards.float().mean()):.3f}, "
-               f"{len(n_steps)} search steps, {len(igs)} scored"
+               f"{len(search_steps)} search steps, {len(igs)} scored"
                + (f", mean IG {sum(igs) / len(igs):+.3f} nats" if igs else ""))
     how = ("Each token the update trains is coloured by its advantage A<sub>i,p</sub> "
            "= A<sub>i</sub> + &alpha;&middot;IG~<sub>t</sub>/|Q<sub>t</sub>| on the query tokens "

@@ -131,7 +131,8 @@ HOSTILE = "<script>alert('x')</script></details></span><img src=x onerror=alert(
 
 def test_hostile_text_shows_as_text(tokenizer):
     """Documents, questions and generated tokens holding markup are escaped: the page opens no
-    script or image, every <details> closes where the page closes it, and the text reads as written."""
+    script or image, every <details> closes where the page closes it, and the text reads as
+    written."""
     trajs = []
     for k in range(2):
         t = warmup.supervised_trajectory(tokenizer, "Question?", [
@@ -170,13 +171,14 @@ def test_question_page_from_a_checkpoint(tiny_run_files, tmp_path):
     """evaluate.py --html: G rollouts of one question, sampled and credited as training does."""
     out = tmp_path / "q.html"
     r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus",
-                tiny_run_files["corpus"], "--max_turn_tokens", "6", "--html", str(out),
+                tiny_run_files["corpus"], "--data", tiny_run_files["test_data"], "--html", str(out),
                 "--question", "Which city is the capital of France?", "--answer", "Paris")
     assert r.returncode == 0, r.stderr
     page = PageReader(out.read_text())
     assert len(page.rollouts) == Config().group_size and all(r["ids"] for r in page.rollouts)
     assert "Which city is the capital of France?" in "".join(page.text)
-    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--html", str(out))
+    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus",
+                tiny_run_files["corpus"], "--data", tiny_run_files["test_data"], "--html", str(out))
     assert r.returncode == 2 and "--answer" in r.stderr and "Traceback" not in r.stderr
 
 
