@@ -11,7 +11,7 @@ import fast
 import igsearch as ig
 import train
 import warmup
-from test_train import PASSAGES, run_cli, tiny_config, tiny_run_files  # noqa: F401 (a fixture)
+from test_train import PASSAGES, tiny_config, tiny_run_files  # noqa: F401 (a fixture)
 from train import Config
 
 
@@ -167,19 +167,22 @@ def test_token_texts_join_to_the_decoded_text(tokenizer):
     assert "\ufffd" not in "".join(pieces)  # a split multi-byte character shows once, whole
 
 
-def test_question_page_from_a_checkpoint(tiny_run_files, tmp_path):
-    """evaluate.py --html: G rollouts of one question, sampled and credited as training does."""
+def test_question_page_from_a_checkpoint(tiny_run_files, tmp_path, capsys):
+    """evaluate.py --html: G rollouts of one question, sampled and credited as training does; the
+    three flags go together (one line, exit 2)."""
+    import evaluate
     out = tmp_path / "q.html"
-    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus",
-                tiny_run_files["corpus"], "--data", tiny_run_files["test_data"], "--html", str(out),
-                "--question", "Which city is the capital of France?", "--answer", "Paris")
-    assert r.returncode == 0, r.stderr
+    files = ["--model", tiny_run_files["model"], "--corpus", tiny_run_files["corpus"], "--data",
+             tiny_run_files["test_data"]]
+    assert evaluate.main([*files, "--html", str(out), "--question",
+                          "Which city is the capital of France?", "--answer", "Paris"]) == 0
     page = PageReader(out.read_text())
     assert len(page.rollouts) == Config().group_size and all(r["ids"] for r in page.rollouts)
     assert "Which city is the capital of France?" in "".join(page.text)
-    r = run_cli("evaluate.py", "--model", tiny_run_files["model"], "--corpus",
-                tiny_run_files["corpus"], "--data", tiny_run_files["test_data"], "--html", str(out))
-    assert r.returncode == 2 and "--answer" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert evaluate.main([*files, "--html", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--answer" in err and len(err.strip().splitlines()) == 1
 
 
 def test_question_page_advantages_are_trainings(tiny_run_files, tokenizer, tiny_model, tmp_path):
