@@ -178,14 +178,16 @@ def step_page(tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
     update used, one (R_i,) tensor per trajectory; consecutive groups of group_size share a
     question."""
     trained = [float(a[p]) for a, t in zip(tok_adv, trajs) for p, m in enumerate(t.loss_mask) if m]
-    scale = max([abs(a) for a in trained] + [1e-6])
+    scale = max(abs(a) for a in trained) if any(trained) else 1.0  # all zero: any scale will do
     groups = []
     for g in range(0, len(trajs), group_size):
         r = rewards[g: g + group_size].float()  # (G,)
         q = questions[g]
         zero = bool((adv[g: g + group_size] == 0).all())
-        badge = (' &nbsp; <span class="badge">outcome advantage all zero: only IG teaches this '
-                 'group</span>') if zero else ""
+        scored = any(s.ig is not None for t in trajs[g: g + group_size] for s in t.steps)
+        badge = (' &nbsp; <span class="badge">outcome advantage all zero: '
+                 f'{"only IG teaches" if scored else "nothing trains"} this group</span>'
+                 if zero else "")
         rolls = "".join(rollout_html(tokenizer, trajs[i], i, q["golden_answers"],
                                      float(rewards[i]), float(adv[i]), tok_adv[i], scale)
                         for i in range(g, min(g + group_size, len(trajs))))
