@@ -25,7 +25,7 @@ import torch
 
 import igsearch as ig
 from checkpoint import check_writable, read_json, write_lines
-from evaluate import documents_hold_answer
+from config import Config, checked_fields
 
 POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # pushed up: blue; pushed down: red (RdBu ends)
 
@@ -114,7 +114,7 @@ def step_box(step: ig.Step, t: int, ig_part: float, n_query: int, golds: list[st
         table = (f'<table data-scores="{" ".join(num(s) for s in step.scores)}"><tr>'
                  f"<th>s(a*|C)</th><th>C real</th>{head}</tr><tr><td>score</td>{cells}</tr>"
                  f"</table>")
-    hit = "yes" if documents_hold_answer(step.documents, golds) else "no"
+    hit = "yes" if ig.documents_hold_answer(step.documents, golds) else "no"
     cut = f", {step.cut} tokens cut to the budget" if step.cut else ""
     return (f'<div class="step" data-step="{t}"><b>search step {t + 1}</b> &nbsp; query: '
             f"&laquo;{esc(step.query)}&raquo; &nbsp; {igs}{table}gold answer in the documents: "
@@ -216,7 +216,7 @@ def step_page(tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
 
 
 def settings_line(cfg) -> str:
-    """The config fields that decide the credit, from train.Config."""
+    """The config fields that decide the credit, from the Config."""
     alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
     return (f"alpha {alpha:g}, N = {cfg.ig_n_random} counterfactuals ({cfg.ig_baseline}), "
             f"G = {cfg.group_size}, std normalisation {'on' if cfg.normalize_std else 'off'}, "
@@ -227,7 +227,7 @@ def settings_line(cfg) -> str:
 def write_step_page(path: str | Path, tokenizer, questions: list[dict], trajs: list[ig.Trajectory],
                     rewards: torch.Tensor, adv: torch.Tensor, tok_adv: list[torch.Tensor], cfg,
                     title: str) -> Path:
-    """step_page for a train.Config, written atomically to path (its folder made)."""
+    """step_page for a Config, written atomically to path (its folder made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_lines(path, [step_page(tokenizer, questions, trajs, rewards, adv, tok_adv,
@@ -236,13 +236,12 @@ def write_step_page(path: str | Path, tokenizer, questions: list[dict], trajs: l
 
 
 def run_config(model: str):
-    """(train.Config, where it came from): the run's config.json when the model is a run's
+    """(Config, where it came from): the run's config.json when the model is a run's
     checkpoint (RUN/checkpoint beside RUN/config.json), else train.py's defaults."""
-    import train  # here, not at the top: train.py imports this module for its hook
     saved = Path(model).parent / "config.json"
     if model and saved.exists():
-        return train.Config(**train.checked_fields(read_json(saved), saved)), str(saved)
-    return train.Config(), "train.py's defaults"
+        return Config(**checked_fields(read_json(saved), saved)), str(saved)
+    return Config(), "train.py's defaults"
 
 
 def question_page(model, tokenizer, search, model_name: str, question: str, golds: list[str],
@@ -251,26 +250,23 @@ def question_page(model, tokenizer, search, model_name: str, question: str, gold
     temperature, EM rewards, IG with counterfactuals from the group, the advantages, all by
     train.py's own functions with the run's settings and seeds. Prints and returns the page's
     path, and returns (trajs, rewards, adv, tok_adv)."""
-    import train
+    import train  # here, not at the top: train.py imports this module for its hook
+
     check_writable(path)  # before the sampling
     cfg, source = run_config(model_name)
     device, G = next(model.parameters()).device, cfg.group_size
     gen_ig = torch.Generator().manual_seed(cfg.seed + 1)  # the seeds of train.set_up
     gen_sample = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    prompts = [ig.build_prompt(tokenizer, question, ig.TEMPLATES[cfg.template])] * G
-    alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
+    questions = [{"question": question, "golden_answers": golds}] * G
     model.eval()
     with train.bf16(device):
-        trajs = train.rollouts(model, tokenizer, prompts, search, cfg, gen_sample)
+        trajs = train.generate_rollouts(model, tokenizer, questions, search, cfg, gen_sample)
         rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), golds) for t in trajs])  # (G,)
-        if alpha > 0:
-            train.information_gain(model, tokenizer, trajs, [golds] * G, cfg, gen_ig)
+        values = train.step_values(model, tokenizer, trajs, [golds] * G, cfg, gen_ig)
     adv = ig.group_advantages(rewards, G, cfg.normalize_std)  # (G,)
-    tok_adv = ig.token_advantages(trajs, adv, alpha, cfg.ig_dead_zone, cfg.ig_neg_scale,
-                                  cfg.ig_clip or None, G if cfg.ig_center else 0)
+    tok_adv = train.advantages(trajs, rewards, values, cfg)
     title = (f"{G} rollouts of one question, {model_name or 'the offline default model'} "
              f"(settings: {source})")
-    questions = [{"question": question, "golden_answers": golds}] * G
     page = write_step_page(path, tokenizer, questions, trajs, rewards, adv, tok_adv, cfg, title)
     print(f"wrote {page}: rewards {rewards.tolist()}, IG {[s.ig for t in trajs for s in t.steps]}")
     return page, (trajs, rewards, adv, tok_adv)
