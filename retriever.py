@@ -9,6 +9,7 @@ Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
     python retriever.py serve --corpus corpus.jsonl --port 8000
     python retriever.py search --corpus corpus.jsonl --topk 3 "who wrote hamlet"
 """
+
 from __future__ import annotations
 
 import codecs
@@ -50,7 +51,9 @@ def parse_contents(contents: str) -> tuple[str, str]:
     if not newline:
         return "", contents
     title = title.strip()
-    if len(title) >= 2 and title[0] == title[-1] == '"':  # remove one pair only: titles may hold quotes
+    if (
+        len(title) >= 2 and title[0] == title[-1] == '"'
+    ):  # remove one pair only: titles may hold quotes
         title = title[1:-1]
     return title, text
 
@@ -122,7 +125,9 @@ def load_corpus(path: str) -> list[dict]:
                 raise InputError(f"{where}: 'id' must be a string or an integer")
             doc_id = str(doc_id)
             if doc_id in first_line:
-                raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+                raise InputError(
+                    f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})"
+                )
             first_line[doc_id] = lineno
             rows.append({"id": doc_id, "contents": contents})
     except FileNotFoundError:
@@ -148,11 +153,15 @@ class BM25Retriever:
         rows = load_corpus(corpus) if isinstance(corpus, str) else corpus
         if not rows:
             raise InputError("corpus is empty")
-        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
-                         for i, r in enumerate(rows)]
+        self.passages = [
+            Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
+            for i, r in enumerate(rows)
+        ]
         tokens = [tokenize(p.title + " " + p.text) for p in self.passages]
         if not any(tokens):  # BM25Okapi would divide by the (zero) vocabulary size
-            raise InputError(f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words")
+            raise InputError(
+                f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words"
+            )
         self.bm25 = BM25Okapi(tokens)
 
     def __len__(self) -> int:
@@ -183,7 +192,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
         for item in hits[:topk]:  # a server that ignores topk must not inflate the context
             if isinstance(item, dict) and isinstance(item.get("document"), dict):
                 doc, score = item["document"], item.get("score", 0.0)
-            elif isinstance(item, dict) and "contents" in item:  # return_scores=false servers: bare documents
+            elif (
+                isinstance(item, dict) and "contents" in item
+            ):  # return_scores=false servers: bare documents
                 doc, score = item, 0.0
             else:
                 raise ValueError("a result item is neither {document, score} nor a document")
@@ -191,7 +202,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
                 raise ValueError("a result document has no 'contents' string")
             if isinstance(score, bool) or not isinstance(score, (int, float)):
                 raise ValueError(f"score is not a number: {score!r}")
-            passages.append(Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score)))
+            passages.append(
+                Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score))
+            )
         out.append(passages)
     return out
 
@@ -199,8 +212,14 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 max_queries: int = MAX_QUERIES):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_queries: int = MAX_QUERIES,
+    ):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
@@ -210,8 +229,11 @@ class RemoteRetriever:
         """POST the batch in requests of at most max_queries queries (each request retried on
         connection errors, timeouts, 5xx and bad bodies, never on 4xx)."""
         _check_args(queries, topk)
-        return [hits for k in range(0, len(queries), self.max_queries)
-                for hits in self._post(queries[k: k + self.max_queries], topk)]
+        return [
+            hits
+            for k in range(0, len(queries), self.max_queries)
+            for hits in self._post(queries[k : k + self.max_queries], topk)
+        ]
 
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
@@ -219,8 +241,9 @@ class RemoteRetriever:
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return _parse_result(json.loads(response.read()), len(queries), topk)
@@ -230,17 +253,25 @@ class RemoteRetriever:
                     break
             except urllib.error.URLError as e:
                 last = f"{e.reason}"
-            except (OSError, http.client.HTTPException) as e:  # timeouts while reading, dropped connections
+            except (
+                OSError,
+                http.client.HTTPException,
+            ) as e:  # timeouts while reading, dropped connections
                 last = f"{type(e).__name__}: {e}"
             except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
 
 
-def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000,
-                max_queries: int = MAX_QUERIES, max_query_chars: int = MAX_QUERY_CHARS,
-                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS
-                ) -> http.server.ThreadingHTTPServer:
+def make_server(
+    retriever: BM25Retriever,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_queries: int = MAX_QUERIES,
+    max_query_chars: int = MAX_QUERY_CHARS,
+    max_topk: int = MAX_TOPK,
+    max_threads: int = MAX_THREADS,
+) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
 
     The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
@@ -276,7 +307,9 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 60  # a client that stalls mid-body frees its thread
 
-        def log_message(self, format: str, *args: object) -> None:  # one stderr line per request is noise
+        def log_message(
+            self, format: str, *args: object
+        ) -> None:  # one stderr line per request is noise
             pass
 
         def reply(self, code: int, payload: dict) -> None:
@@ -287,7 +320,10 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): no one to tell
+            except (
+                BrokenPipeError,
+                ConnectionResetError,
+            ):  # the client gave up (its timeout): no one to tell
                 pass
 
         def do_GET(self) -> None:
@@ -300,14 +336,21 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self.reply(400, {"error": "missing or bad Content-Length"})
-            if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:  # '\\uXXXX': 6 bytes a char
+            if (
+                not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024
+            ):  # '\\uXXXX': 6 bytes a char
                 return self.reply(413, {"error": "request body too large"})
             try:
                 queries, topk, return_scores = read_request(self.rfile.read(length))
             except ValueError as e:
                 return self.reply(400, {"error": str(e)})
-            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in hits]
-                      for hits in retriever.search(queries, topk)]
+            result = [
+                [
+                    {"document": document(p), "score": p.score} if return_scores else document(p)
+                    for p in hits
+                ]
+                for hits in retriever.search(queries, topk)
+            ]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
@@ -327,10 +370,18 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     return BoundedServer((host, port), Handler)
 
 
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None,
-                timeout: float = 30.0, retries: int = 3):
+def make_search(
+    corpus: str,
+    retriever_url: str,
+    topk: int,
+    doc_words: int | None,
+    timeout: float = 30.0,
+    retries: int = 3,
+):
     """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    backend = (
+        RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    )
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
@@ -342,13 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request")
-    serve.add_argument("--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query")
+    serve.add_argument(
+        "--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query"
+    )
     serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
-    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="requests handled at once")
+    serve.add_argument(
+        "--max_threads", type=int, default=MAX_THREADS, help="requests handled at once"
+    )
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="JSON lines {id, contents}")
-    source.add_argument("--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve")
+    source.add_argument(
+        "--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve"
+    )
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
     try:
@@ -359,13 +416,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
         bm25 = BM25Retriever(args.corpus)
-        server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
-                             args.max_threads)
+        server = make_server(
+            bm25,
+            args.host,
+            args.port,
+            args.max_queries,
+            args.max_query_chars,
+            args.max_topk,
+            args.max_threads,
+        )
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # from make_server: port in use, unknown host
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr
+        )
         return 2
     host, port = server.server_address[:2]
     print(f"serving {len(bm25)} passages on http://{host}:{port}/retrieve", flush=True)
