@@ -84,6 +84,7 @@ class Config:
     eval_batch: int = 16  # questions per evaluation rollout batch
     out_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoint/
     save_every: int = 5  # checkpoint every K steps (and at the end)
+    html_every: int = 0  # steps/step-NNNN.html, the credit of every token, every K steps (0 = off)
     seed: int = 0  # one seed for data order, sampling and counterfactual draws
 
 
@@ -205,6 +206,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("eval_every", c.eval_every >= 0, ">= 0"),
         ("steps", c.steps >= 0, ">= 0"),
         ("save_every", c.save_every >= 1, ">= 1"),
+        ("html_every", c.html_every >= 0, ">= 0 (0 = off)"),
         ("max_bad_steps", c.max_bad_steps >= 1, ">= 1"),
         ("seed", c.seed >= 0, ">= 0"),
         ("doc_words", c.doc_words >= 0, ">= 0 (0 = whole passages)"),

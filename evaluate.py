@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import credit
 import fast
 import igsearch as ig
 import lm
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", default="", help="results JSON (default: beside the model, or runs/eval.json)"
     )
+    p.add_argument("--html", default="", help="with --question, --answer: a page of credit")
+    p.add_argument("--question", default="", help="the question of the --html page")
+    p.add_argument("--answer", nargs="+", default=[], help="gold answer(s) of --question")
     try:
         args = p.parse_args(argv)
         for name in ("topk", "batch_size", "max_turn_tokens"):
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("doc_words", "limit", "max_searches", "show"):
             if getattr(args, name) < 0:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
+        if bool(args.html) != bool(args.question and args.answer):
+            raise InputError("--html, --question and --answer go together")
         own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
@@ -263,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             args.doc_words or None,
         )
         model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        if args.html:  # instead of the evaluation: G sampled rollouts of one question, their credit
+            credit.question_page(
+                model, tokenizer, search, args.model, args.question, args.answer, args.html
+            )
+            return 0
         rows, shown, all_pairs = {}, [], []
         for path, questions in zip(files, question_sets):
             summary, pairs = evaluate(

@@ -154,6 +154,7 @@ class Step:
     query_span: tuple[int, int]  # token span [start, end) in response_ids of the query Q_t
     refine: str | None = None  # inner text of the first refine block after the documents
     ig: float | None = None  # raw information gain, None when not scored
+    scores: list[float] | None = None  # s(a*|C) of the kept gold: [real, rand_1..rand_N]
     cut: int = 0  # document tokens dropped so that the response stays within its budget
 
 
@@ -439,7 +440,7 @@ def score_requests(
     )
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
-            step.ig = None
+            step.ig = step.scores = None
             if not draws[i][t]:
                 continue
             contexts = [ig_context(traj, t, template)]
@@ -535,7 +536,8 @@ def information_gain(
     head_weight: float = 3.0,
     score: Callable = answer_scores,
 ) -> list[list[float | None]]:
-    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
+    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig
+    and step.scores (the 1 + N scores it came from).
 
     draws: the counterfactuals of each step (plan_counterfactuals). `score` is answer_scores, or
     fast.answer_scores_shared_prefix (the same scores; the context that a rollout's requests share
@@ -551,6 +553,7 @@ def information_gain(
         if (r.traj, r.step) not in best or real > best[(r.traj, r.step)]:
             best[(r.traj, r.step)] = real
             trajs[r.traj].steps[r.step].ig = real - sum(rand) / len(rand)  # IG_t
+            trajs[r.traj].steps[r.step].scores = [real, *rand]
     return [[s.ig for s in traj.steps] for traj in trajs]
 
 

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import credit
 import distributed as dd
 import fast
 import igsearch as ig
@@ -560,6 +561,13 @@ def train(cfg: Config, resume: str = "") -> dict:
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
                 )
             )
+            if cfg.html_every and ((step + 1) % cfg.html_every == 0 or step + 1 == cfg.steps):
+                adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,) A_i
+                page = s.run / "steps" / f"step-{step + 1:04d}.html"
+                title = f"{s.run}: step {step + 1}" + (", rank 0's share" * (dd.world_size() > 1))
+                credit.write_step_page(
+                    page, s.tokenizer, qs, trajs, rewards, adv, tok_adv, cfg, title
+                )
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(

@@ -1,0 +1,282 @@
+"""credit.py: the page of a training step shows the very tokens, masks, advantages and scores that
+training computed, read back from the page with html.parser; hostile text stays text."""
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import PASSAGES, tiny_config, tiny_run_files  # noqa: F401 (a fixture)
+
+import credit
+import fast
+import igsearch as ig
+import train
+import warmup
+from train import Config
+
+
+class PageReader(HTMLParser):
+    """A page read back: per rollout its response as (id, mask, advantage or None) in order, the
+    score tables of the search steps, every tag opened and closed, and the visible text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.rollouts, self.scores, self.opened, self.closed, self.text = [], [], [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.opened.append(tag)
+        if "data-rollout" in a:
+            self.rollouts.append(
+                {"outcome": float(a["data-outcome"]), "ids": [], "mask": [], "adv": []}
+            )
+        if "data-id" in a:  # a generated token
+            r = self.rollouts[-1]
+            r["ids"].append(int(a["data-id"]))
+            r["mask"].append(int(a["data-m"]))
+            r["adv"].append(float(a["data-a"]))
+        if "data-ids" in a:  # inserted text
+            ids = [int(x) for x in a["data-ids"].split()]
+            r = self.rollouts[-1]
+            r["ids"] += ids
+            r["mask"] += [int(a["data-m"])] * len(ids)
+            r["adv"] += [None] * len(ids)
+        if "data-scores" in a:
+            self.scores.append([float(x) for x in a["data-scores"].split()])
+
+    def handle_endtag(self, tag):
+        self.closed.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def assert_page_shows(page: PageReader, trajs, tok_adv):
+    """The page's tokens, masks and advantages are those of the tensors, rollout by rollout."""
+    assert len(page.rollouts) == len(trajs)
+    for r, t, a in zip(page.rollouts, trajs, tok_adv):
+        assert r["ids"] == t.response_ids and r["mask"] == t.loss_mask
+        trained = [p for p, m in enumerate(t.loss_mask) if m]
+        assert [r["adv"][p] for p in trained] == pytest.approx(
+            [float(a[p]) for p in trained], rel=1e-6, abs=1e-7
+        )
+        assert all(r["adv"][p] is None for p, m in enumerate(t.loss_mask) if not m)
+
+
+def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypatch, scripted):
+    """A scripted policy that searches (different documents per question) then answers; the tiny
+    model scores IG and trains. Pages come every html_every steps and for the last one, and show
+    the advantages passed to update, the masks and ids of its trajectories, and the IG scores."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_run_files["model"])
+    keys = [p[1].split()[-1] for p in PASSAGES]
+    scripts = {
+        k: [
+            f"<think> hm </think> <search> {k.strip('.')} </search>",
+            "<refine> ok </refine> <answer> Paris </answer>",
+        ]
+        for k in keys
+    }
+    real_rollout, real_update, seen = ig.rollout, train.update, []
+    monkeypatch.setattr(
+        ig,
+        "rollout",
+        lambda model, tokenizer, prompts, search, **kw: real_rollout(
+            scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
+        ),
+    )
+
+    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg):
+        seen.append((trajs, [a.clone() for a in tok_adv]))
+        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg)
+
+    monkeypatch.setattr(train, "update", spy_update)
+    run = tmp_path / "run"
+    train.train(
+        tiny_config(
+            tiny_run_files,
+            run,
+            steps=3,
+            html_every=2,
+            questions_per_step=3,
+            max_turn_tokens=24,
+            warmup_examples=0,
+        )
+    )
+    assert sorted(p.name for p in (run / "steps").iterdir()) == ["step-0002.html", "step-0003.html"]
+    trajs, tok_adv = seen[-1]
+    page = PageReader((run / "steps" / "step-0003.html").read_text())
+    assert_page_shows(page, trajs, tok_adv)
+    steps = [s for t in trajs for s in t.steps]
+    assert steps and all(s.scores is not None for s in steps)
+    assert page.scores == [pytest.approx(s.scores, rel=1e-6) for s in steps]
+    assert all(s.ig == pytest.approx(s.scores[0] - sum(s.scores[1:]) / 3) for s in steps)
+    # IG reaches the query tokens: there the advantage differs from the rollout's outcome part
+    bonus = [
+        r["adv"][p] - r["outcome"]
+        for r, t in zip(page.rollouts, trajs)
+        for p in range(*t.steps[0].query_span)
+    ]
+    assert max(map(abs, bonus)) > 1e-4
+    other = [
+        r["adv"][p] - r["outcome"]
+        for r, t in zip(page.rollouts, trajs)
+        for p in range(len(t.response_ids))
+        if t.loss_mask[p] and not t.steps[0].query_span[0] <= p < t.steps[0].query_span[1]
+    ]
+    assert max(map(abs, other)) < 1e-6  # elsewhere A_{i,p} = A_i
+    # every rollout answered Paris: every group's outcome advantage is zero and the page says so
+    assert page.opened.count("span") and "only IG teaches this group" in "".join(page.text)
+
+
+def test_step_scores_are_the_scores_information_gain_computed(tokenizer, tiny_model, monkeypatch):
+    """step.scores = [real, rand_1..rand_N] of the kept gold, as the scorer returned them; the fast
+    shared-prefix scorer records the same."""
+    from test_igsearch import ig_batch, information_gain
+
+    returned = []
+
+    def recording(*a, **kw):
+        returned.append(ig.answer_scores(*a, **kw))
+        return returned[-1]
+
+    trajs = ig_batch([True, False, False, True])
+    golds = [["Berlin", "Paris"]] * 4
+    information_gain(
+        tiny_model, tokenizer, trajs, golds, all_golds=True, max_len=512, score=recording
+    )
+    requests = returned[0]
+    kept = [max(requests[2 * i : 2 * i + 2], key=lambda s: s[0]) for i in range(4)]  # two golds
+    assert [t.steps[0].scores for t in trajs] == kept
+    plain = [t.steps[0].scores for t in trajs]
+    information_gain(
+        tiny_model,
+        tokenizer,
+        trajs,
+        golds,
+        all_golds=True,
+        max_len=512,
+        score=fast.answer_scores_shared_prefix,
+    )
+    assert sum((t.steps[0].scores for t in trajs), []) == pytest.approx(sum(plain, []), abs=1e-4)
+
+
+HOSTILE = "<script>alert('x')</script></details></span><img src=x onerror=alert(1)>&amp;"
+
+
+def test_hostile_text_shows_as_text(tokenizer):
+    """Documents, questions and generated tokens holding markup are escaped: the page opens no
+    script or image, every <details> closes where the page closes it, and the text reads as
+    written."""
+    trajs = []
+    for k in range(2):
+        t = warmup.supervised_trajectory(
+            tokenizer,
+            "Question?",
+            [
+                ("<think> <b>bold</b> </think> <search> q </search>", True),
+                (ig.observation_text(f"Doc 1 {HOSTILE} {k}", ig.TEMPLATES["igsearch"]), False),
+                ("<answer> Paris </answer>", True),
+            ],
+        )
+        lo = len(
+            tokenizer("<think> <b>bold</b> </think> <search> ", add_special_tokens=False).input_ids
+        )
+        t.steps.append(
+            ig.Step(
+                "q" + HOSTILE,
+                f"Doc 1 {HOSTILE} {k}",
+                (lo, lo + 1),
+                ig=0.5,
+                scores=[-1.0, -1.5, -1.5, -1.5],
+            )
+        )
+        trajs.append(t)
+    rewards = torch.tensor([1.0, 0.0])
+    adv = ig.group_advantages(rewards, 2)
+    tok_adv = ig.token_advantages(trajs, adv, alpha=0.3)
+    questions = [{"question": "Who? " + HOSTILE, "golden_answers": ["Paris" + HOSTILE]}] * 2
+    html = credit.step_page(
+        tokenizer,
+        questions,
+        trajs,
+        rewards,
+        adv,
+        tok_adv,
+        2,
+        "title " + HOSTILE,
+        "settings " + HOSTILE,
+    )
+    page = PageReader(html)
+    assert "script" not in page.opened and "img" not in page.opened
+    assert page.opened.count("details") == page.closed.count("details") == 2
+    assert page.opened.count("b") == page.closed.count("b")  # the generated <b> is no tag
+    text = "".join(page.text)
+    assert text.count(HOSTILE) >= 2 + 1  # both documents, the question (and more)
+    assert "<b>bold</b>" in text
+    assert_page_shows(page, trajs, tok_adv)
+
+
+def test_token_texts_join_to_the_decoded_text(tokenizer):
+    ids = tokenizer("Café 東京 <answer> x </answer>", add_special_tokens=False).input_ids
+    pieces = credit.token_texts(tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids)
+    assert "\ufffd" not in "".join(pieces)  # a split multi-byte character shows once, whole
+
+
+def test_question_page_from_a_checkpoint(tiny_run_files, tmp_path, capsys):
+    """evaluate.py --html: G rollouts of one question, sampled and credited as training does; the
+    three flags go together (one line, exit 2)."""
+    import evaluate
+
+    out = tmp_path / "q.html"
+    files = [
+        "--model",
+        tiny_run_files["model"],
+        "--corpus",
+        tiny_run_files["corpus"],
+        "--data",
+        tiny_run_files["test_data"],
+    ]
+    assert (
+        evaluate.main(
+            [
+                *files,
+                "--html",
+                str(out),
+                "--question",
+                "Which city is the capital of France?",
+                "--answer",
+                "Paris",
+            ]
+        )
+        == 0
+    )
+    page = PageReader(out.read_text())
+    assert len(page.rollouts) == Config().group_size and all(r["ids"] for r in page.rollouts)
+    assert "Which city is the capital of France?" in "".join(page.text)
+    capsys.readouterr()
+    assert evaluate.main([*files, "--html", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--answer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_question_page_advantages_are_trainings(tiny_run_files, tokenizer, tiny_model, tmp_path):
+    """The tensors question_page returns are those its page shows, and its rewards and group
+    advantages follow train.py's rule."""
+    search = lambda qs: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(qs)  # noqa
+    path, (trajs, rewards, adv, tok_adv) = credit.question_page(
+        tiny_model,
+        tokenizer,
+        search,
+        tiny_run_files["model"],
+        "Capital of France?",
+        ["Paris"],
+        tmp_path / "sub" / "q.html",
+    )
+    assert_page_shows(PageReader(Path(path).read_text()), trajs, tok_adv)
+    assert len(trajs) == Config().group_size
+    assert torch.equal(adv, ig.group_advantages(rewards, Config().group_size))
