@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from test_fast import answer_trajectories
-from test_train import read_metrics, strip_times, tiny_config
+from test_train import read_metrics, strip_times, tiny_config, tiny_run_files  # noqa: F401
 
 import fast
 import igsearch as ig
