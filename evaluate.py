@@ -35,6 +35,15 @@ def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | Non
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
+def default_out(model: str) -> str:
+    """Beside a model folder, never inside it (a checkpoint folder is replaced whole by each save):
+    runs/x/checkpoint -> runs/x/checkpoint.eval.json; runs/eval.json for a Hub name or the default."""
+    if not os.path.isdir(model):
+        return "runs/eval.json"
+    folder = Path(model).resolve()
+    return str(folder.with_name(folder.name + ".eval.json"))
+
+
 def f1_score(prediction: str | None, golds: list[str]) -> float:
     """Word-level F1 against the best gold answer."""
     if prediction is None:
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_turn_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
-    p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
+    p.add_argument("--out", default="", help="results JSON (default: MODEL.eval.json beside a model folder, or runs/eval.json)")
     try:
         args = p.parse_args(argv)
         for name in ("topk", "batch_size", "max_turn_tokens"):
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare.default_data() if not (args.data and args.corpus) else {}
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
-        out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
+        out = args.out or default_out(args.model)
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
         model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)

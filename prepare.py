@@ -213,6 +213,7 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
         raise InputError(f"{path}: model folder not found")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check_weights(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
@@ -222,6 +223,20 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, so any id will do
     return model, tokenizer
+
+
+def check_weights(folder: str) -> None:
+    """Every *.safetensors file of a local model folder is whole: its header reads and its tensors
+    lie inside the file (a save cut short by a crash or a full disk, or garbage), else one line
+    naming the file, before anything is loaded."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if os.path.isdir(folder) else []:
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
+            raise InputError(f"{path}: not a whole safetensors file ({str(e)[:160]})") from None
 
 
 def load_questions(path: str) -> list[dict]:

@@ -31,7 +31,7 @@ import fast
 import igsearch as ig
 import prepare
 from compare import method_name
-from errors import InputError, OneLineParser
+from errors import InputError, OneLineParser, TrainingError
 from evaluate import documents_hold_answer, evaluate, format_table, make_search
 from retriever import RetrieverError
 from warmup import warmup
@@ -120,11 +120,21 @@ def parse_bool(text: str) -> bool:
     return value
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
-    """--field value for every Config field, --preset NAME, --resume RUN_DIR -> (config, resume)."""
+# what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
+# the split and test set its earlier records were measured on, the warm-up it already did
+FIXED_ON_RESUME = ("model", "out_dir", "seed", "train_data", "test_data", "val_questions",
+                   "eval_questions", "eval_start", "warmup_examples", "warmup_lr", "warmup_batch",
+                   "warmup_query")
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:
+    """--field value for every Config field, --preset NAME, --resume RUN_DIR, --restart
+    -> (config, resume, restart)."""
     p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in an out_dir that holds a run (removes its files)")
     for f in dataclasses.fields(Config):
         if f.type == "bool":  # --flag, or --flag true/false
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=parse_bool)
@@ -142,8 +152,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
             raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
                              f"first save): start it again without --resume")
         saved = ckpt.read_json(run / "config.json")
-        for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
-            if name in given and given[name] != saved.get(name):
+        for name in FIXED_ON_RESUME:
+            if name in given and given[name] != saved.get(name, given[name]):
                 raise InputError(f"--{name} cannot change on --resume (the run continues from "
                                  f"{run}/checkpoint): start a new run to change it")
         if args.preset != "default":
@@ -152,7 +162,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     else:
         values.update(PRESETS[args.preset])
     values.update(given)
-    return Config(**values), args.resume
+    return Config(**values), args.resume, args.restart
 
 
 def checked_fields(saved: dict, where: Path) -> dict:
@@ -230,10 +240,6 @@ def estimate_seconds(cfg: Config) -> float:
         evals += n_val * cfg.val_questions * c["eval_formatted"]
     rl = cfg.steps * cfg.questions_per_step * cfg.group_size * c["rollout"]  # rollout + IG + update
     return c["setup"] + evals + cfg.warmup_examples * c["warmup"] + rl
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite steps); the message says what is on disk."""
 
 
 # ----------------------------------------------------------------------- the parts of a step
@@ -421,7 +427,7 @@ class Setup:
             dd.copy_full(self.model, self.policy)
 
 
-def set_up(cfg: Config, resume: str) -> Setup:
+def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     """Device, seeds, run folder, data, retriever and model; then, for a new run, the start
     model's evaluation, the format warm-up and step 0 of the validation curve; for a resumed run,
     the checkpoint's optimizer and RNG states."""
@@ -433,13 +439,9 @@ def set_up(cfg: Config, resume: str) -> Setup:
             "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank())}
     run = Path(resume or cfg.out_dir)
     table = run / "table.json"  # a resumed run's rows so far, read before any work
-    table = ckpt.read_json(table) if resume and table.exists() else {}
-    if main:
-        try:  # before any work: a file in the way or a folder without write access stops here
-            run.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
-        except OSError as e:
-            raise InputError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
+    table = ckpt.read_table(table) if resume and table.exists() else {}
+    if main:  # the folder is this run's: locked, and never an older run's files (ckpt.claim_run)
+        ckpt.claim_run(run, bool(resume), restart)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         if device.type == "cpu" and not cfg.model:
             print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
@@ -461,6 +463,8 @@ def set_up(cfg: Config, resume: str) -> Setup:
     start_model = str(ckpt.last_checkpoint(run)) if resume else cfg.model
     model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code,
                                           dtype=torch.float32)
+    if main:  # every input is checked: now config.json (and --restart removes the older files)
+        ckpt.start_run(run, dataclasses.asdict(cfg), bool(resume))
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
     policy = model
@@ -501,8 +505,8 @@ def set_up(cfg: Config, resume: str) -> Setup:
 # ------------------------------------------------------------------------------------ train
 
 
-def train(cfg: Config, resume: str = "") -> dict:
-    s = set_up(cfg, resume)
+def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
+    s = set_up(cfg, resume, restart)
     tpl, main = ig.TEMPLATES[cfg.template], dd.is_main()
     alpha = 0.0 if cfg.outcome_only else cfg.ig_alpha
     bad_steps = 0
@@ -566,12 +570,13 @@ def train(cfg: Config, resume: str = "") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, resume = parse_config(argv)
-        train(cfg, resume)
+        cfg, resume, restart = parse_config(argv)
+        train(cfg, resume, restart)
     except (InputError, RetrieverError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        ckpt.release_run()
         dd.cleanup()
     return 0
 

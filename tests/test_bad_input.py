@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+import checkpoint
 import compare
 import evaluate
 import igsearch as ig
@@ -26,6 +27,14 @@ def one_line_error(capsys, code: int) -> str:
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def last_error_line(capsys, code: int) -> str:
+    """A run that stops after work: exit 2, no traceback, one `error: ...` line and it is the last."""
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and errors == lines[-1:] and "Traceback" not in "".join(lines), lines[-5:]
+    return errors[0]
 
 
 # ----------------------------------------------------------------------------- 1. lengths
@@ -182,6 +191,18 @@ def finished_run(tiny_run_files, tmp_path_factory):  # noqa: F811
     return run
 
 
+def copy_run(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    os.system(f"cp -r {finished_run} {run}")
+    return run
+
+
+def snapshot(run) -> dict:
+    """Every file of a run folder (but the lock) -> its bytes: what a failed start must not change."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 @pytest.mark.parametrize("file, text, problem", [
     ("config.json", '{"steps": 3', "config.json:1: not JSON"),
     ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
@@ -189,14 +210,37 @@ def finished_run(tiny_run_files, tmp_path_factory):  # noqa: F811
     ("config.json", '{"steps": "3"}', "config.json: 'steps' is '3', not of type int"),
     ("config.json", '{"fast": 1}', "config.json: 'fast' is 1, not of type bool"),
     ("table.json", '{"start model": ', "table.json:1: not JSON"),
+    ("table.json", '{"start model": [1, 2]}', "table.json: row 'start model' is not an object"),
+    ("table.json", '{"x": {"n": "7", "em": 0, "f1": 0, "searches": 0, "valid": 0}}',
+     "table.json: row 'x' is not an object"),
+    ("metrics.jsonl", '[1]\n{"step": 1}\n', "metrics.jsonl:1: not a step record"),
+    ("metrics.jsonl", '{"step": "1"}\n{"step": 1}\n', "metrics.jsonl:1: not a step record"),
+    ("metrics.jsonl", '{"step": 1, "reward": "high"}\n', "metrics.jsonl:1: not a step record"),
+    ("metrics.jsonl", 'garbage\n{"step": 1}\n', "metrics.jsonl:1: not JSON"),
+    ("checkpoint/model.safetensors", None, "checkpoint/model.safetensors: not a whole safetensors"),
+    ("checkpoint/model.safetensors", "garbage", "checkpoint/model.safetensors: not a whole"),
+    ("checkpoint/state.pt", None, "checkpoint/state.pt: cut short"),
+    ("checkpoint/state.pt", "", "checkpoint/state.pt: cut short"),
+    ("checkpoint/state.pt", "missing", "checkpoint/state.pt: no such file"),
 ])
 def test_a_broken_run_file_on_resume_is_one_line(finished_run, tmp_path, capsys, file, text,
-                                                 problem):
-    run = tmp_path / "copy"
-    os.system(f"cp -r {finished_run} {run}")
-    (run / file).write_text(text)
+                                                 problem, monkeypatch):
+    """Issue 29: a cut-short or garbage weights file, a cut or missing state.pt, a metrics line or a
+    table of the wrong shape gave tracebacks, the table's only after training to the end. Each is
+    refused in one line naming the file before any work, and no file of the run changes."""
+    run = copy_run(finished_run, tmp_path)
+    path = run / file
+    if text is None:  # cut in half, as by a crash or a full disk
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif text == "missing":
+        path.unlink()
+    else:
+        path.write_text(text)
+    before = snapshot(run)
+    monkeypatch.setattr(train, "rollouts", lambda *a, **k: pytest.fail("worked before refusing"))
     code = train.main(["--resume", str(run), "--steps", "2"])
     assert f"{run}/{problem}" in one_line_error(capsys, code)
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("flag, value", [("--model", "HuggingFaceTB/SmolLM2-135M"),
@@ -207,6 +251,136 @@ def test_resume_refuses_to_change_the_model_or_folder_and_leaves_config_as_it_wa
     code = train.main(["--resume", str(finished_run), flag, value])
     assert f"{flag} cannot" in one_line_error(capsys, code)
     assert (finished_run / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "7"), ("--train_data", "other.jsonl"),
+                                         ("--eval_questions", "5"), ("--warmup_lr", "1")])
+def test_resume_refuses_what_it_cannot_apply(finished_run, capsys, flag, value):
+    """Issue 29: a resume restores every RNG state, so a new --seed was written to config.json and
+    never used; the split, test set and warm-up were done already. Refused; config.json as it was."""
+    before = snapshot(finished_run)
+    code = train.main(["--resume", str(finished_run), flag, value])
+    assert f"{flag} cannot change on --resume" in one_line_error(capsys, code)
+    assert snapshot(finished_run) == before
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(finished_run, tmp_path):
+    """Issue 29: the optimizer state loaded on resume carried the old learning rate, so --lr was
+    recorded in config.json and ignored. The checkpoint now holds the new one."""
+    import torch
+
+    run = copy_run(finished_run, tmp_path)
+    assert train.main(["--resume", str(run), "--steps", "2", "--lr", "0.125"]) == 0
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.125
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.125]
+
+
+def test_a_failed_resume_or_start_changes_no_file(finished_run, tiny_run_files, tmp_path,  # noqa: F811
+                                                  capsys):
+    """Issue 29: `--resume R --corpus typo.jsonl` rewrote config.json before the corpus was read,
+    and every later plain `--resume R` failed on the typo; a start that failed on a missing corpus
+    left a config.json. config.json is now written once data, retriever and model are loaded."""
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run)
+    code = train.main(["--resume", str(run), "--corpus", str(tmp_path / "typo.jsonl")])
+    assert "typo.jsonl: no such file" in one_line_error(capsys, code)
+    assert snapshot(run) == before
+    assert train.main(["--resume", str(run), "--steps", "2"]) == 0  # the typo was not recorded
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"
+    for bad in ({"corpus": str(tmp_path / "typo.jsonl")}, {"model": str(tmp_path / "no_model")}):
+        code = train.main(train_args({**tiny_run_files, **bad}, fresh, 1))
+        one_line_error(capsys, code)
+        assert snapshot(fresh) == {}
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_restart_removes_it(
+        finished_run, tiny_run_files, tmp_path, capsys):  # noqa: F811
+    """Issue 29: a second run without --resume in the same --out_dir replaced the checkpoint,
+    appended its steps to metrics.jsonl (steps 1, 2, 1) and left the older run's table.json, which
+    compare.py then showed as this run's. Refused in one line; --restart starts over and says
+    which files it removes, and none of them is left."""
+    run = copy_run(finished_run, tmp_path)
+    (run / "table.json").write_text(json.dumps(
+        {"start model": {"n": 2, "em": 1.0, "f1": 1.0, "searches": 1, "valid": 1}}))
+    (run / "checkpoint.eval.json").write_text("{}")
+    before = snapshot(run)
+    args = train_args(tiny_run_files, run, 1, seed=7)
+    message = one_line_error(capsys, train.main(args))
+    assert f"{run}: holds a run (config.json, metrics.jsonl, table.json, checkpoint," in message
+    assert "--resume" in message and "--restart" in message
+    assert snapshot(run) == before
+    assert train.main(args + ["--restart"]) == 0
+    out = capsys.readouterr().out
+    assert "removing the older run's config.json, metrics.jsonl, table.json, checkpoint, " \
+           "checkpoint.eval.json" in out
+    assert not (run / "table.json").exists() and not (run / "checkpoint.eval.json").exists()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((run / "config.json").read_text())["seed"] == 7
+    code = train.main(["--resume", str(run), "--restart"])
+    assert "--restart cannot be given with --resume" in one_line_error(capsys, code)
+
+
+def test_a_folder_in_use_by_another_process_is_refused(finished_run, tmp_path, capsys):
+    """Issue 29: two runs on one folder at once interleaved metrics.jsonl and one died with a
+    traceback. A second process is refused in one line; the lock goes with the process."""
+    import fcntl
+    import subprocess
+    import sys
+
+    run = copy_run(finished_run, tmp_path)
+    holder = subprocess.Popen(  # another train.py as claim_run makes it: the lock and its pid
+        [sys.executable, "-c", "import fcntl, os, sys; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); "
+         "print('held', flush=True); sys.stdin.read()", str(run / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(run)
+        code = train.main(["--resume", str(run), "--steps", "2"])
+        assert f"{run}: in use by another process (pid {holder.pid}" in one_line_error(capsys, code)
+        assert snapshot(run) == before
+    finally:
+        holder.stdin.close()  # the holder exits: the kernel drops its lock
+        holder.wait(timeout=30)
+    assert train.main(["--resume", str(run), "--steps", "2"]) == 0
+    with open(run / ".lock") as f:  # train.main let go of it when it ended
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_save_that_fails_keeps_the_last_checkpoint_and_no_temporary_files(
+        tiny_run_files, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Issue 29: a full disk during a save gave a traceback. One line names the checkpoint kept."""
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "checkpoint.tmp" in str(path) and obj["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    code = train.main(train_args(tiny_run_files, run, 3))
+    message = last_error_line(capsys, code)
+    assert f"{run}/checkpoint.tmp: cannot save step 2 (No space left on device)" in message
+    assert f"the last checkpoint saved before is {run}/checkpoint (step 1)" in message
+    assert sorted(os.listdir(run)) == [".lock", "checkpoint", "config.json", "metrics.jsonl"]
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+
+
+def test_evaluate_writes_beside_a_checkpoint_not_inside_it(tmp_path):
+    """Issue 29: evaluate.py --model R/checkpoint wrote R/checkpoint/eval.json, which the next save
+    of a resumed run deleted with the folder it replaced."""
+    (tmp_path / "checkpoint").mkdir()
+    assert evaluate.default_out(str(tmp_path / "checkpoint") + "/") == \
+        str(tmp_path / "checkpoint.eval.json")
+    assert evaluate.default_out("HuggingFaceTB/SmolLM2-135M") == "runs/eval.json"
+    assert "checkpoint.eval.json" in checkpoint.RUN_FILES  # a --restart removes it with the run
 
 
 def test_resume_honours_a_new_step_count_and_records_it(finished_run, tmp_path):

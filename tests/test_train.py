@@ -58,7 +58,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tiny_run_files, tmp_path):
     train.train(tiny_config(tiny_run_files, tmp_path / "cut", steps=1))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "reward"')  # a partial line, as a crash mid-write leaves it
-    cfg, resume = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
+    cfg, resume, _ = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
     assert cfg.steps == 3 and cfg.lr == 1e-3  # the run's own config, overridden on the command line
     train.train(cfg, resume)
     full, cut = strip_times(read_metrics(tmp_path / "full")), strip_times(read_metrics(tmp_path / "cut"))
