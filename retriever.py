@@ -11,26 +11,26 @@ Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import http.client
 import http.server
 import itertools
 import json
 import os
+import math
 import re
+import socket
 import stat
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, replace
 
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from errors import InputError
+from errors import InputError, OneLineParser
 
 
 class RetrieverError(RuntimeError):
@@ -76,6 +76,7 @@ MAX_LINE_BYTES = 1 << 20  # a JSON-lines row over 1 MiB is no passage or questio
 MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of one query
 # what `retriever.py serve` accepts by default, and what RemoteRetriever splits its batches to
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
+MAX_CONNECTIONS, READ_TIMEOUT = 64, 10.0  # connections read at once; seconds to read one request
 
 
 def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
@@ -197,6 +198,56 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
     return out
 
 
+class HTTPStatusError(Exception):
+    def __init__(self, code: int, reason: str, body: bytes):
+        super().__init__(f"HTTP {code} {reason}: {body[:200].decode('utf-8', 'replace')}")
+        self.code = code
+
+
+def post_within(url: str, body: bytes, timeout: float) -> bytes:
+    """POST body and return the response body, the whole exchange (connect, send, headers, every
+    byte of the body) within `timeout` seconds: a socket timeout alone bounds each read, and a
+    server that sends a byte a second would never trip it. A timer shuts the socket down at the
+    deadline, which ends whatever read is waiting."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    expired, sock = threading.Event(), []  # sock: the connected socket (conn lets go of it early)
+
+    def expire() -> None:
+        expired.set()
+        for s in sock:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.connect()  # (bounded by the socket timeout)
+        sock.append(conn.sock)
+        if expired.is_set():
+            raise TimeoutError
+        conn.request("POST", path or "/", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if expired.is_set():
+            raise TimeoutError
+        if response.status >= 400:
+            raise HTTPStatusError(response.status, response.reason, data)
+        return data
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {timeout:g} s") from None
+        raise e
+    finally:
+        timer.cancel()
+        conn.close()
+
+
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
@@ -204,12 +255,18 @@ class RemoteRetriever:
                  max_queries: int = MAX_QUERIES):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"retriever URL {url!r}: not http(s)://HOST[:PORT]/PATH")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.max_queries = max_queries  # a request holds at most this many (the server's cap)
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
         """POST the batch in requests of at most max_queries queries (each request retried on
-        connection errors, timeouts, 5xx and bad bodies, never on 4xx)."""
+        connection errors, timeouts, 5xx and bad bodies, never on 4xx). Each try has `timeout`
+        seconds from connect to the last byte."""
         _check_args(queries, topk)
         return [hits for k in range(0, len(queries), self.max_queries)
                 for hits in self._post(queries[k: k + self.max_queries], topk)]
@@ -220,33 +277,52 @@ class RemoteRetriever:
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _parse_result(json.loads(response.read()), len(queries), topk)
-            except urllib.error.HTTPError as e:  # before URLError/OSError: it is a subclass of both
-                last = f"HTTP {e.code} {e.reason}: {e.read()[:200].decode('utf-8', 'replace')}"
+                return _parse_result(json.loads(post_within(self.url, body, self.timeout)),
+                                     len(queries), topk)
+            except HTTPStatusError as e:
+                last = str(e)
                 if e.code < 500:  # the request itself is wrong: asking again will not help
                     break
-            except urllib.error.URLError as e:
-                last = f"{e.reason}"
-            except (OSError, http.client.HTTPException) as e:  # timeouts while reading, dropped connections
-                last = f"{type(e).__name__}: {e}"
+            except (OSError, http.client.HTTPException) as e:  # refused, timed out, dropped
+                last = f"{type(e).__name__}: {e.strerror or e}" if isinstance(e, OSError) \
+                    else f"{type(e).__name__}: {e}"
             except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
 
 
+def check_server_limits(limits: dict) -> None:
+    """Every limit of make_server in range, else one line naming it (max_threads 0 would serve
+    nothing, a negative read_timeout would cut every request)."""
+    for name, value in limits.items():
+        low = 0 if name == "port" else 1
+        if name == "read_timeout":
+            ok = isinstance(value, (int, float)) and 0 < value < math.inf
+        else:
+            ok = isinstance(value, int) and low <= value <= (65535 if name == "port" else 10**6)
+        if not ok:
+            accepted = "seconds > 0" if name == "read_timeout" else (
+                "0..65535 (0: a free port)" if name == "port" else "an integer >= 1")
+            raise InputError(f"--{name} {value!r}: out of range (accepted: {accepted})")
+
+
 def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000,
                 max_queries: int = MAX_QUERIES, max_query_chars: int = MAX_QUERY_CHARS,
-                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS
+                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS,
+                max_connections: int = MAX_CONNECTIONS, read_timeout: float = READ_TIMEOUT
                 ) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
 
     The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
-    top-k at most max_topk), and so is the number of requests handled at once (max_threads): the
-    next connection waits to be accepted."""
+    top-k at most max_topk), and so are the searches run at once (max_threads: the next request
+    waits for a slot), the connections read at once (max_connections: the next one waits to be
+    accepted) and the time to read one request, headers and body (read_timeout seconds, then the
+    connection is cut): clients that trickle their requests cannot hold the searches."""
+    check_server_limits(dict(port=port, max_queries=max_queries, max_query_chars=max_query_chars,
+                             max_topk=max_topk, max_threads=max_threads,
+                             max_connections=max_connections, read_timeout=read_timeout))
+    searches = threading.BoundedSemaphore(max_threads)
 
     def document(p: Passage) -> dict:
         """A wiki-18 row again: the inverse of parse_contents."""
@@ -275,7 +351,25 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
         return queries, topk, return_scores
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 60  # a client that stalls mid-body frees its thread
+        timeout = read_timeout  # per socket operation; the watchdog bounds the whole read
+
+        def setup(self) -> None:
+            super().setup()
+            self.watchdog = threading.Timer(read_timeout, self.cut)
+            self.watchdog.daemon = True
+            self.watchdog.start()
+
+        def cut(self) -> None:
+            """The request was not read within read_timeout: end the connection (a trickle of a
+            byte a second would pass every per-read timeout)."""
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def finish(self) -> None:
+            self.watchdog.cancel()
+            super().finish()
 
         def log_message(self, format: str, *args: object) -> None:  # one stderr line per request is noise
             pass
@@ -288,7 +382,7 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): no one to tell
+            except OSError:  # the client gave up (its timeout) or was cut: no one to tell
                 pass
 
         def do_GET(self) -> None:
@@ -304,19 +398,28 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
             if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:  # '\\uXXXX': 6 bytes a char
                 return self.reply(413, {"error": "request body too large"})
             try:
-                queries, topk, return_scores = read_request(self.rfile.read(length))
+                body = self.rfile.read(length)
+            except OSError:  # cut by the watchdog, or the client went away
+                return
+            self.watchdog.cancel()  # read in time: the search may wait for a slot
+            if len(body) < length:  # the connection ended first
+                return
+            try:
+                queries, topk, return_scores = read_request(body)
             except ValueError as e:
                 return self.reply(400, {"error": str(e)})
-            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in hits]
-                      for hits in retriever.search(queries, topk)]
+            with searches:  # at most max_threads searches at once
+                hits = retriever.search(queries, topk)
+            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in found]
+                      for found in hits]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
         daemon_threads = True  # request threads must not keep the process alive on exit
-        slots = threading.BoundedSemaphore(max_threads)
+        slots = threading.BoundedSemaphore(max_connections)
 
         def process_request(self, request, client_address):
-            self.slots.acquire()  # at most max_threads requests in flight; the accept loop waits
+            self.slots.acquire()  # at most max_connections in flight; the accept loop waits
             super().process_request(request, client_address)
 
         def process_request_thread(self, request, client_address):
@@ -329,7 +432,7 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="BM25 retrieval: Search-R1 server or one-off search.")
+    parser = OneLineParser(description="BM25 retrieval: Search-R1 server or one-off search.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve POST /retrieve")
     serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
@@ -338,28 +441,37 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request")
     serve.add_argument("--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query")
     serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
-    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="requests handled at once")
+    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="searches run at once")
+    serve.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                       help="connections read at once")
+    serve.add_argument("--read_timeout", type=float, default=READ_TIMEOUT,
+                       help="seconds to read one request before the connection is cut")
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="JSON lines {id, contents}")
     source.add_argument("--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve")
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.command == "search":
             retriever = RemoteRetriever(args.url) if args.url else BM25Retriever(args.corpus)
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
+        check_server_limits({k: getattr(args, k) for k in ("port", "max_queries", "max_query_chars", "max_topk",
+                                                           "max_threads", "max_connections", "read_timeout")})
         bm25 = BM25Retriever(args.corpus)
         server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
-                             args.max_threads)
+                             args.max_threads, args.max_connections, args.read_timeout)
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # from make_server: port in use, unknown host
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except (OverflowError, UnicodeError) as e:  # a host name that cannot be encoded
+        print(f"error: cannot listen on {args.host!r}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"serving {len(bm25)} passages on http://{host}:{port}/retrieve", flush=True)

@@ -491,3 +491,115 @@ def test_client_splits_a_batch_to_the_servers_cap(corpus):
     server.server_close()
     # the project's client never sends what the project's server refuses
     assert RemoteRetriever("http://x").max_queries == retriever.MAX_QUERIES
+
+
+# ----------------------------------------------------------------------------- 6. deadlines
+
+
+def trickling_server(head: bytes, every: float):
+    """A loopback server that answers any connection with `head`, then one byte each `every`
+    seconds, for a minute. Returns (url, stop)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer(conn):
+        with conn:
+            conn.recv(65536)
+            conn.sendall(head)
+            while not stop.wait(every):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    def accept():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
+            except OSError:
+                pass
+        listener.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/retrieve", stop
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n",
+                                  b"HTTP/1.0 200 OK\r\nX-Slow: "], ids=["body", "headers"])
+def test_the_client_deadline_bounds_the_whole_request(head):
+    """Issue 29: RemoteRetriever(timeout=3, retries=1) against a server that sent its headers and
+    then a byte a second waited 22 s (the timeout bounded each socket read, not the request).
+    Each try now ends at its deadline, whatever the server trickles."""
+    import time
+
+    url, stop = trickling_server(head, every=0.2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(retriever.RetrieverError, match="no whole answer within 1 s .after 2"):
+            RemoteRetriever(url, timeout=1, retries=2, backoff=0.01).search(["q"])
+        assert time.monotonic() - start < 3.5  # two tries of 1 s, not a minute of trickle
+    finally:
+        stop.set()
+
+
+def test_slow_clients_cannot_hold_the_server(corpus):
+    """Issue 29: four connections that announce a large body and trickle a byte every few seconds
+    held every worker of `retriever.py serve`, and good requests timed out for as long as the
+    trickle lasted. Now each request must be read within read_timeout (then its connection is
+    cut), reading does not hold a search slot, and good requests are answered in their deadline
+    while the slow clients trickle."""
+    import socket
+    import time
+
+    bm25 = BM25Retriever(corpus)
+    server = make_server(bm25, port=0, max_threads=1, max_connections=8, read_timeout=2)
+    url = serve(server)
+    port = server.server_address[1]
+    slow, cut_after = [], []
+    for k in range(4):  # announce a large body (or never end the headers), then trickle
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /retrieve HTTP/1.0\r\nContent-Length: 9000\r\n\r\n{" if k % 2 else
+                  b"POST /retrieve HTTP/1.0\r\nX-Slow: ")
+        slow.append((s, time.monotonic()))
+    client = RemoteRetriever(url, timeout=1.5, retries=1)
+    try:
+        for _ in range(6):  # good requests, each within its own 1.5 s deadline, while they trickle
+            for s, _ in slow:
+                s.sendall(b" ")
+            assert client.search(["capital of France"]) == bm25.search(["capital of France"])
+        for s, opened in slow:  # each slow connection was cut at about read_timeout
+            s.settimeout(5)
+            try:
+                while s.recv(1024):
+                    pass
+            except ConnectionResetError:
+                pass
+            cut_after.append(time.monotonic() - opened)
+    finally:
+        for s, _ in slow:
+            s.close()
+        server.shutdown()
+        server.server_close()
+    assert all(1.5 < t < 4 for t in cut_after), cut_after
+
+
+@pytest.mark.parametrize("flag, value", [("--max_threads", "0"), ("--max_connections", "0"),
+                                         ("--read_timeout", "-1"), ("--read_timeout", "inf"),
+                                         ("--port", "70000"), ("--max_topk", "0"),
+                                         ("--max_queries", "-3"), ("--max_query_chars", "0")])
+def test_server_flags_out_of_range_are_one_line(corpus, capsys, flag, value):
+    """Issue 29: `retriever.py serve --max_threads 0` printed "serving" and never answered."""
+    code = retriever.main(["serve", "--corpus", corpus, flag, value])
+    assert f"{flag} " in one_line_error(capsys, code)
+    assert capsys.readouterr().out == ""  # never said "serving"
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/retrieve", "ftp://host/retrieve", "http:///x"])
+def test_a_retriever_url_that_is_not_http_is_one_line(url, tiny_run_files, tmp_path, capsys):  # noqa: F811
+    code = train.main(train_args(tiny_run_files, tmp_path / "run", 1) + ["--retriever_url", url])
+    assert "not http(s)://HOST" in one_line_error(capsys, code)
+    code = retriever.main(["search", "--url", url, "q"])
+    assert "not http(s)://HOST" in one_line_error(capsys, code)
