@@ -1,9 +1,10 @@
 """A run folder and how nothing in it is lost: config.json, metrics.jsonl, table.json, checkpoint/.
 
 Every file is written atomically (a temporary file, then a rename), so a crash leaves the old
-version or the new one, never half of one. A folder belongs to one run: one process at a time holds
-it (a lock on RUN/.lock), and a new run never starts over an older one's files unless asked to. The checkpoint holds the weights (save_pretrained), the
+version or the new one, never half of one. The checkpoint holds the weights (save_pretrained), the
 tokenizer, the optimizer and every RNG state, so a resumed run reproduces an uninterrupted one.
+A folder belongs to one run: one process at a time holds it (a lock on RUN/.lock), and a new run
+never starts over an older one's files unless asked to (--restart).
 """
 from __future__ import annotations
 

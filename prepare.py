@@ -299,6 +299,7 @@ def _load_parquet(path: str) -> list[dict]:
 
 
 MAX_QUESTION_CHARS = 2000  # a question or gold answer longer than this is refused (NQ's: < 200)
+MAX_ANSWERS = 1000  # gold answers per question (TriviaQA's alias lists are the longest)
 
 
 def _json_object(line: str, where: str) -> object:
@@ -318,19 +319,36 @@ def _check_row(row: object, where: str, index: int) -> dict:
     if len(question) > MAX_QUESTION_CHARS:  # the prompt holds it whole: bound it
         raise InputError(f"{where}: 'question' is {len(question)} characters, more than "
                          f"{MAX_QUESTION_CHARS}")
+    check_unicode(question, f"{where}: 'question'")
     answers = row.get("golden_answers")
     if not isinstance(answers, list) or not answers:
         raise InputError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+    if len(answers) > MAX_ANSWERS:  # --ig_all_golds scores every one of them at every step
+        raise InputError(f"{where}: {len(answers)} gold answers, more than {MAX_ANSWERS}")
     for answer in answers:
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: 'golden_answers' holds {answer!r}, not a non-empty string")
         if len(answer) > MAX_QUESTION_CHARS:  # IG scores it as a continuation: bound it
             raise InputError(f"{where}: a gold answer is {len(answer)} characters, more than "
                              f"{MAX_QUESTION_CHARS}")
+        check_unicode(answer, f"{where}: gold answer")
+        if not normalize_answer(answer):  # "the", "?!": an empty prediction would match it
+            raise InputError(f"{where}: gold answer {answer!r} is empty once normalised "
+                             f"(articles and punctuation removed)")
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer")
     return {"id": str(doc_id), "question": question, "golden_answers": answers}
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Text that cannot be written as UTF-8 (a lone surrogate such as \\ud800, which JSON allows)
+    is refused where it is read, not when a tokenizer meets it mid-run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} holds {text[e.start]!r} at character {e.start}, not valid "
+                         f"Unicode (a lone surrogate)") from None
 
 
 def _hub(what: str, call):

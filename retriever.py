@@ -119,6 +119,11 @@ def load_corpus(path: str) -> list[dict]:
             contents = row.get("contents")
             if not isinstance(contents, str) or not contents.strip():
                 raise InputError(f"{where}: 'contents' missing, empty or not a string")
+            try:  # a lone surrogate (\ud800 is valid JSON) would stop a tokenizer mid-run
+                contents.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"{where}: 'contents' holds {contents[e.start]!r} at character "
+                                 f"{e.start}, not valid Unicode (a lone surrogate)") from None
             doc_id = row.get("id", len(rows))
             if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
                 raise InputError(f"{where}: 'id' must be a string or an integer")
@@ -410,8 +415,8 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 return self.reply(400, {"error": str(e)})
             with searches:  # at most max_threads searches at once
                 hits = retriever.search(queries, topk)
-            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in found]
-                      for found in hits]
+            result = [[{"document": document(p), "score": p.score} if return_scores else document(p)
+                       for p in found] for found in hits]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
@@ -459,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
-        check_server_limits({k: getattr(args, k) for k in ("port", "max_queries", "max_query_chars", "max_topk",
-                                                           "max_threads", "max_connections", "read_timeout")})
+        limits = ("port", "max_queries", "max_query_chars", "max_topk", "max_threads", "max_connections",
+                  "read_timeout")
+        check_server_limits({k: getattr(args, k) for k in limits})
         bm25 = BM25Retriever(args.corpus)
         server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
                              args.max_threads, args.max_connections, args.read_timeout)

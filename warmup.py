@@ -62,12 +62,14 @@ def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Gene
         queries = [query_forms(q["question"], gen)[k] for q, k in zip(pool, pick)]
     else:
         queries = [q["question"] for q in pool]
-    trajs = []
+    trajs, specials = [], ig.special_strings(tokenizer)
     for q, query, d in zip(pool, queries, search(queries)):
         gold = q["golden_answers"][0]
         if gold.lower() not in d.lower() or len(trajs) >= cfg.warmup_examples:
             continue
-        d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
+        d = ig.sanitize_documents(d, specials)
+        # trained pieces keep their end-of-sequence token: the user's text in them is made plain
+        gold, query = (ig.plain_text(x, specials) for x in (gold, query))
         trajs.append(supervised_trajectory(
             tokenizer, ig.build_prompt(tokenizer, q["question"], tpl),
             [(f"<search> {query} </search>", True), (ig.observation_text(d, tpl), False),
