@@ -225,6 +225,24 @@ def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(rng[k])
 
 
+def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
+    """Why the model after an update (stats: train.update's) must not go on, in words, or None:
+    a non-finite loss or gradient (unless skipped_ok: RL tolerates max_bad_steps of them), weights
+    that are not finite, or a uniform output (the mean entropy of the trained tokens within 2 % of
+    ln V: the model prefers no token, as after a learning rate of 1e30). Every rank calls it."""
+    if stats.get("skipped") and not skipped_ok:
+        return f"the loss or gradient is not finite (grad_norm {stats.get('grad_norm')})"
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 (a shard)
+    bad = dd.all_sum([float(sum(not local(p).isfinite().all() for p in model.parameters()))])[0]
+    if bad:
+        return f"{bad:.0f} weight tensors are not finite"
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    entropy = stats.get("entropy", 0.0)
+    if vocab and entropy >= 0.98 * math.log(vocab):
+        return f"the output is uniform (entropy {entropy:.3f} nats, ln V = {math.log(vocab):.3f})"
+    return None
+
+
 def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, config: dict,
                     gens: dict) -> None:
     """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. Every rank
@@ -263,16 +281,18 @@ def last_checkpoint(run: Path) -> Path:
     return run / "checkpoint"
 
 
-def kept_checkpoint(run: Path) -> str:
-    """What a stop message says of the checkpoint on disk: its folder and step, or that none is."""
+def kept_checkpoint(run: Path, when: str = "") -> str:
+    """What a stop message says of the checkpoint on disk (saved `when`, e.g. "before them"): its
+    folder and step, or that there is none."""
     ckpt = last_checkpoint(run)
     if not (ckpt / "state.pt").exists():
-        return "no checkpoint was saved before"
+        return f"no checkpoint was saved {when}".strip()
     try:
-        step = read_state(ckpt)["step"]
+        step = f" (step {read_state(ckpt)['step']})"
     except InputError:
-        return f"{ckpt} is the last checkpoint on disk"
-    return f"the last checkpoint saved before is {ckpt} (step {step})"
+        step = ""
+    return f"the last checkpoint saved {when} is {ckpt}{step}" if when else \
+        f"the last complete checkpoint is {ckpt}{step}"
 
 
 def read_state(ckpt: Path, mmap: bool = True) -> dict:

@@ -552,11 +552,12 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
             tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in rec.items()))
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
-        if bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(f"{s.run}: {bad_steps} steps in a row had a non-finite loss or "
-                                f"gradient; stopped at step {step + 1}, the last good checkpoint "
-                                f"is {s.run / 'checkpoint'}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        problem = ckpt.step_problem(s.policy, stats, skipped_ok=True)
+        if bad_steps >= cfg.max_bad_steps or problem:  # never saved: the checkpoint predates it
+            raise TrainingError(f"{s.run}: stopped at step {step + 1}: " + (problem or (
+                f"{bad_steps} steps in a row had a non-finite loss or gradient")) +
+                f"; {ckpt.kept_checkpoint(s.run, 'before them')}")
+        if not bad_steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             s.save(step + 1)
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
         s.save(0)

@@ -7,13 +7,16 @@ mechanically from the train split, through the same loss mask and update as RL.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from tqdm import tqdm
 
+import checkpoint as ckpt
 import distributed as dd
 import igsearch as ig
+from errors import TrainingError
 
 
 QUERY_STOPWORDS = frozenset("a an and are as at by for from how in is it of on or that the this to "
@@ -53,6 +56,7 @@ def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Gene
     kept only where the gold answer appears in the retrieved documents. The query is the question
     (warmup_query "question") or one of query_forms drawn at random ("varied"). Loss on the search
     and answer tokens only, through the same mask and loss as the RL update (train.update).
+    Each step logs its loss; a step that leaves the model non-finite or uniform stops the run.
     """
     tpl = ig.TEMPLATES[cfg.template]
     order = torch.randperm(len(questions), generator=gen).tolist()
@@ -75,9 +79,18 @@ def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Gene
             [(f"<search> {query} </search>", True), (ig.observation_text(d, tpl), False),
              (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    n = math.ceil(len(trajs) / cfg.warmup_batch)
     for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):
         batch = trajs[k: k + cfg.warmup_batch]
         # advantage 1 on every target token: the REINFORCE loss is -mean log p(target)
-        update(model, None, tokenizer, batch, [torch.ones(len(t.response_ids)) for t in batch], opt,
-               cfg)
+        stats = update(model, None, tokenizer, batch, [torch.ones(len(t.response_ids))
+                                                       for t in batch], opt, cfg)
+        if dd.is_main():
+            tqdm.write(f"warm-up step {k // cfg.warmup_batch + 1}/{n}: loss={stats['loss']:.4g} "
+                       f"entropy={stats['entropy']:.4g} grad_norm={stats['grad_norm']:.4g}")
+        problem = ckpt.step_problem(model, stats)
+        if problem:
+            raise TrainingError(f"warm-up step {k // cfg.warmup_batch + 1}/{n}: {problem}; stopped "
+                                f"before any RL step, nothing saved (lower --warmup_lr, now "
+                                f"{cfg.warmup_lr:g})")
     dd.broadcast_params(model)  # every rank ran the same steps; rank 0's weights are kept

@@ -368,7 +368,7 @@ def test_a_save_that_fails_keeps_the_last_checkpoint_and_no_temporary_files(
     code = train.main(train_args(tiny_run_files, run, 3))
     message = last_error_line(capsys, code)
     assert f"{run}/checkpoint.tmp: cannot save step 2 (No space left on device)" in message
-    assert f"the last checkpoint saved before is {run}/checkpoint (step 1)" in message
+    assert f"the last complete checkpoint is {run}/checkpoint (step 1)" in message
     assert sorted(os.listdir(run)) == [".lock", "checkpoint", "config.json", "metrics.jsonl"]
     assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
 
