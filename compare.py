@@ -8,7 +8,9 @@ metrics.jsonl (one record per step; validation records carry val_*) and, when it
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -62,14 +64,47 @@ class Run:
         """The method of an RL run; a run without RL steps is named by its table row (e.g. after warm-up)."""
         return method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
 
+    @property
+    def setting(self) -> dict:
+        """What seeds of one setting share: the config but its seed and folder (the model path
+        normalised, so runs/w/checkpoint/ and runs/w/checkpoint are one start)."""
+        setting = {k: v for k, v in self.config.items() if k not in ("seed", "out_dir")}
+        if setting.get("model"):
+            setting["model"] = os.path.normpath(setting["model"])
+        return setting
+
+
+def seed_groups(items: list[tuple[str, dict, object]]) -> tuple[dict[str, list], list[str]]:
+    """Group (name, setting, item) as seeds: one group per name and setting. A name whose runs
+    differ in their settings gets one group each, labelled by the fields that differ, and a note
+    says which: never one '± spread' as if its runs were seeds. A field one config does not record
+    (written before the field existed) is no difference."""
+    same = lambda a, b: all(a[k] == b[k] for k in a.keys() & b.keys())  # noqa: E731
+    by_name: dict[str, list[tuple[dict, list]]] = {}
+    for name, setting, item in items:
+        parts = by_name.setdefault(name, [])
+        part = next((p for p in parts if same(p[0], setting)), None)
+        parts.append((setting, [item])) if part is None else part[1].append(item)
+    groups, notes = {}, []
+    for name, parts in by_name.items():
+        if len(parts) == 1:
+            groups[name] = parts[0][1]
+            continue
+        settings = [setting for setting, _ in parts]
+        differ = sorted({k for a in settings for b in settings for k in a.keys() & b.keys() if a[k] != b[k]})
+        show = lambda st: ", ".join(f"{k}={st.get(k, '-')}" for k in differ)  # noqa: E731
+        notes.append(f"{name}: runs not averaged together, they differ in {', '.join(differ)} ("
+                     + " / ".join(show(st) for st in settings) + ")")
+        for setting, members in parts:
+            groups[f"{name} [{show(setting)}]"] = members
+    return groups, notes
+
 
 def held_out_table(runs: list[Run]) -> list[str]:
     """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM (whether
     seed spreads overlap), means of searches per question, valid answers and hit share."""
-    groups: dict[str, list[dict]] = {}
-    for run in runs:
-        for name, row in run.table.items():
-            groups.setdefault(name, []).append(row)
+    groups, notes = seed_groups([(name, {**run.setting, "n": row.get("n")}, row)
+                                 for run in runs for name, row in run.table.items()])
     lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     for name, rows in groups.items():
         stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
@@ -78,7 +113,7 @@ def held_out_table(runs: list[Run]) -> list[str]:
         spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
         lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
                      f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
-    return lines
+    return lines + notes
 
 
 def per_run(runs: list[Run]) -> list[str]:
@@ -100,18 +135,26 @@ TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search s
               ("ig_miss", "mean IG of steps that miss"))
 
 
+def run_labels(runs: list[Run]) -> tuple[dict[int, str], list[str]]:
+    """id(run) -> the name its seeds share: its method, and the fields that set it apart from
+    other runs of that method (seed_groups); and the notes that say so."""
+    groups, notes = seed_groups([(run.method, run.setting, run) for run in runs])
+    return {id(run): label for label, members in groups.items() for run in members}, notes
+
+
 def training_means(runs: list[Run], window: int = 10) -> list[str]:
     """Per-method means of the RL steps' metrics: first `window` steps -> last `window` steps (all steps),
     each run's mean, then the mean over the method's runs. Steps where a quantity is undefined (no step
     hit, say) are left out of its means; IG is not computed for outcome-only, so its zeros are left out."""
     per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    labels, notes = run_labels([run for run in runs if run.rl_steps])
     for run in runs:
         steps = run.rl_steps
         if not steps:
             continue
-        method = run.method
+        method = labels[id(run)]
         for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and method == "outcome-only":
+            if key.startswith("ig_") and run.method == "outcome-only":
                 continue
             vals = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if vals:
@@ -129,7 +172,7 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             mean = [sum(x[i] for x in got) / len(got) for i in range(3)] if got else None
             cells.append(f"{mean[0]:.2f} -> {mean[1]:.2f} ({mean[2]:.2f})" if mean else "-")
         lines.append(f"{title:<38}" + "".join(f"{c:>26}" for c in cells))
-    return lines
+    return lines + notes
 
 
 def report(runs: list[Run]) -> str:
@@ -150,8 +193,9 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     start = {k: v for run in runs if not run.rl_steps for r in run.records for k, v in r.items()
              if k.startswith("val_")}
+    labels, _ = run_labels([r for r in runs if r.rl_steps])
     for run in (r for r in runs if r.rl_steps):
-        per_key = curves.setdefault(run.method, {})
+        per_key = curves.setdefault(labels[id(run)], {})
         for key, _ in PLOT_PANELS:
             points = [(r["step"], r[key]) for r in run.records if key in r]
             if not key.startswith("val_"):  # the mean of the last (up to) 5 steps

@@ -674,3 +674,39 @@ def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted
     assert count(trained) == 1 and trained[-1] == tokenizer.eos_token_id  # its own end only
     assert count(warm.prompt_ids) == count(plain.input_ids)
     assert count([i for i, m in zip(warm.response_ids, warm.loss_mask) if not m]) == 0
+
+
+# ----------------------------------------------------------------------------- 8. compare.py
+
+
+def test_compare_averages_as_seeds_only_runs_of_one_setting(tmp_path, capsys):
+    """Issue 29: compare.py merged runs on different test sets (n 2 against 7), templates or step
+    counts into one '± spread' row without a word. Seeds (differing in seed and folder only) are
+    averaged; other runs of a method get a row each, labelled by what differs, and a note."""
+    def run(name, n, em, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = {**train.dataclasses.asdict(train.Config()), "out_dir": f"runs/{name}", **config}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        row = {"n": n, "em": em, "f1": em, "searches": 1, "valid": 1}
+        (folder / "table.json").write_text(json.dumps({compare.method_name(cfg): row}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": em}) + "\n")
+        return str(folder)
+
+    seeds = [run("s0", 7, 0.5, seed=0), run("s1", 7, 0.7, seed=1, model="runs/w/checkpoint/")]
+    seeds_model = {"model": "runs/w/checkpoint"}
+    json_cfg = json.loads((tmp_path / "s0" / "config.json").read_text())
+    (tmp_path / "s0" / "config.json").write_text(json.dumps({**json_cfg, **seeds_model}))
+    others = [run("small", 2, 1.0, seed=2, model="runs/w/checkpoint"),
+              run("long", 7, 0.1, seed=3, model="runs/w/checkpoint", steps=40, template="searchr1")]
+    assert compare.main(seeds + others) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("IG-Search")]
+    assert rows[0].split()[:6] == ["IG-Search", "[n=7,", "steps=12,", "template=igsearch]", "2",
+                                   "0.600"]  # the two seeds, averaged
+    assert rows[1].split()[:5] == ["IG-Search", "[n=2,", "steps=12,", "template=igsearch]", "1"]
+    assert rows[2].split()[:5] == ["IG-Search", "[n=7,", "steps=40,", "template=searchr1]", "1"]
+    assert "IG-Search: runs not averaged together, they differ in n, steps, template (" in out[4]
+    assert compare.main(seeds) == 0  # seeds alone: one row, no note
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["IG-Search", "2", "0.600"] and "not averaged" not in "".join(out)
