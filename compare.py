@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_metrics, read_json
+from checkpoint import load_metrics, read_json, read_table
 from errors import InputError, OneLineParser
 
 
@@ -50,9 +50,16 @@ class Run:
         path = Path(folder)
         if not (path / "config.json").exists():
             raise InputError(f"{path / 'config.json'}: no such file (is {folder} a run folder?)")
-        optional = lambda name: read_json(path / name) if (path / name).exists() else {}  # noqa: E731
-        return cls(path, read_json(path / "config.json"), optional("table.json"),
-                   load_metrics(path / "metrics.jsonl", upto=math.inf), optional("wall.json"))
+        optional = lambda name, read=read_json: read(path / name) if (path / name).exists() else {}  # noqa: E731
+        run = cls(path, read_json(path / "config.json"), optional("table.json", read_table),
+                  load_metrics(path / "metrics.jsonl", upto=math.inf), optional("wall.json"))
+        from train import checked_fields, dataclasses, Config  # (train imports this module)
+        known = {f.name for f in dataclasses.fields(Config)}  # fields of other versions: unchecked
+        checked_fields({k: v for k, v in run.config.items() if k in known}, path / "config.json")
+        wall = run.wall.get("wall_seconds", 0)
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)):
+            raise InputError(f"{path / 'wall.json'}: 'wall_seconds' is {wall!r}, not a number")
+        return run
 
     @property
     def rl_steps(self) -> list[dict]:
@@ -123,7 +130,7 @@ def per_run(runs: list[Run]) -> list[str]:
     for run in runs:
         row = next(iter(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
-        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if "val_em" in r)
+        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None)
         lines.append(f"{run.path.name:<14}{run.method:<30}{run.config.get('seed', '-'):>5}"
                      f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}")
     return lines
@@ -192,12 +199,12 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     start = {k: v for run in runs if not run.rl_steps for r in run.records for k, v in r.items()
-             if k.startswith("val_")}
+             if k.startswith("val_") and v is not None}
     labels, _ = run_labels([r for r in runs if r.rl_steps])
     for run in (r for r in runs if r.rl_steps):
         per_key = curves.setdefault(labels[id(run)], {})
         for key, _ in PLOT_PANELS:
-            points = [(r["step"], r[key]) for r in run.records if key in r]
+            points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
             if not key.startswith("val_"):  # the mean of the last (up to) 5 steps
                 values = [v for _, v in points]
                 points = [(s, sum(values[max(0, k - 4): k + 1]) / len(values[max(0, k - 4): k + 1]))

@@ -415,12 +415,24 @@ def test_evaluate_checks_its_output_before_the_evaluation(tiny_run_files, tmp_pa
         assert f"{out}: cannot be written" in one_line_error(capsys, code)
 
 
-def test_compare_with_a_broken_table_is_one_line(finished_run, tmp_path, capsys):
-    run = tmp_path / "copy"
-    os.system(f"cp -r {finished_run} {run}")
-    (run / "table.json").write_text("{")
+@pytest.mark.parametrize("file, text, problem", [
+    ("table.json", "{", "table.json:1: not JSON"),
+    ("table.json", '{"x": [1]}', "table.json: row 'x' is not an object"),
+    ("wall.json", '{"wall_seconds": {"a": 1}}', "wall.json: 'wall_seconds' is {'a': 1}, not a number"),
+    ("config.json", None, "config.json: 'ig_alpha' is '0.5', not of type float"),
+    ("metrics.jsonl", '{"step": 1, "reward": [0]}\n', "metrics.jsonl:1: not a step record"),
+])
+def test_compare_with_a_broken_run_file_is_one_line(finished_run, tmp_path, capsys, file, text,
+                                                    problem):
+    """Issue 29 (tried further): a wall.json, config.json or metrics line of the wrong type, or a
+    table row that is not an object, stopped compare.py with a traceback while it printed."""
+    run = copy_run(finished_run, tmp_path)
+    if text is None:
+        config = json.loads((run / file).read_text())
+        text = json.dumps({**config, "ig_alpha": "0.5"})
+    (run / file).write_text(text)
     code = compare.main([str(run)])
-    assert f"{run}/table.json:1: not JSON" in one_line_error(capsys, code)
+    assert f"{run}/{problem}" in one_line_error(capsys, code)
 
 
 # ----------------------------------------------------------------------------- 5. the retriever
@@ -666,7 +678,7 @@ def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted
     cfg = train.Config(warmup_examples=1, warmup_batch=1, warmup_lr=1e-9)
     seen = []
     update = lambda model, ref, tok, batch, adv, opt, cfg: seen.extend(batch) or {  # noqa: E731
-        "loss": 1.0, "skipped": False, "entropy": 1.0}
+        "loss": 1.0, "skipped": False, "entropy": 1.0, "grad_norm": 1.0}
     warmup.warmup(tiny_model, tokenizer, questions, lambda q: [hostile] * len(q), cfg,
                   torch.Generator().manual_seed(0), update)
     (warm,) = seen
