@@ -17,7 +17,6 @@ import http.server
 import itertools
 import json
 import os
-import math
 import re
 import socket
 import stat
@@ -77,6 +76,7 @@ MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of
 # what `retriever.py serve` accepts by default, and what RemoteRetriever splits its batches to
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
 MAX_CONNECTIONS, READ_TIMEOUT = 64, 10.0  # connections read at once; seconds to read one request
+MAX_WAIT = 86400  # the longest deadline accepted, in seconds (a day)
 
 
 def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
@@ -260,8 +260,9 @@ class RemoteRetriever:
                  max_queries: int = MAX_QUERIES):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
-        if not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not 0 < timeout <= MAX_WAIT:  # (a timer of more than ~9e9 s fails in its thread)
+            raise InputError(f"retriever timeout {timeout!r}: out of range (accepted: seconds in "
+                             f"(0, {MAX_WAIT}])")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"retriever URL {url!r}: not http(s)://HOST[:PORT]/PATH")
@@ -303,11 +304,11 @@ def check_server_limits(limits: dict) -> None:
     for name, value in limits.items():
         low = 0 if name == "port" else 1
         if name == "read_timeout":
-            ok = isinstance(value, (int, float)) and 0 < value < math.inf
+            ok = isinstance(value, (int, float)) and 0 < value <= MAX_WAIT
         else:
             ok = isinstance(value, int) and low <= value <= (65535 if name == "port" else 10**6)
         if not ok:
-            accepted = "seconds > 0" if name == "read_timeout" else (
+            accepted = f"seconds in (0, {MAX_WAIT}]" if name == "read_timeout" else (
                 "0..65535 (0: a free port)" if name == "port" else "an integer >= 1")
             raise InputError(f"--{name} {value!r}: out of range (accepted: {accepted})")
 

@@ -600,6 +600,7 @@ def test_slow_clients_cannot_hold_the_server(corpus):
 
 @pytest.mark.parametrize("flag, value", [("--max_threads", "0"), ("--max_connections", "0"),
                                          ("--read_timeout", "-1"), ("--read_timeout", "inf"),
+                                         ("--read_timeout", "1e12"),
                                          ("--port", "70000"), ("--max_topk", "0"),
                                          ("--max_queries", "-3"), ("--max_query_chars", "0")])
 def test_server_flags_out_of_range_are_one_line(corpus, capsys, flag, value):
@@ -607,6 +608,15 @@ def test_server_flags_out_of_range_are_one_line(corpus, capsys, flag, value):
     code = retriever.main(["serve", "--corpus", corpus, flag, value])
     assert f"{flag} " in one_line_error(capsys, code)
     assert capsys.readouterr().out == ""  # never said "serving"
+
+
+def test_a_retriever_timeout_too_long_for_a_timer_is_one_line(tiny_run_files, tmp_path,  # noqa: F811
+                                                              capsys):
+    """Tried further: --retriever_timeout 1e12 (finite, so accepted) broke the deadline's timer
+    thread (OverflowError) instead of stopping in one line."""
+    code = train.main(train_args(tiny_run_files, tmp_path / "run", 1) + [
+        "--retriever_url", "http://127.0.0.1:9/retrieve", "--retriever_timeout", "1e12"])
+    assert "retriever timeout 1000000000000.0: out of range" in one_line_error(capsys, code)
 
 
 @pytest.mark.parametrize("url", ["localhost:8000/retrieve", "ftp://host/retrieve", "http:///x"])
