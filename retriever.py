@@ -77,6 +77,7 @@ MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
 MAX_CONNECTIONS, READ_TIMEOUT = 64, 10.0  # connections read at once; seconds to read one request
 MAX_WAIT = 86400  # the longest deadline accepted, in seconds (a day)
+MAX_RESPONSE_BYTES = 1 << 28  # a retriever answer larger than 256 MiB is refused, not held in memory
 
 
 def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
@@ -209,7 +210,7 @@ class HTTPStatusError(Exception):
         self.code = code
 
 
-def post_within(url: str, body: bytes, timeout: float) -> bytes:
+def post_within(url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
     """POST body and return the response body, the whole exchange (connect, send, headers, every
     byte of the body) within `timeout` seconds: a socket timeout alone bounds each read, and a
     server that sends a byte a second would never trip it. A timer shuts the socket down at the
@@ -238,7 +239,9 @@ def post_within(url: str, body: bytes, timeout: float) -> bytes:
             raise TimeoutError
         conn.request("POST", path or "/", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
-        data = response.read()
+        data = response.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"the answer is longer than {max_bytes} bytes")
         if expired.is_set():
             raise TimeoutError
         if response.status >= 400:
@@ -257,7 +260,7 @@ class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 max_queries: int = MAX_QUERIES):
+                 max_queries: int = MAX_QUERIES, max_bytes: int = MAX_RESPONSE_BYTES):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
         if not 0 < timeout <= MAX_WAIT:  # (a timer of more than ~9e9 s fails in its thread)
@@ -268,6 +271,7 @@ class RemoteRetriever:
             raise InputError(f"retriever URL {url!r}: not http(s)://HOST[:PORT]/PATH")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.max_queries = max_queries  # a request holds at most this many (the server's cap)
+        self.max_bytes = max_bytes  # the largest answer read
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
         """POST the batch in requests of at most max_queries queries (each request retried on
@@ -284,7 +288,7 @@ class RemoteRetriever:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return _parse_result(json.loads(post_within(self.url, body, self.timeout)),
+                return _parse_result(json.loads(post_within(self.url, body, self.timeout, self.max_bytes)),
                                      len(queries), topk)
             except HTTPStatusError as e:
                 last = str(e)

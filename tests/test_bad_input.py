@@ -557,6 +557,17 @@ def test_the_client_deadline_bounds_the_whole_request(head):
         stop.set()
 
 
+def test_an_endless_answer_is_refused_not_held_in_memory():
+    """Tried further: a server that streams without end filled the client's memory until the
+    deadline (hundreds of MB a second on loopback). The answer is read up to a bound."""
+    url, stop = trickling_server(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 5000, every=0.05)
+    try:
+        with pytest.raises(retriever.RetrieverError, match="longer than 1000 bytes .after 1"):
+            RemoteRetriever(url, timeout=5, retries=1, max_bytes=1000).search(["q"])
+    finally:
+        stop.set()
+
+
 def test_slow_clients_cannot_hold_the_server(corpus):
     """Issue 29: four connections that announce a large body and trickle a byte every few seconds
     held every worker of `retriever.py serve`, and good requests timed out for as long as the
