@@ -50,7 +50,8 @@ class Run:
         path = Path(folder)
         if not (path / "config.json").exists():
             raise InputError(f"{path / 'config.json'}: no such file (is {folder} a run folder?)")
-        optional = lambda name, read=read_json: read(path / name) if (path / name).exists() else {}  # noqa: E731
+        def optional(name: str, read=read_json) -> dict:
+            return read(path / name) if (path / name).exists() else {}
         run = cls(path, read_json(path / "config.json"), optional("table.json", read_table),
                   load_metrics(path / "metrics.jsonl", upto=math.inf), optional("wall.json"))
         from train import checked_fields, dataclasses, Config  # (train imports this module)
@@ -98,7 +99,8 @@ def seed_groups(items: list[tuple[str, dict, object]]) -> tuple[dict[str, list],
             groups[name] = parts[0][1]
             continue
         settings = [setting for setting, _ in parts]
-        differ = sorted({k for a in settings for b in settings for k in a.keys() & b.keys() if a[k] != b[k]})
+        differ = sorted({k for a in settings for b in settings for k in a.keys() & b.keys()
+                         if a[k] != b[k]})
         show = lambda st: ", ".join(f"{k}={st.get(k, '-')}" for k in differ)  # noqa: E731
         notes.append(f"{name}: runs not averaged together, they differ in {', '.join(differ)} ("
                      + " / ".join(show(st) for st in settings) + ")")
@@ -130,7 +132,8 @@ def per_run(runs: list[Run]) -> list[str]:
     for run in runs:
         row = next(iter(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
-        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None)
+        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records
+                       if r.get("val_em") is not None)
         lines.append(f"{run.path.name:<14}{run.method:<30}{run.config.get('seed', '-'):>5}"
                      f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}")
     return lines

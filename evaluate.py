@@ -37,7 +37,8 @@ def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | Non
 
 def default_out(model: str) -> str:
     """Beside a model folder, never inside it (a checkpoint folder is replaced whole by each save):
-    runs/x/checkpoint -> runs/x/checkpoint.eval.json; runs/eval.json for a Hub name or the default."""
+    runs/x/checkpoint -> runs/x/checkpoint.eval.json; runs/eval.json for a Hub name or the
+    default."""
     if not os.path.isdir(model):
         return "runs/eval.json"
     folder = Path(model).resolve()
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_turn_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
-    p.add_argument("--out", default="", help="results JSON (default: MODEL.eval.json beside a model folder, or runs/eval.json)")
+    p.add_argument("--out", default="", help="results JSON (default: beside the model folder)")
     try:
         args = p.parse_args(argv)
         for name in ("topk", "batch_size", "max_turn_tokens"):

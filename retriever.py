@@ -77,7 +77,7 @@ MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
 MAX_CONNECTIONS, READ_TIMEOUT = 64, 10.0  # connections read at once; seconds to read one request
 MAX_WAIT = 86400  # the longest deadline accepted, in seconds (a day)
-MAX_RESPONSE_BYTES = 1 << 28  # a retriever answer larger than 256 MiB is refused, not held in memory
+MAX_RESPONSE_BYTES = 1 << 28  # an answer over 256 MiB is refused, not held in memory
 
 
 def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
@@ -210,7 +210,8 @@ class HTTPStatusError(Exception):
         self.code = code
 
 
-def post_within(url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
+def post_within(url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES
+                ) -> bytes:
     """POST body and return the response body, the whole exchange (connect, send, headers, every
     byte of the body) within `timeout` seconds: a socket timeout alone bounds each read, and a
     server that sends a byte a second would never trip it. A timer shuts the socket down at the
@@ -288,8 +289,8 @@ class RemoteRetriever:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return _parse_result(json.loads(post_within(self.url, body, self.timeout, self.max_bytes)),
-                                     len(queries), topk)
+                answer = post_within(self.url, body, self.timeout, self.max_bytes)
+                return _parse_result(json.loads(answer), len(queries), topk)
             except HTTPStatusError as e:
                 last = str(e)
                 if e.code < 500:  # the request itself is wrong: asking again will not help
@@ -469,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
-        limits = ("port", "max_queries", "max_query_chars", "max_topk", "max_threads", "max_connections",
-                  "read_timeout")
+        limits = ("port", "max_queries", "max_query_chars", "max_topk", "max_threads",
+                  "max_connections", "read_timeout")
         check_server_limits({k: getattr(args, k) for k in limits})
         bm25 = BM25Retriever(args.corpus)
         server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
