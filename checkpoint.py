@@ -75,6 +75,10 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
 def start_run(run: Path, config: dict, resume: bool) -> None:
     """Once data, retriever and model are loaded: remove an older run's files (a --restart,
     named on stdout) and write config.json, so a start that fails leaves the folder as it was."""
+    done = read_state(last_checkpoint(run))["step"] if resume else 0
+    if config.get("steps", done) < done:  # config.json would record steps the run has passed
+        raise InputError(f"--steps {config['steps']}: {run} has done {done} steps already (give "
+                         f"--steps {done} or more)")
     if not resume:
         older = [name for name in RUN_FILES if (run / name).exists()]
         if older:

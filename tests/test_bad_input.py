@@ -264,6 +264,16 @@ def test_resume_refuses_what_it_cannot_apply(finished_run, capsys, flag, value):
     assert snapshot(finished_run) == before
 
 
+def test_resume_refuses_fewer_steps_than_done(finished_run, tmp_path, capsys):
+    """Tried further: `--resume R --steps 0` of a run at step 1 recorded steps 0 in config.json,
+    which the run had already passed."""
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run)
+    code = train.main(["--resume", str(run), "--steps", "0"])
+    assert f"--steps 0: {run} has done 1 steps already" in last_error_line(capsys, code)
+    assert snapshot(run) == before
+
+
 def test_resume_applies_a_new_learning_rate_and_records_it(finished_run, tmp_path):
     """Issue 29: the optimizer state loaded on resume carried the old learning rate, so --lr was
     recorded in config.json and ignored. The checkpoint now holds the new one."""
