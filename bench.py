@@ -30,12 +30,13 @@ import time
 import numpy as np
 import torch
 
+import config
 import fast
 import igsearch as ig
+import lm
 import prepare
 import train
-from evaluate import make_search
-from retriever import BM25Retriever, RemoteRetriever, load_corpus, make_server, tokenize
+from retriever import BM25Retriever, RemoteRetriever, load_corpus, make_search, make_server, tokenize
 
 SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
@@ -191,7 +192,7 @@ def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
 class Bench:
     def __init__(self, args):
         self.args, group = args, 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
-        self.cfg = c = train.Config(**{**train.PRESETS[args.shape], "model": args.model, "group_size": group,
+        self.cfg = c = train.Config(**{**config.PRESETS[args.shape], "model": args.model, "group_size": group,
                                        "questions_per_step": args.batch // group, "normalize_std": group > 1})
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:
@@ -371,7 +372,7 @@ class Bench:
 
     def section_rollout(self) -> None:
         prompt_ids = [self.tok(p, add_special_tokens=False).input_ids for p in self.prompts]
-        ids, mask, _ = ig.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
+        ids, mask, _ = lm.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
         per_row = math.ceil(sum(sum(t.loss_mask) for t in (self.trajs or self.rollout())) / len(self.prompts))
         sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None)
 

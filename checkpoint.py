@@ -229,6 +229,14 @@ def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(rng[k])
 
 
+def mean_entropy(stats: dict) -> float:
+    """The policy's mean entropy over an update's trained tokens, from train.update's per-rollout
+    token entropies (0 off the loss mask, so the zeros are left out)."""
+    entropy = torch.cat(stats["token_entropy"]) if stats.get("token_entropy") else torch.zeros(0)
+    entropy = entropy[entropy > 0]
+    return float(entropy.mean()) if len(entropy) else 0.0
+
+
 def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
     """Why the model after an update (stats: train.update's) must not go on, in words, or None:
     a non-finite loss or gradient (unless skipped_ok: RL tolerates max_bad_steps of them), weights
@@ -241,7 +249,7 @@ def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
     if bad:
         return f"{bad:.0f} weight tensors are not finite"
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    entropy = stats.get("entropy", 0.0)
+    entropy = mean_entropy(stats)
     if vocab and entropy >= 0.98 * math.log(vocab):
         return f"the output is uniform (entropy {entropy:.3f} nats, ln V = {math.log(vocab):.3f})"
     return None

@@ -1,44 +1,34 @@
-"""Compare finished runs from their files alone (no model): the held-out table over seeds, one line per
-run, per-method training means, and learning curves drawn to a PNG.
+"""Compare finished runs from their files alone (no model): the held-out table over seeds, one line
+per run, per-method training means, and learning curves drawn to a PNG.
 
     python compare.py results/learn/*/ --plot results/learn/curves.png
 
-A run folder holds config.json, table.json (held-out rows; absent when no test question was evaluated),
-metrics.jsonl (one record per step; validation records carry val_*) and, when it was timed, wall.json.
+A run folder holds config.json, table.json (held-out rows; absent when no test question was
+evaluated), metrics.jsonl (one record per step; validation records carry val_*) and, when it was
+timed, wall.json.
 """
+
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_metrics, read_json, read_table
+from config import Config, checked_fields, method_name
 from errors import InputError, OneLineParser
-
-
-def method_name(config: dict) -> str:
-    """The name of a run's method (its table row), from its config: the method and every IG setting that
-    departs from the paper's formulation."""
-    if config.get("outcome_only") or config.get("ig_alpha") == 0:
-        return "outcome-only"
-    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
-             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
-             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
-             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
-             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
-    marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
 
 
 @dataclass
 class Run:
     """One run folder, read once."""
+
     path: Path
     config: dict
     table: dict  # row name -> held-out summary (n, em, f1, searches, valid, hit)
@@ -50,11 +40,17 @@ class Run:
         path = Path(folder)
         if not (path / "config.json").exists():
             raise InputError(f"{path / 'config.json'}: no such file (is {folder} a run folder?)")
+
         def optional(name: str, read=read_json) -> dict:
             return read(path / name) if (path / name).exists() else {}
-        run = cls(path, read_json(path / "config.json"), optional("table.json", read_table),
-                  load_metrics(path / "metrics.jsonl", upto=math.inf), optional("wall.json"))
-        from train import checked_fields, dataclasses, Config  # (train imports this module)
+
+        run = cls(
+            path,
+            read_json(path / "config.json"),
+            optional("table.json", read_table),
+            load_metrics(path / "metrics.jsonl", upto=math.inf),
+            optional("wall.json"),
+        )
         known = {f.name for f in dataclasses.fields(Config)}  # fields of other versions: unchecked
         checked_fields({k: v for k, v in run.config.items() if k in known}, path / "config.json")
         wall = run.wall.get("wall_seconds", 0)
@@ -64,13 +60,22 @@ class Run:
 
     @property
     def rl_steps(self) -> list[dict]:
-        """The records of RL steps; none for a run that only warmed up (it holds validation at step 0)."""
+        """The records of RL steps; none for a run that only warmed up (it holds validation at step
+        0)."""
         return [r for r in self.records if r.get("step", 0) > 0 and "reward" in r]
 
     @property
+    def task(self) -> str:
+        """The offline task the run trained on ("plain" for runs made before there was a choice)."""
+        return self.config.get("task", "plain")
+
+    @property
     def method(self) -> str:
-        """The method of an RL run; a run without RL steps is named by its table row (e.g. after warm-up)."""
-        return method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
+        """The method of an RL run; a run without RL steps is named by its table row (e.g. after
+        warm-up). A task other than the plain one is part of the name: runs of two tasks are
+        never averaged."""
+        name = method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
+        return name + (f" [{self.task}]" if self.task != "plain" else "")
 
     @property
     def setting(self) -> dict:
@@ -87,7 +92,7 @@ def seed_groups(items: list[tuple[str, dict, object]]) -> tuple[dict[str, list],
     differ in their settings gets one group each, labelled by the fields that differ, and a note
     says which: never one '± spread' as if its runs were seeds. A field one config does not record
     (written before the field existed) is no difference."""
-    same = lambda a, b: all(a[k] == b[k] for k in a.keys() & b.keys())  # noqa: E731
+    same = lambda a, b: all(a[k] == b[k] for k in a.keys() & b.keys())
     by_name: dict[str, list[tuple[dict, list]]] = {}
     for name, setting, item in items:
         parts = by_name.setdefault(name, [])
@@ -99,50 +104,18 @@ def seed_groups(items: list[tuple[str, dict, object]]) -> tuple[dict[str, list],
             groups[name] = parts[0][1]
             continue
         settings = [setting for setting, _ in parts]
-        differ = sorted({k for a in settings for b in settings for k in a.keys() & b.keys()
-                         if a[k] != b[k]})
-        show = lambda st: ", ".join(f"{k}={st.get(k, '-')}" for k in differ)  # noqa: E731
-        notes.append(f"{name}: runs not averaged together, they differ in {', '.join(differ)} ("
-                     + " / ".join(show(st) for st in settings) + ")")
+        differ = sorted(
+            {k for a in settings for b in settings for k in a.keys() & b.keys() if a[k] != b[k]}
+        )
+        show = lambda st: ", ".join(f"{k}={st.get(k, '-')}" for k in differ)
+        notes.append(
+            f"{name}: runs not averaged together, they differ in {', '.join(differ)} ("
+            + " / ".join(show(st) for st in settings)
+            + ")"
+        )
         for setting, members in parts:
             groups[f"{name} [{show(setting)}]"] = members
     return groups, notes
-
-
-def held_out_table(runs: list[Run]) -> list[str]:
-    """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM (whether
-    seed spreads overlap), means of searches per question, valid answers and hit share."""
-    groups, notes = seed_groups([(name, {**run.setting, "n": row.get("n")}, row)
-                                 for run in runs for name, row in run.table.items()])
-    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
-    for name, rows in groups.items():
-        stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
-        pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
-        hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
-        spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
-        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
-                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
-    return lines + notes
-
-
-def per_run(runs: list[Run]) -> list[str]:
-    """One line per run: folder, method, seed, wall time, test EM and hit of its first table row, and
-    validation EM at every validated step."""
-    lines = [f"{'run':<14}{'method':<30}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
-    for run in runs:
-        row = next(iter(run.table.values()), {})
-        em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
-        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records
-                       if r.get("val_em") is not None)
-        lines.append(f"{run.path.name:<14}{run.method:<30}{run.config.get('seed', '-'):>5}"
-                     f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}")
-    return lines
-
-
-TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),
-              ("query_entropy", "query entropy"), ("zero_adv_groups", "groups with zero outcome advantage"),
-              ("ig_pos", "share of search steps with IG > 0"), ("ig_hit", "mean IG of steps that hit"),
-              ("ig_miss", "mean IG of steps that miss"))
 
 
 def run_labels(runs: list[Run]) -> tuple[dict[int, str], list[str]]:
@@ -152,10 +125,78 @@ def run_labels(runs: list[Run]) -> tuple[dict[int, str], list[str]]:
     return {id(run): label for label, members in groups.items() for run in members}, notes
 
 
+def held_out_table(runs: list[Run]) -> list[str]:
+    """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM
+    (whether seed spreads overlap), means of searches per question, valid answers and hit share."""
+    task = lambda run: f" [{run.task}]" if run.task != "plain" else ""  # tasks never averaged
+    groups, notes = seed_groups(
+        [
+            (name + task(run), {**run.setting, "n": row.get("n")}, row)
+            for run in runs
+            for name, row in run.table.items()
+        ]
+    )
+    lines = [
+        f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
+        f"{'valid':>8}{'hit':>8}{'hit1':>8}"
+    ]
+    for name, rows in groups.items():
+        stat = {
+            k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")
+        }
+        pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
+        hit = "".join(  # tables written before a share was measured show "-"
+            f"{sum(r[k] for r in rows) / len(rows):>8.2f}"
+            if all(k in r for r in rows)
+            else f"{'-':>8}"
+            for k in ("hit", "hit1")
+        )
+        spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
+        lines.append(
+            f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
+            f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}"
+        )
+    return lines + notes
+
+
+def per_run(runs: list[Run]) -> list[str]:
+    """One line per run: folder, method, seed, wall time, test EM and hit of its first table row,
+    and validation EM at every validated step."""
+    lines = [
+        f"{'run':<14}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
+        "  validation EM by step"
+    ]
+    for run in runs:
+        row = next(iter(run.table.values()), {})
+        em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
+        val = " ".join(
+            f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None
+        )
+        lines.append(
+            f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
+            f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}"
+        )
+    return lines
+
+
+TRAIN_KEYS = (
+    ("reward", "training reward (EM)"),
+    ("hit", "hit share of search steps"),
+    ("hit1", "rollouts whose first search hits"),
+    ("searches", "searches per rollout"),
+    ("query_entropy", "query entropy"),
+    ("zero_adv_groups", "groups with zero outcome advantage"),
+    ("ig_pos", "share of search steps with IG > 0"),
+    ("ig_hit", "mean IG of steps that hit"),
+    ("ig_miss", "mean IG of steps that miss"),
+)
+
+
 def training_means(runs: list[Run], window: int = 10) -> list[str]:
-    """Per-method means of the RL steps' metrics: first `window` steps -> last `window` steps (all steps),
-    each run's mean, then the mean over the method's runs. Steps where a quantity is undefined (no step
-    hit, say) are left out of its means; IG is not computed for outcome-only, so its zeros are left out."""
+    """Per-method means of the RL steps' metrics: first `window` steps -> last `window` steps (all
+    steps), each run's mean, then the mean over the method's runs. Steps where a quantity is
+    undefined (no step hit, say) are left out of its means; IG is not computed for outcome-only,
+    so its zeros are left out."""
     per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     labels, notes = run_labels([run for run in runs if run.rl_steps])
     for run in runs:
@@ -164,17 +205,29 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             continue
         method = labels[id(run)]
         for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and run.method == "outcome-only":
+            if (
+                key.startswith("ig_")
+                and run.config.get("step_reward", "ig") != "ig"
+                or (key.startswith("ig_") and run.method.startswith("outcome-only"))
+            ):
                 continue
-            vals = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            vals = [
+                float(r[key])
+                for r in steps
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+            ]
             if vals:
                 first, last = vals[:window], vals[-window:]
                 per.setdefault(method, {}).setdefault(key, []).append(
-                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals)))
+                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals))
+                )
     if not per:
         return []
-    lines = [f"training means over each run's RL steps (first {window} -> last {window}, all), mean over runs:",
-             f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per)]
+    lines = [
+        f"training means over each run's RL steps (first {window} -> last {window}, all), "
+        "mean over runs:",
+        f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per),
+    ]
     for key, title in TRAIN_KEYS:
         cells = []
         for stats in per.values():
@@ -185,24 +238,69 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
     return lines + notes
 
 
+def first_search_hits(runs: list[Run]) -> list[str]:
+    """Per method, the validation share of questions whose first search finds the gold at each
+    validated step (mean over runs), and the first step at which it reaches outcome-only's final
+    level on the same task: how fast a reward teaches the queries."""
+    curves = {m: c["val_hit1"] for m, c in learning_curves(runs).items() if "val_hit1" in c}
+    if not curves:
+        return []
+    means = {m: {s: sum(v) / len(v) for s, v in sorted(c.items())} for m, c in curves.items()}
+    lines = ["validation: questions whose first search finds the gold, by step (mean over runs)"]
+    for method, curve in means.items():
+        task = method[method.find(" [") :] if " [" in method else ""
+        ref = means.get("outcome-only" + task)
+        reach = ""
+        if ref and not method.startswith("outcome-only"):
+            level = ref[max(ref)]
+            step = next((s for s, v in curve.items() if v >= level), None)
+            reach = f"   outcome-only's final {level:.3f} reached at step {step}"
+        points = " ".join(f"{s}:{v:.3f}" for s, v in curve.items())
+        lines.append(f"{method:<38}{points}{reach}")
+    return lines
+
+
 def report(runs: list[Run]) -> str:
     """Everything above, blocks separated by a blank line."""
-    return "\n\n".join("\n".join(block) for block in (held_out_table(runs), per_run(runs), training_means(runs))
-                       if block)
+    return "\n\n".join(
+        "\n".join(block)
+        for block in (
+            held_out_table(runs),
+            per_run(runs),
+            training_means(runs),
+            first_search_hits(runs),
+        )
+        if block
+    )
 
 
-PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),
-               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"))
+PLOT_PANELS = (
+    ("val_em", "validation EM"),
+    ("val_hit", "validation: search steps that find the gold"),
+    ("val_hit1", "validation: first searches that find the gold"),
+    ("reward", "training reward (5-step mean)"),
+    ("hit", "training: steps that find the gold (5-step mean)"),
+    ("hit1", "training: first searches that find the gold (5-step mean)"),
+    ("zero_adv_groups", "training: groups with zero outcome advantage (5-step mean)"),
+)
 
 
 def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float]]]]:
     """method -> metric -> RL step -> one value per run, for the keys of PLOT_PANELS.
 
-    Training metrics are noisy (16 rollouts a step): each run's are a trailing 5-step mean. A run without
-    RL steps (the shared warm-up) gives every method its step-0 validation point."""
+    Training metrics are noisy (16 rollouts a step): each run's are a trailing 5-step mean. A run
+    without RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    start = {k: v for run in runs if not run.rl_steps for r in run.records for k, v in r.items()
-             if k.startswith("val_") and v is not None}
+    start = {
+        run.task: {
+            k: v
+            for r in run.records
+            for k, v in r.items()
+            if k.startswith("val_") and v is not None
+        }
+        for run in runs
+        if not run.rl_steps
+    }  # the warm-up of each task
     labels, _ = run_labels([r for r in runs if r.rl_steps])
     for run in (r for r in runs if r.rl_steps):
         per_key = curves.setdefault(labels[id(run)], {})
@@ -210,22 +308,26 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
             points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
             if not key.startswith("val_"):  # the mean of the last (up to) 5 steps
                 values = [v for _, v in points]
-                points = [(s, sum(values[max(0, k - 4): k + 1]) / len(values[max(0, k - 4): k + 1]))
-                          for k, (s, _) in enumerate(points)]
+                points = [
+                    (s, sum(values[max(0, k - 4) : k + 1]) / len(values[max(0, k - 4) : k + 1]))
+                    for k, (s, _) in enumerate(points)
+                ]
             for s, v in points:
                 per_key.setdefault(key, {}).setdefault(s, []).append(v)
-    for per_key in curves.values():
-        for key, value in start.items():
+    for run in (r for r in runs if r.rl_steps):
+        per_key = curves[labels[id(run)]]
+        for key, value in start.get(run.task, {}).items():
             if key in per_key:
                 per_key[key].setdefault(0, [value])
     return curves
 
 
 def plot(runs: list[Run], out: str) -> None:
-    """learning_curves drawn to a PNG: per method, the mean over its runs (seeds), shaded from the lowest
-    to the highest run, against RL step. Panels without data are left out."""
+    """learning_curves drawn to a PNG: per method, the mean over its runs (seeds), shaded from the
+    lowest to the highest run, against RL step. Panels without data are left out."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -234,17 +336,32 @@ def plot(runs: list[Run], out: str) -> None:
     panels = [(k, title) for k, title in PLOT_PANELS if any(k in c for c in curves.values())]
     if not panels:
         raise InputError("no learning curves: none of the runs has RL steps in its metrics.jsonl")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
         for method, per_key in curves.items():
             steps = sorted(per_key.get(key, {}))
             values = [torch.tensor(per_key[key][s]) for s in steps]
             if not steps:
                 continue
-            line, = ax.plot(steps, [float(v.mean()) for v in values], marker="o" if key.startswith("val_") else None,
-                            markersize=3, label=f"{method} ({max(len(v) for v in values)} runs)")
-            ax.fill_between(steps, [float(v.min()) for v in values], [float(v.max()) for v in values],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            (line,) = ax.plot(
+                steps,
+                [float(v.mean()) for v in values],
+                marker="o" if key.startswith("val_") else None,
+                markersize=3,
+                label=f"{method} ({max(len(v) for v in values)} runs)",
+            )
+            ax.fill_between(
+                steps,
+                [float(v.min()) for v in values],
+                [float(v.max()) for v in values],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
     axes[0][0].legend(fontsize=7)

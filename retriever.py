@@ -1,6 +1,6 @@
 """Retrieval for igsearch: BM25 over a wiki-18 style corpus, and the Search-R1 HTTP server.
 
-Corpus (SPEC §5): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
+Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
 Server and client speak the Search-R1 schema: POST /retrieve with
 {"queries": [str], "topk": int, "return_scores": true} ->
 {"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}.
@@ -440,6 +440,13 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 self.slots.release()
 
     return BoundedServer((host, port), Handler)
+
+
+def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None,
+                timeout: float = 30.0, retries: int = 3):
+    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
+    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
 def main(argv: list[str] | None = None) -> int:
