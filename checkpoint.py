@@ -6,6 +6,7 @@ tokenizer, the optimizer and every RNG state, so a resumed run reproduces an uni
 A folder belongs to one run: one process at a time holds it (a lock on RUN/.lock), and a new run
 never starts over an older one's files unless asked to (--restart).
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,8 +27,16 @@ import distributed as dd
 from errors import InputError, TrainingError
 
 # the files train.py writes in a run folder (and evaluate.py's default beside its checkpoint)
-RUN_FILES = ("config.json", "metrics.jsonl", "table.json", "wall.json", "checkpoint",
-             "checkpoint.old", "checkpoint.tmp", "checkpoint.eval.json")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "table.json",
+    "wall.json",
+    "checkpoint",
+    "checkpoint.old",
+    "checkpoint.tmp",
+    "checkpoint.eval.json",
+)
 _held: dict[Path, int] = {}  # run folder -> the open lock file this process holds on it
 
 
@@ -37,8 +46,10 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
     check the state and metrics files it will read. Nothing in the folder changes here: start_run
     removes the older files once every input is checked."""
     if resume and restart:
-        raise InputError("--restart cannot be given with --resume (one continues the run, the "
-                         "other starts it over)")
+        raise InputError(
+            "--restart cannot be given with --resume (one continues the run, the "
+            "other starts it over)"
+        )
     if run.resolve() in _held:  # this process holds it already (train.train called again)
         return
     try:
@@ -53,8 +64,10 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise InputError(f"{run}/.lock: cannot lock the run folder ({e.strerror})") from None
-        raise InputError(f"{run}: in use by another process (pid {pid}, holding {run}/.lock); "
-                         f"wait for it to end, or choose another --out_dir") from None
+        raise InputError(
+            f"{run}: in use by another process (pid {pid}, holding {run}/.lock); "
+            f"wait for it to end, or choose another --out_dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[run.resolve()] = fd
@@ -68,8 +81,10 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         raise
     if older and not resume and not restart:
         release_run(run)
-        raise InputError(f"{run}: holds a run ({', '.join(older)}): --resume {run} continues it, "
-                         f"--restart starts it over (removing them), or choose another --out_dir")
+        raise InputError(
+            f"{run}: holds a run ({', '.join(older)}): --resume {run} continues it, "
+            f"--restart starts it over (removing them), or choose another --out_dir"
+        )
 
 
 def start_run(run: Path, config: dict, resume: bool) -> None:
@@ -77,8 +92,10 @@ def start_run(run: Path, config: dict, resume: bool) -> None:
     named on stdout) and write config.json, so a start that fails leaves the folder as it was."""
     done = read_state(last_checkpoint(run))["step"] if resume else 0
     if config.get("steps", done) < done:  # config.json would record steps the run has passed
-        raise InputError(f"--steps {config['steps']}: {run} has done {done} steps already (give "
-                         f"--steps {done} or more)")
+        raise InputError(
+            f"--steps {config['steps']}: {run} has done {done} steps already (give "
+            f"--steps {done} or more)"
+        )
     if not resume:
         older = [name for name in RUN_FILES if (run / name).exists()]
         if older:
@@ -113,8 +130,9 @@ def write_json(path: str | Path, obj) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
-                         ) from None
+        raise InputError(
+            f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
+        ) from None
 
 
 def check_writable(path: str | Path) -> None:
@@ -153,8 +171,9 @@ def write_lines(path: Path, lines: list[str]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
-                         ) from None
+        raise InputError(
+            f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
+        ) from None
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -164,8 +183,9 @@ def append_record(path: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
             f.flush()
     except OSError as e:
-        raise InputError(f"{path}: cannot append step {record.get('step')}'s record "
-                         f"({e.strerror or e})") from None
+        raise InputError(
+            f"{path}: cannot append step {record.get('step')}'s record ({e.strerror or e})"
+        ) from None
 
 
 def read_table(path: Path) -> dict:
@@ -174,10 +194,13 @@ def read_table(path: Path) -> dict:
     table = read_json(path)
     for name, row in table.items():
         numbers = isinstance(row, dict) and all(
-            _is_number(row.get(k)) for k in ("n", "em", "f1", "searches", "valid"))
+            _is_number(row.get(k)) for k in ("n", "em", "f1", "searches", "valid")
+        )
         if not numbers or not isinstance(row["n"], int) or not _is_number(row.get("hit", 0)):
-            raise InputError(f"{path}: row '{name}' is not an object of numbers n, em, f1, "
-                             f"searches, valid (and hit)")
+            raise InputError(
+                f"{path}: row '{name}' is not an object of numbers n, em, f1, "
+                f"searches, valid (and hit)"
+            )
     return table
 
 
@@ -199,14 +222,21 @@ def load_metrics(path: Path, upto: float) -> list[dict]:
         except json.JSONDecodeError as e:
             if n < len(lines):
                 raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-            print(f"warning: {path}:{n}: skipped an incomplete record (the run was interrupted)",
-                  file=sys.stderr)
+            print(
+                f"warning: {path}:{n}: skipped an incomplete record (the run was interrupted)",
+                file=sys.stderr,
+            )
             continue
         step = rec.get("step") if isinstance(rec, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not all(
-                v is None or isinstance(v, (int, float)) for v in rec.values()):
-            raise InputError(f"{path}:{n}: not a step record (an object with an integer 'step' "
-                             f"and numbers)")
+        if (
+            not isinstance(step, int)
+            or isinstance(step, bool)
+            or step < 0
+            or not all(v is None or isinstance(v, (int, float)) for v in rec.values())
+        ):
+            raise InputError(
+                f"{path}:{n}: not a step record (an object with an integer 'step' and numbers)"
+            )
         if step <= upto:
             records.append(rec)
     return records
@@ -215,9 +245,12 @@ def load_metrics(path: Path, upto: float) -> list[dict]:
 def rng_state(gens: dict[str, torch.Generator]) -> dict:
     """Every RNG state, in types that torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            **{k: g.get_state() for k, g in gens.items()}}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        **{k: g.get_state() for k, g in gens.items()},
+    }
 
 
 def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
@@ -244,7 +277,7 @@ def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
     ln V: the model prefers no token, as after a learning rate of 1e30). Every rank calls it."""
     if stats.get("skipped") and not skipped_ok:
         return f"the loss or gradient is not finite (grad_norm {stats.get('grad_norm')})"
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 (a shard)
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # (a shard)
     bad = dd.all_sum([float(sum(not local(p).isfinite().all() for p in model.parameters()))])[0]
     if bad:
         return f"{bad:.0f} weight tensors are not finite"
@@ -255,8 +288,9 @@ def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
     return None
 
 
-def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, config: dict,
-                    gens: dict) -> None:
+def save_checkpoint(
+    run: Path, policy, tokenizer, model, optimizer, step: int, config: dict, gens: dict
+) -> None:
     """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. Every rank
     calls it (a sharded model's optimizer state is gathered); rank 0 writes the policy's weights.
     Weights that are not finite are never saved; a failed write (a full disk) leaves the last
@@ -267,8 +301,10 @@ def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, c
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     bad = next((name for name, p in policy.named_parameters() if not p.isfinite().all()), None)
     if bad is not None:
-        raise TrainingError(f"{run}: the weights are not finite after step {step} ({bad}); not "
-                            f"saved: {kept_checkpoint(run)}")
+        raise TrainingError(
+            f"{run}: the weights are not finite after step {step} ({bad}); not "
+            f"saved: {kept_checkpoint(run)}"
+        )
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp, safe_serialization=True)
@@ -277,8 +313,10 @@ def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, c
         (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"{tmp}: cannot save step {step} ({e.strerror or e}); removed it: "
-                            f"{kept_checkpoint(run)}") from None
+        raise TrainingError(
+            f"{tmp}: cannot save step {step} ({e.strerror or e}); removed it: "
+            f"{kept_checkpoint(run)}"
+        ) from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -303,8 +341,11 @@ def kept_checkpoint(run: Path, when: str = "") -> str:
         step = f" (step {read_state(ckpt)['step']})"
     except InputError:
         step = ""
-    return f"the last checkpoint saved {when} is {ckpt}{step}" if when else \
-        f"the last complete checkpoint is {ckpt}{step}"
+    return (
+        f"the last checkpoint saved {when} is {ckpt}{step}"
+        if when
+        else f"the last complete checkpoint is {ckpt}{step}"
+    )
 
 
 def read_state(ckpt: Path, mmap: bool = True) -> dict:
@@ -316,15 +357,24 @@ def read_state(ckpt: Path, mmap: bool = True) -> dict:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file (the checkpoint is incomplete)") from None
     except pickle.UnpicklingError as e:
-        raise InputError(f"{path}: refused, not a state file written by train.py "
-                         f"({str(e).splitlines()[0][:120]})") from None
+        raise InputError(
+            f"{path}: refused, not a state file written by train.py "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path}: cut short or not a state file written by train.py "
-                         f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
-            and isinstance(state.get("optimizer"), dict) and isinstance(state.get("rng"), dict)):
-        raise InputError(f"{path}: not a state file written by train.py (no step, optimizer "
-                         f"and rng)")
+        raise InputError(
+            f"{path}: cut short or not a state file written by train.py "
+            f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})"
+        ) from None
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("step"), int)
+        and isinstance(state.get("optimizer"), dict)
+        and isinstance(state.get("rng"), dict)
+    ):
+        raise InputError(
+            f"{path}: not a state file written by train.py (no step, optimizer and rng)"
+        )
     return state
 
 
@@ -338,8 +388,10 @@ def load_state(run: Path, model, optimizer, gens: dict) -> int:
         dd.load_optimizer_state(model, optimizer, state["optimizer"])
         set_rng_state(state["rng"], gens)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise InputError(f"{ckpt / 'state.pt'}: does not fit this model and run "
-                         f"({type(e).__name__}: {str(e)[:120]})") from None
+        raise InputError(
+            f"{ckpt / 'state.pt'}: does not fit this model and run "
+            f"({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     return state["step"]

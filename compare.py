@@ -10,11 +10,11 @@ timed, wall.json.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

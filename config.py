@@ -274,9 +274,22 @@ def parse_bool(text: str) -> bool:
 # what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
 # the split and test set its earlier records were measured on (a run that had no test set may add
 # one), the warm-up it already did, its adapter's rank
-FIXED_ON_RESUME = ("model", "out_dir", "seed", "train_data", "test_data", "val_questions",
-                   "eval_questions", "eval_start", "warmup_examples", "warmup_lr", "warmup_batch",
-                   "warmup_query", "task", "lora_rank")
+FIXED_ON_RESUME = (
+    "model",
+    "out_dir",
+    "seed",
+    "train_data",
+    "test_data",
+    "val_questions",
+    "eval_questions",
+    "eval_start",
+    "warmup_examples",
+    "warmup_lr",
+    "warmup_batch",
+    "warmup_query",
+    "task",
+    "lora_rank",
+)
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import credit
 import torch
 from tqdm import tqdm
 
-import credit
 import fast
 import igsearch as ig
 import lm
@@ -248,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_turn_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
-    p.add_argument(
-        "--out", default="", help="results JSON (default: beside the model folder)"
-    )
+    p.add_argument("--out", default="", help="results JSON (default: beside the model folder)")
     p.add_argument("--html", default="", help="with --question, --answer: a page of credit")
     p.add_argument("--question", default="", help="the question of the --html page")
     p.add_argument("--answer", nargs="+", default=[], help="gold answer(s) of --question")

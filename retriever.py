@@ -1,14 +1,14 @@
 """Retrieval for igsearch: BM25 over a wiki-18 style corpus, and the Search-R1 HTTP server.
 
-Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
-Server and client speak the Search-R1 schema: POST /retrieve with
-{"queries": [str], "topk": int, "return_scores": true} ->
-{"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}.
-Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
+Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents":
+"\\"Title\\"\\ntext"}. Server and client speak the Search-R1 schema: POST /retrieve with {"queries":
+[str], "topk": int, "return_scores": true} -> {"result": [[{"document": {"id", "contents"}, "score":
+float}, ...], ...]}. Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
 
     python retriever.py serve --corpus corpus.jsonl --port 8000
     python retriever.py search --corpus corpus.jsonl --topk 3 "who wrote hamlet"
 """
+
 from __future__ import annotations
 
 import codecs
@@ -50,7 +50,9 @@ def parse_contents(contents: str) -> tuple[str, str]:
     if not newline:
         return "", contents
     title = title.strip()
-    if len(title) >= 2 and title[0] == title[-1] == '"':  # remove one pair only: titles may hold quotes
+    if (
+        len(title) >= 2 and title[0] == title[-1] == '"'
+    ):  # remove one pair only: titles may hold quotes
         title = title[1:-1]
     return title, text
 
@@ -99,7 +101,8 @@ def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
 
 
 def load_corpus(path: str) -> list[dict]:
-    """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row index."""
+    """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row
+    index."""
     rows: list[dict] = []
     first_line: dict[str, int] = {}  # id -> line it was first seen on, for the duplicate message
     try:
@@ -123,14 +126,18 @@ def load_corpus(path: str) -> list[dict]:
             try:  # a lone surrogate (\ud800 is valid JSON) would stop a tokenizer mid-run
                 contents.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise InputError(f"{where}: 'contents' holds {contents[e.start]!r} at character "
-                                 f"{e.start}, not valid Unicode (a lone surrogate)") from None
+                raise InputError(
+                    f"{where}: 'contents' holds {contents[e.start]!r} at character "
+                    f"{e.start}, not valid Unicode (a lone surrogate)"
+                ) from None
             doc_id = row.get("id", len(rows))
             if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
                 raise InputError(f"{where}: 'id' must be a string or an integer")
             doc_id = str(doc_id)
             if doc_id in first_line:
-                raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+                raise InputError(
+                    f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})"
+                )
             first_line[doc_id] = lineno
             rows.append({"id": doc_id, "contents": contents})
     except FileNotFoundError:
@@ -156,11 +163,15 @@ class BM25Retriever:
         rows = load_corpus(corpus) if isinstance(corpus, str) else corpus
         if not rows:
             raise InputError("corpus is empty")
-        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
-                         for i, r in enumerate(rows)]
+        self.passages = [
+            Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
+            for i, r in enumerate(rows)
+        ]
         tokens = [tokenize(p.title + " " + p.text) for p in self.passages]
         if not any(tokens):  # BM25Okapi would divide by the (zero) vocabulary size
-            raise InputError(f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words")
+            raise InputError(
+                f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words"
+            )
         self.bm25 = BM25Okapi(tokens)
 
     def __len__(self) -> int:
@@ -191,7 +202,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
         for item in hits[:topk]:  # a server that ignores topk must not inflate the context
             if isinstance(item, dict) and isinstance(item.get("document"), dict):
                 doc, score = item["document"], item.get("score", 0.0)
-            elif isinstance(item, dict) and "contents" in item:  # return_scores=false servers: bare documents
+            elif (
+                isinstance(item, dict) and "contents" in item
+            ):  # return_scores=false servers: bare documents
                 doc, score = item, 0.0
             else:
                 raise ValueError("a result item is neither {document, score} nor a document")
@@ -199,7 +212,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
                 raise ValueError("a result document has no 'contents' string")
             if isinstance(score, bool) or not isinstance(score, (int, float)):
                 raise ValueError(f"score is not a number: {score!r}")
-            passages.append(Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score)))
+            passages.append(
+                Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score))
+            )
         out.append(passages)
     return out
 
@@ -210,8 +225,9 @@ class HTTPStatusError(Exception):
         self.code = code
 
 
-def post_within(url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES
-                ) -> bytes:
+def post_within(
+    url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES
+) -> bytes:
     """POST body and return the response body, the whole exchange (connect, send, headers, every
     byte of the body) within `timeout` seconds: a socket timeout alone bounds each read, and a
     server that sends a byte a second would never trip it. A timer shuts the socket down at the
@@ -260,13 +276,22 @@ def post_within(url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESP
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 max_queries: int = MAX_QUERIES, max_bytes: int = MAX_RESPONSE_BYTES):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_queries: int = MAX_QUERIES,
+        max_bytes: int = MAX_RESPONSE_BYTES,
+    ):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
         if not 0 < timeout <= MAX_WAIT:  # (a timer of more than ~9e9 s fails in its thread)
-            raise InputError(f"retriever timeout {timeout!r}: out of range (accepted: seconds in "
-                             f"(0, {MAX_WAIT}])")
+            raise InputError(
+                f"retriever timeout {timeout!r}: out of range (accepted: seconds in "
+                f"(0, {MAX_WAIT}])"
+            )
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"retriever URL {url!r}: not http(s)://HOST[:PORT]/PATH")
@@ -279,8 +304,11 @@ class RemoteRetriever:
         connection errors, timeouts, 5xx and bad bodies, never on 4xx). Each try has `timeout`
         seconds from connect to the last byte."""
         _check_args(queries, topk)
-        return [hits for k in range(0, len(queries), self.max_queries)
-                for hits in self._post(queries[k: k + self.max_queries], topk)]
+        return [
+            hits
+            for k in range(0, len(queries), self.max_queries)
+            for hits in self._post(queries[k : k + self.max_queries], topk)
+        ]
 
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
@@ -296,8 +324,11 @@ class RemoteRetriever:
                 if e.code < 500:  # the request itself is wrong: asking again will not help
                     break
             except (OSError, http.client.HTTPException) as e:  # refused, timed out, dropped
-                last = f"{type(e).__name__}: {e.strerror or e}" if isinstance(e, OSError) \
+                last = (
+                    f"{type(e).__name__}: {e.strerror or e}"
+                    if isinstance(e, OSError)
                     else f"{type(e).__name__}: {e}"
+                )
             except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
@@ -313,16 +344,25 @@ def check_server_limits(limits: dict) -> None:
         else:
             ok = isinstance(value, int) and low <= value <= (65535 if name == "port" else 10**6)
         if not ok:
-            accepted = f"seconds in (0, {MAX_WAIT}]" if name == "read_timeout" else (
-                "0..65535 (0: a free port)" if name == "port" else "an integer >= 1")
+            accepted = (
+                f"seconds in (0, {MAX_WAIT}]"
+                if name == "read_timeout"
+                else ("0..65535 (0: a free port)" if name == "port" else "an integer >= 1")
+            )
             raise InputError(f"--{name} {value!r}: out of range (accepted: {accepted})")
 
 
-def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000,
-                max_queries: int = MAX_QUERIES, max_query_chars: int = MAX_QUERY_CHARS,
-                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS,
-                max_connections: int = MAX_CONNECTIONS, read_timeout: float = READ_TIMEOUT
-                ) -> http.server.ThreadingHTTPServer:
+def make_server(
+    retriever: BM25Retriever,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_queries: int = MAX_QUERIES,
+    max_query_chars: int = MAX_QUERY_CHARS,
+    max_topk: int = MAX_TOPK,
+    max_threads: int = MAX_THREADS,
+    max_connections: int = MAX_CONNECTIONS,
+    read_timeout: float = READ_TIMEOUT,
+) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
 
     The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
@@ -330,9 +370,17 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     waits for a slot), the connections read at once (max_connections: the next one waits to be
     accepted) and the time to read one request, headers and body (read_timeout seconds, then the
     connection is cut): clients that trickle their requests cannot hold the searches."""
-    check_server_limits(dict(port=port, max_queries=max_queries, max_query_chars=max_query_chars,
-                             max_topk=max_topk, max_threads=max_threads,
-                             max_connections=max_connections, read_timeout=read_timeout))
+    check_server_limits(
+        dict(
+            port=port,
+            max_queries=max_queries,
+            max_query_chars=max_query_chars,
+            max_topk=max_topk,
+            max_threads=max_threads,
+            max_connections=max_connections,
+            read_timeout=read_timeout,
+        )
+    )
     searches = threading.BoundedSemaphore(max_threads)
 
     def document(p: Passage) -> dict:
@@ -382,7 +430,9 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
             self.watchdog.cancel()
             super().finish()
 
-        def log_message(self, format: str, *args: object) -> None:  # one stderr line per request is noise
+        def log_message(
+            self, format: str, *args: object
+        ) -> None:  # one stderr line per request is noise
             pass
 
         def reply(self, code: int, payload: dict) -> None:
@@ -406,7 +456,9 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self.reply(400, {"error": "missing or bad Content-Length"})
-            if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:  # '\\uXXXX': 6 bytes a char
+            if (
+                not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024
+            ):  # '\\uXXXX': 6 bytes a char
                 return self.reply(413, {"error": "request body too large"})
             try:
                 body = self.rfile.read(length)
@@ -421,8 +473,13 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 return self.reply(400, {"error": str(e)})
             with searches:  # at most max_threads searches at once
                 hits = retriever.search(queries, topk)
-            result = [[{"document": document(p), "score": p.score} if return_scores else document(p)
-                       for p in found] for found in hits]
+            result = [
+                [
+                    {"document": document(p), "score": p.score} if return_scores else document(p)
+                    for p in found
+                ]
+                for found in hits
+            ]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
@@ -442,10 +499,19 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     return BoundedServer((host, port), Handler)
 
 
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None,
-                timeout: float = 30.0, retries: int = 3):
-    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+def make_search(
+    corpus: str,
+    retriever_url: str,
+    topk: int,
+    doc_words: int | None,
+    timeout: float = 30.0,
+    retries: int = 3,
+):
+    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server
+    (url)."""
+    backend = (
+        RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    )
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
@@ -457,17 +523,26 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request")
-    serve.add_argument("--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query")
+    serve.add_argument(
+        "--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query"
+    )
     serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
     serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="searches run at once")
-    serve.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
-                       help="connections read at once")
-    serve.add_argument("--read_timeout", type=float, default=READ_TIMEOUT,
-                       help="seconds to read one request before the connection is cut")
+    serve.add_argument(
+        "--max_connections", type=int, default=MAX_CONNECTIONS, help="connections read at once"
+    )
+    serve.add_argument(
+        "--read_timeout",
+        type=float,
+        default=READ_TIMEOUT,
+        help="seconds to read one request before the connection is cut",
+    )
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="JSON lines {id, contents}")
-    source.add_argument("--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve")
+    source.add_argument(
+        "--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve"
+    )
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
     try:
@@ -477,17 +552,35 @@ def main(argv: list[str] | None = None) -> int:
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
-        limits = ("port", "max_queries", "max_query_chars", "max_topk", "max_threads",
-                  "max_connections", "read_timeout")
+        limits = (
+            "port",
+            "max_queries",
+            "max_query_chars",
+            "max_topk",
+            "max_threads",
+            "max_connections",
+            "read_timeout",
+        )
         check_server_limits({k: getattr(args, k) for k in limits})
         bm25 = BM25Retriever(args.corpus)
-        server = make_server(bm25, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
-                             args.max_threads, args.max_connections, args.read_timeout)
+        server = make_server(
+            bm25,
+            args.host,
+            args.port,
+            args.max_queries,
+            args.max_query_chars,
+            args.max_topk,
+            args.max_threads,
+            args.max_connections,
+            args.read_timeout,
+        )
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # from make_server: port in use, unknown host
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr
+        )
         return 2
     except (OverflowError, UnicodeError) as e:  # a host name that cannot be encoded
         print(f"error: cannot listen on {args.host!r}:{args.port}: {e}", file=sys.stderr)

@@ -22,25 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import credit
+import lora
+import memory
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-import credit
 import distributed as dd
 import fast
 import igsearch as ig
 import lm
-import lora
-import memory
 import prepare
 from config import Config, check_config, estimate_seconds, method_name, parse_config
 from errors import InputError, TrainingError
 from evaluate import evaluate, format_table
 from retriever import RetrieverError, make_search
 from warmup import warmup
-
 
 # --------------------------------------------------------------------- the phases of an RL step
 
