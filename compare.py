@@ -10,7 +10,9 @@ timed, wall.json.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_metrics, read_json
-from config import method_name
+from checkpoint import load_metrics, read_json, read_table
+from config import Config, checked_fields, method_name
 from errors import InputError, OneLineParser
 
 
@@ -38,14 +40,23 @@ class Run:
         path = Path(folder)
         if not (path / "config.json").exists():
             raise InputError(f"{path / 'config.json'}: no such file (is {folder} a run folder?)")
-        optional = lambda name: read_json(path / name) if (path / name).exists() else {}
-        return cls(
+
+        def optional(name: str, read=read_json) -> dict:
+            return read(path / name) if (path / name).exists() else {}
+
+        run = cls(
             path,
             read_json(path / "config.json"),
-            optional("table.json"),
+            optional("table.json", read_table),
             load_metrics(path / "metrics.jsonl", upto=math.inf),
             optional("wall.json"),
         )
+        known = {f.name for f in dataclasses.fields(Config)}  # fields of other versions: unchecked
+        checked_fields({k: v for k, v in run.config.items() if k in known}, path / "config.json")
+        wall = run.wall.get("wall_seconds", 0)
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)):
+            raise InputError(f"{path / 'wall.json'}: 'wall_seconds' is {wall!r}, not a number")
+        return run
 
     @property
     def rl_steps(self) -> list[dict]:
@@ -66,15 +77,65 @@ class Run:
         name = method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
         return name + (f" [{self.task}]" if self.task != "plain" else "")
 
+    @property
+    def setting(self) -> dict:
+        """What seeds of one setting share: the config but its seed and folder (the model path
+        normalised, so runs/w/checkpoint/ and runs/w/checkpoint are one start)."""
+        setting = {k: v for k, v in self.config.items() if k not in ("seed", "out_dir")}
+        if setting.get("model"):
+            setting["model"] = os.path.normpath(setting["model"])
+        return setting
+
+
+def seed_groups(items: list[tuple[str, dict, object]]) -> tuple[dict[str, list], list[str]]:
+    """Group (name, setting, item) as seeds: one group per name and setting. A name whose runs
+    differ in their settings gets one group each, labelled by the fields that differ, and a note
+    says which: never one '± spread' as if its runs were seeds. A field one config does not record
+    (written before the field existed) is no difference."""
+    same = lambda a, b: all(a[k] == b[k] for k in a.keys() & b.keys())
+    by_name: dict[str, list[tuple[dict, list]]] = {}
+    for name, setting, item in items:
+        parts = by_name.setdefault(name, [])
+        part = next((p for p in parts if same(p[0], setting)), None)
+        parts.append((setting, [item])) if part is None else part[1].append(item)
+    groups, notes = {}, []
+    for name, parts in by_name.items():
+        if len(parts) == 1:
+            groups[name] = parts[0][1]
+            continue
+        settings = [setting for setting, _ in parts]
+        differ = sorted(
+            {k for a in settings for b in settings for k in a.keys() & b.keys() if a[k] != b[k]}
+        )
+        show = lambda st: ", ".join(f"{k}={st.get(k, '-')}" for k in differ)
+        notes.append(
+            f"{name}: runs not averaged together, they differ in {', '.join(differ)} ("
+            + " / ".join(show(st) for st in settings)
+            + ")"
+        )
+        for setting, members in parts:
+            groups[f"{name} [{show(setting)}]"] = members
+    return groups, notes
+
+
+def run_labels(runs: list[Run]) -> tuple[dict[int, str], list[str]]:
+    """id(run) -> the name its seeds share: its method, and the fields that set it apart from
+    other runs of that method (seed_groups); and the notes that say so."""
+    groups, notes = seed_groups([(run.method, run.setting, run) for run in runs])
+    return {id(run): label for label, members in groups.items() for run in members}, notes
+
 
 def held_out_table(runs: list[Run]) -> list[str]:
     """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM
     (whether seed spreads overlap), means of searches per question, valid answers and hit share."""
-    groups: dict[str, list[dict]] = {}
-    for run in runs:  # runs of different tasks are never averaged together
-        task = f" [{run.task}]" if run.task != "plain" else ""
-        for name, row in run.table.items():
-            groups.setdefault(name + task, []).append(row)
+    task = lambda run: f" [{run.task}]" if run.task != "plain" else ""  # tasks never averaged
+    groups, notes = seed_groups(
+        [
+            (name + task(run), {**run.setting, "n": row.get("n")}, row)
+            for run in runs
+            for name, row in run.table.items()
+        ]
+    )
     lines = [
         f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
         f"{'valid':>8}{'hit':>8}{'hit1':>8}"
@@ -95,7 +156,7 @@ def held_out_table(runs: list[Run]) -> list[str]:
             f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
             f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}"
         )
-    return lines
+    return lines + notes
 
 
 def per_run(runs: list[Run]) -> list[str]:
@@ -108,7 +169,9 @@ def per_run(runs: list[Run]) -> list[str]:
     for run in runs:
         row = next(iter(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
-        val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if "val_em" in r)
+        val = " ".join(
+            f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None
+        )
         lines.append(
             f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
             f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}"
@@ -135,16 +198,17 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
     undefined (no step hit, say) are left out of its means; IG is not computed for outcome-only,
     so its zeros are left out."""
     per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    labels, notes = run_labels([run for run in runs if run.rl_steps])
     for run in runs:
         steps = run.rl_steps
         if not steps:
             continue
-        method = run.method
+        method = labels[id(run)]
         for key, _ in TRAIN_KEYS:
             if (
                 key.startswith("ig_")
                 and run.config.get("step_reward", "ig") != "ig"
-                or (key.startswith("ig_") and method == "outcome-only")
+                or (key.startswith("ig_") and run.method.startswith("outcome-only"))
             ):
                 continue
             vals = [
@@ -171,7 +235,7 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             mean = [sum(x[i] for x in got) / len(got) for i in range(3)] if got else None
             cells.append(f"{mean[0]:.2f} -> {mean[1]:.2f} ({mean[2]:.2f})" if mean else "-")
         lines.append(f"{title:<38}" + "".join(f"{c:>26}" for c in cells))
-    return lines
+    return lines + notes
 
 
 def first_search_hits(runs: list[Run]) -> list[str]:
@@ -228,14 +292,20 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     without RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     start = {
-        run.task: {k: v for r in run.records for k, v in r.items() if k.startswith("val_")}
+        run.task: {
+            k: v
+            for r in run.records
+            for k, v in r.items()
+            if k.startswith("val_") and v is not None
+        }
         for run in runs
         if not run.rl_steps
     }  # the warm-up of each task
+    labels, _ = run_labels([r for r in runs if r.rl_steps])
     for run in (r for r in runs if r.rl_steps):
-        per_key = curves.setdefault(run.method, {})
+        per_key = curves.setdefault(labels[id(run)], {})
         for key, _ in PLOT_PANELS:
-            points = [(r["step"], r[key]) for r in run.records if key in r]
+            points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
             if not key.startswith("val_"):  # the mean of the last (up to) 5 steps
                 values = [v for _, v in points]
                 points = [
@@ -245,7 +315,7 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
             for s, v in points:
                 per_key.setdefault(key, {}).setdefault(s, []).append(v)
     for run in (r for r in runs if r.rl_steps):
-        per_key = curves[run.method]
+        per_key = curves[labels[id(run)]]
         for key, value in start.get(run.task, {}).items():
             if key in per_key:
                 per_key[key].setdefault(0, [value])

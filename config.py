@@ -271,13 +271,38 @@ def parse_bool(text: str) -> bool:
     return value
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
-    """--field value for every Config field, --preset NAME, --resume RUN_DIR -> (config, resume)."""
+# what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
+# the split and test set its earlier records were measured on (a run that had no test set may add
+# one), the warm-up it already did, its adapter's rank
+FIXED_ON_RESUME = (
+    "model",
+    "out_dir",
+    "seed",
+    "train_data",
+    "test_data",
+    "val_questions",
+    "eval_questions",
+    "eval_start",
+    "warmup_examples",
+    "warmup_lr",
+    "warmup_batch",
+    "warmup_query",
+    "task",
+    "lora_rank",
+)
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:
+    """--field value for every Config field, --preset NAME, --resume RUN_DIR, --restart
+    -> (config, resume, restart)."""
     p = OneLineParser(
         description="Train a search policy with IG-Search; every Config field is a flag."
     )
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
+    p.add_argument(
+        "--restart", action="store_true", help="start over in an out_dir that holds a run"
+    )
     for f in dataclasses.fields(Config):
         if f.type == "bool":  # --flag, or --flag true/false
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=parse_bool)
@@ -298,8 +323,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
                 f"first save): start it again without --resume"
             )
         saved = ckpt.read_json(run / "config.json")
-        for name in ("model", "out_dir", "lora_rank"):  # the run folder and checkpoint fix these
-            if name in given and given[name] != saved.get(name):
+        for name in FIXED_ON_RESUME:
+            if name == "eval_questions" and saved.get(name) == 0:
+                continue  # a run without a test set may be tested at its end
+            if name in given and given[name] != saved.get(name, given[name]):
                 raise InputError(
                     f"--{name} cannot change on --resume (the run continues from "
                     f"{run}/checkpoint): start a new run to change it"
@@ -310,7 +337,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     else:
         values.update(PRESETS[args.preset])
     values.update(given)
-    return Config(**values), args.resume
+    return Config(**values), args.resume, args.restart
 
 
 # Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain

@@ -19,3 +19,8 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise InputError(f"command line: {message} (see --help)")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite steps, a diverged model, a save that failed);
+    the message says what is on disk."""

@@ -31,6 +31,16 @@ from errors import InputError, OneLineParser
 from retriever import RetrieverError, make_search
 
 
+def default_out(model: str) -> str:
+    """Beside a model folder, never inside it (a checkpoint folder is replaced whole by each save):
+    runs/x/checkpoint -> runs/x/checkpoint.eval.json; runs/eval.json for a Hub name or the
+    default."""
+    if not os.path.isdir(model):
+        return "runs/eval.json"
+    folder = Path(model).resolve()
+    return str(folder.with_name(folder.name + ".eval.json"))
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -238,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_turn_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
-    p.add_argument(
-        "--out", default="", help="results JSON (default: beside the model, or runs/eval.json)"
-    )
+    p.add_argument("--out", default="", help="results JSON (default: beside the model folder)")
     p.add_argument("--html", default="", help="with --question, --answer: a page of credit")
     p.add_argument("--question", default="", help="the question of the --html page")
     p.add_argument("--answer", nargs="+", default=[], help="gold answer(s) of --question")
@@ -258,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
-        out = args.out or (
-            str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json"
-        )
+        out = args.out or default_out(args.model)
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(
             args.corpus or data.get("corpus", ""),

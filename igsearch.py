@@ -85,7 +85,7 @@ def build_prompt(tokenizer, question: str, template: Template) -> str:
     (SmolLM2, Qwen2.5) do not add theirs: fewer tokens, same content.
     """
     instruction = template.instruction.removesuffix("Question: ").strip()
-    question = question.strip()
+    question = plain_text(question.strip(), special_strings(tokenizer))  # the template's stay
     if getattr(tokenizer, "chat_template", None):
         messages = [
             {"role": "system", "content": instruction},
@@ -95,13 +95,28 @@ def build_prompt(tokenizer, question: str, template: Template) -> str:
     return f"{instruction}\nQuestion: {question}\n"
 
 
+def special_strings(tokenizer) -> list[str]:
+    """The strings a tokenizer turns into control ids: special tokens and added tokens."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+
+
+def plain_text(text: str, special_tokens: list[str]) -> str:
+    """Text from a user or a retriever with every special-token string broken up ('|' removed,
+    else a space after its first character): no tokenisation of it yields a control id."""
+    for _ in range(4):  # a token's broken form could spell another: at most a few rounds
+        hits = [tok for tok in special_tokens if len(tok) > 1 and tok in text]
+        if not hits:
+            break
+        for tok in hits:
+            text = text.replace(tok, tok.replace("|", "") if "|" in tok else f"{tok[0]} {tok[1:]}")
+    return text
+
+
 def sanitize_documents(text: str, special_tokens: list[str] = ()) -> str:
     """Neutralise protocol tags and special-token strings inside retrieved text (departure 3)."""
     text = re.sub(r"<(/?)(%s)>" % "|".join(PROTOCOL_TAGS), r"(\1\2)", text)
-    for tok in special_tokens:
-        if len(tok) > 1:
-            text = text.replace(tok, tok.replace("|", ""))
-    return text
+    return plain_text(text, special_tokens)
 
 
 def observation_text(documents: str, template: Template) -> str:
@@ -226,7 +241,7 @@ def rollout(
     At most max_searches searches; the turn after the last allowed search must answer. `turn`
     samples one turn (generate_turn, or fast.CachedTurns(): the same ids, the KV cache kept).
     """
-    specials = list(tokenizer.all_special_tokens)
+    specials = special_strings(tokenizer)
     trajs = [Trajectory(tokenizer(p, add_special_tokens=False).input_ids, p) for p in prompts]
     for n_turn in range(max_searches + 1):
         active = [t for t in trajs if not t.done]
@@ -438,6 +453,10 @@ def score_requests(
     tokenize = lambda text: ids.setdefault(
         text, tokenizer(text, add_special_tokens=False).input_ids
     )
+    # a gold answer is plain text, its special-token strings too
+    answer = lambda text: (
+        tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    )
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
             step.ig = step.scores = None
@@ -447,7 +466,7 @@ def score_requests(
             contexts += [ig_context(traj, t, template, pair) for pair in draws[i][t]]
             for gold in golds[i] if all_golds else golds[i][:1]:
                 requests.append(
-                    ScoreRequest(i, t, [tokenize(c) for c in contexts], tokenize(gold.strip()))
+                    ScoreRequest(i, t, [tokenize(c) for c in contexts], answer(gold.strip()))
                 )
     return requests
 

@@ -315,6 +315,7 @@ def load_model(
         raise InputError(f"{path}: model folder not found")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check_weights(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -329,6 +330,20 @@ def load_model(
             tokenizer.eos_token
         )  # padding is masked by position, so any id will do
     return model, tokenizer
+
+
+def check_weights(folder: str) -> None:
+    """Every *.safetensors file of a local model folder is whole: its header reads and its tensors
+    lie inside the file (a save cut short by a crash or a full disk, or garbage), else one line
+    naming the file, before anything is loaded."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if os.path.isdir(folder) else []:
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
+            raise InputError(f"{path}: not a whole safetensors file ({str(e)[:160]})") from None
 
 
 def load_questions(path: str) -> list[dict]:
@@ -401,6 +416,7 @@ def _load_parquet(path: str) -> list[dict]:
 
 
 MAX_QUESTION_CHARS = 2000  # a question or gold answer longer than this is refused (NQ's: < 200)
+MAX_ANSWERS = 1000  # gold answers per question (TriviaQA's alias lists are the longest)
 
 
 def _json_object(line: str, where: str) -> object:
@@ -421,9 +437,12 @@ def _check_row(row: object, where: str, index: int) -> dict:
         raise InputError(
             f"{where}: 'question' is {len(question)} characters, more than {MAX_QUESTION_CHARS}"
         )
+    check_unicode(question, f"{where}: 'question'")
     answers = row.get("golden_answers")
     if not isinstance(answers, list) or not answers:
         raise InputError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+    if len(answers) > MAX_ANSWERS:  # --ig_all_golds scores every one of them at every step
+        raise InputError(f"{where}: {len(answers)} gold answers, more than {MAX_ANSWERS}")
     for answer in answers:
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: 'golden_answers' holds {answer!r}, not a non-empty string")
@@ -431,6 +450,12 @@ def _check_row(row: object, where: str, index: int) -> dict:
             raise InputError(
                 f"{where}: a gold answer is {len(answer)} characters, more than "
                 f"{MAX_QUESTION_CHARS}"
+            )
+        check_unicode(answer, f"{where}: gold answer")
+        if not normalize_answer(answer):  # "the", "?!": an empty prediction would match it
+            raise InputError(
+                f"{where}: gold answer {answer!r} is empty once normalised "
+                f"(articles and punctuation removed)"
             )
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
@@ -445,6 +470,18 @@ def _check_row(row: object, where: str, index: int) -> dict:
             )
         checked["plain_question"] = plain
     return checked
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Text that cannot be written as UTF-8 (a lone surrogate such as \\ud800, which JSON allows)
+    is refused where it is read, not when a tokenizer meets it mid-run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} holds {text[e.start]!r} at character {e.start}, not valid "
+            f"Unicode (a lone surrogate)"
+        ) from None
 
 
 def _hub(what: str, call):

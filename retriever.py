@@ -18,12 +18,12 @@ import itertools
 import json
 import os
 import re
+import socket
 import stat
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,6 +77,9 @@ MAX_LINE_BYTES = 1 << 20  # a JSON-lines row over 1 MiB is no passage or questio
 MAX_QUERY_WORDS = 32  # BM25 scores a query's first 32 words: bounds the work of one query
 # what `retriever.py serve` accepts by default, and what RemoteRetriever splits its batches to
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_TOPK, MAX_THREADS = 64, 2000, 50, 4
+MAX_CONNECTIONS, READ_TIMEOUT = 64, 10.0  # connections read at once; seconds to read one request
+MAX_WAIT = 86400  # the longest deadline accepted, in seconds (a day)
+MAX_RESPONSE_BYTES = 1 << 28  # an answer over 256 MiB is refused, not held in memory
 
 
 def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
@@ -120,6 +123,13 @@ def load_corpus(path: str) -> list[dict]:
             contents = row.get("contents")
             if not isinstance(contents, str) or not contents.strip():
                 raise InputError(f"{where}: 'contents' missing, empty or not a string")
+            try:  # a lone surrogate (\ud800 is valid JSON) would stop a tokenizer mid-run
+                contents.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(
+                    f"{where}: 'contents' holds {contents[e.start]!r} at character "
+                    f"{e.start}, not valid Unicode (a lone surrogate)"
+                ) from None
             doc_id = row.get("id", len(rows))
             if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
                 raise InputError(f"{where}: 'id' must be a string or an integer")
@@ -209,6 +219,60 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
     return out
 
 
+class HTTPStatusError(Exception):
+    def __init__(self, code: int, reason: str, body: bytes):
+        super().__init__(f"HTTP {code} {reason}: {body[:200].decode('utf-8', 'replace')}")
+        self.code = code
+
+
+def post_within(
+    url: str, body: bytes, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES
+) -> bytes:
+    """POST body and return the response body, the whole exchange (connect, send, headers, every
+    byte of the body) within `timeout` seconds: a socket timeout alone bounds each read, and a
+    server that sends a byte a second would never trip it. A timer shuts the socket down at the
+    deadline, which ends whatever read is waiting."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    expired, sock = threading.Event(), []  # sock: the connected socket (conn lets go of it early)
+
+    def expire() -> None:
+        expired.set()
+        for s in sock:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.connect()  # (bounded by the socket timeout)
+        sock.append(conn.sock)
+        if expired.is_set():
+            raise TimeoutError
+        conn.request("POST", path or "/", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"the answer is longer than {max_bytes} bytes")
+        if expired.is_set():
+            raise TimeoutError
+        if response.status >= 400:
+            raise HTTPStatusError(response.status, response.reason, data)
+        return data
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {timeout:g} s") from None
+        raise e
+    finally:
+        timer.cancel()
+        conn.close()
+
+
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
@@ -219,15 +283,26 @@ class RemoteRetriever:
         retries: int = 3,
         backoff: float = 0.5,
         max_queries: int = MAX_QUERIES,
+        max_bytes: int = MAX_RESPONSE_BYTES,
     ):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
+        if not 0 < timeout <= MAX_WAIT:  # (a timer of more than ~9e9 s fails in its thread)
+            raise InputError(
+                f"retriever timeout {timeout!r}: out of range (accepted: seconds in "
+                f"(0, {MAX_WAIT}])"
+            )
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"retriever URL {url!r}: not http(s)://HOST[:PORT]/PATH")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.max_queries = max_queries  # a request holds at most this many (the server's cap)
+        self.max_bytes = max_bytes  # the largest answer read
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
         """POST the batch in requests of at most max_queries queries (each request retried on
-        connection errors, timeouts, 5xx and bad bodies, never on 4xx)."""
+        connection errors, timeouts, 5xx and bad bodies, never on 4xx). Each try has `timeout`
+        seconds from connect to the last byte."""
         _check_args(queries, topk)
         return [
             hits
@@ -241,26 +316,40 @@ class RemoteRetriever:
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(
-                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-            )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _parse_result(json.loads(response.read()), len(queries), topk)
-            except urllib.error.HTTPError as e:  # before URLError/OSError: it is a subclass of both
-                last = f"HTTP {e.code} {e.reason}: {e.read()[:200].decode('utf-8', 'replace')}"
+                answer = post_within(self.url, body, self.timeout, self.max_bytes)
+                return _parse_result(json.loads(answer), len(queries), topk)
+            except HTTPStatusError as e:
+                last = str(e)
                 if e.code < 500:  # the request itself is wrong: asking again will not help
                     break
-            except urllib.error.URLError as e:
-                last = f"{e.reason}"
-            except (
-                OSError,
-                http.client.HTTPException,
-            ) as e:  # timeouts while reading, dropped connections
-                last = f"{type(e).__name__}: {e}"
+            except (OSError, http.client.HTTPException) as e:  # refused, timed out, dropped
+                last = (
+                    f"{type(e).__name__}: {e.strerror or e}"
+                    if isinstance(e, OSError)
+                    else f"{type(e).__name__}: {e}"
+                )
             except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
+
+
+def check_server_limits(limits: dict) -> None:
+    """Every limit of make_server in range, else one line naming it (max_threads 0 would serve
+    nothing, a negative read_timeout would cut every request)."""
+    for name, value in limits.items():
+        low = 0 if name == "port" else 1
+        if name == "read_timeout":
+            ok = isinstance(value, (int, float)) and 0 < value <= MAX_WAIT
+        else:
+            ok = isinstance(value, int) and low <= value <= (65535 if name == "port" else 10**6)
+        if not ok:
+            accepted = (
+                f"seconds in (0, {MAX_WAIT}]"
+                if name == "read_timeout"
+                else ("0..65535 (0: a free port)" if name == "port" else "an integer >= 1")
+            )
+            raise InputError(f"--{name} {value!r}: out of range (accepted: {accepted})")
 
 
 def make_server(
@@ -271,12 +360,28 @@ def make_server(
     max_query_chars: int = MAX_QUERY_CHARS,
     max_topk: int = MAX_TOPK,
     max_threads: int = MAX_THREADS,
+    max_connections: int = MAX_CONNECTIONS,
+    read_timeout: float = READ_TIMEOUT,
 ) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
 
     The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
-    top-k at most max_topk), and so is the number of requests handled at once (max_threads): the
-    next connection waits to be accepted."""
+    top-k at most max_topk), and so are the searches run at once (max_threads: the next request
+    waits for a slot), the connections read at once (max_connections: the next one waits to be
+    accepted) and the time to read one request, headers and body (read_timeout seconds, then the
+    connection is cut): clients that trickle their requests cannot hold the searches."""
+    check_server_limits(
+        dict(
+            port=port,
+            max_queries=max_queries,
+            max_query_chars=max_query_chars,
+            max_topk=max_topk,
+            max_threads=max_threads,
+            max_connections=max_connections,
+            read_timeout=read_timeout,
+        )
+    )
+    searches = threading.BoundedSemaphore(max_threads)
 
     def document(p: Passage) -> dict:
         """A wiki-18 row again: the inverse of parse_contents."""
@@ -305,7 +410,25 @@ def make_server(
         return queries, topk, return_scores
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 60  # a client that stalls mid-body frees its thread
+        timeout = read_timeout  # per socket operation; the watchdog bounds the whole read
+
+        def setup(self) -> None:
+            super().setup()
+            self.watchdog = threading.Timer(read_timeout, self.cut)
+            self.watchdog.daemon = True
+            self.watchdog.start()
+
+        def cut(self) -> None:
+            """The request was not read within read_timeout: end the connection (a trickle of a
+            byte a second would pass every per-read timeout)."""
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def finish(self) -> None:
+            self.watchdog.cancel()
+            super().finish()
 
         def log_message(
             self, format: str, *args: object
@@ -320,10 +443,7 @@ def make_server(
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (
-                BrokenPipeError,
-                ConnectionResetError,
-            ):  # the client gave up (its timeout): no one to tell
+            except OSError:  # the client gave up (its timeout) or was cut: no one to tell
                 pass
 
         def do_GET(self) -> None:
@@ -341,24 +461,33 @@ def make_server(
             ):  # '\\uXXXX': 6 bytes a char
                 return self.reply(413, {"error": "request body too large"})
             try:
-                queries, topk, return_scores = read_request(self.rfile.read(length))
+                body = self.rfile.read(length)
+            except OSError:  # cut by the watchdog, or the client went away
+                return
+            self.watchdog.cancel()  # read in time: the search may wait for a slot
+            if len(body) < length:  # the connection ended first
+                return
+            try:
+                queries, topk, return_scores = read_request(body)
             except ValueError as e:
                 return self.reply(400, {"error": str(e)})
+            with searches:  # at most max_threads searches at once
+                hits = retriever.search(queries, topk)
             result = [
                 [
                     {"document": document(p), "score": p.score} if return_scores else document(p)
-                    for p in hits
+                    for p in found
                 ]
-                for hits in retriever.search(queries, topk)
+                for found in hits
             ]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
         daemon_threads = True  # request threads must not keep the process alive on exit
-        slots = threading.BoundedSemaphore(max_threads)
+        slots = threading.BoundedSemaphore(max_connections)
 
         def process_request(self, request, client_address):
-            self.slots.acquire()  # at most max_threads requests in flight; the accept loop waits
+            self.slots.acquire()  # at most max_connections in flight; the accept loop waits
             super().process_request(request, client_address)
 
         def process_request_thread(self, request, client_address):
@@ -398,8 +527,15 @@ def main(argv: list[str] | None = None) -> int:
         "--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query"
     )
     serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
+    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="searches run at once")
     serve.add_argument(
-        "--max_threads", type=int, default=MAX_THREADS, help="requests handled at once"
+        "--max_connections", type=int, default=MAX_CONNECTIONS, help="connections read at once"
+    )
+    serve.add_argument(
+        "--read_timeout",
+        type=float,
+        default=READ_TIMEOUT,
+        help="seconds to read one request before the connection is cut",
     )
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
@@ -416,6 +552,16 @@ def main(argv: list[str] | None = None) -> int:
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
+        limits = (
+            "port",
+            "max_queries",
+            "max_query_chars",
+            "max_topk",
+            "max_threads",
+            "max_connections",
+            "read_timeout",
+        )
+        check_server_limits({k: getattr(args, k) for k in limits})
         bm25 = BM25Retriever(args.corpus)
         server = make_server(
             bm25,
@@ -425,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             args.max_query_chars,
             args.max_topk,
             args.max_threads,
+            args.max_connections,
+            args.read_timeout,
         )
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -433,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr
         )
+        return 2
+    except (OverflowError, UnicodeError) as e:  # a host name that cannot be encoded
+        print(f"error: cannot listen on {args.host!r}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"serving {len(bm25)} passages on http://{host}:{port}/retrieve", flush=True)

@@ -36,15 +36,10 @@ import lora
 import memory
 import prepare
 from config import Config, check_config, estimate_seconds, method_name, parse_config
-from errors import InputError
+from errors import InputError, TrainingError
 from evaluate import evaluate, format_table
 from retriever import RetrieverError, make_search
 from warmup import warmup
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite steps); the message says what is on disk."""
-
 
 # --------------------------------------------------------------------- the phases of an RL step
 
@@ -385,7 +380,7 @@ class Setup:
             dd.copy_full(self.model, self.policy)
 
 
-def set_up(cfg: Config, resume: str) -> Setup:
+def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     """The run's state: device, seeds, run folder, data, retriever, model and optimizer; for a
     resumed run, the checkpoint's weights, optimizer and RNG states. It evaluates and trains
     nothing: train() does, in order."""
@@ -399,13 +394,9 @@ def set_up(cfg: Config, resume: str) -> Setup:
     }
     run = Path(resume or cfg.out_dir)
     table = run / "table.json"  # a resumed run's rows so far, read before any work
-    table = ckpt.read_json(table) if resume and table.exists() else {}
-    if main:
-        try:  # before any work: a file in the way or a folder without write access stops here
-            run.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
-        except OSError as e:
-            raise InputError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
+    table = ckpt.read_table(table) if resume and table.exists() else {}
+    if main:  # the folder is this run's: locked, and never an older run's files (ckpt.claim_run)
+        ckpt.claim_run(run, bool(resume), restart)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         if device.type == "cpu" and not cfg.model:
             print(
@@ -446,6 +437,8 @@ def set_up(cfg: Config, resume: str) -> Setup:
     model, tokenizer = prepare.load_model(
         start_model, device, cfg.trust_remote_code, dtype=torch.float32
     )
+    if main:  # every input is checked: now config.json (and --restart removes the older files)
+        ckpt.start_run(run, dataclasses.asdict(cfg), bool(resume))
     if cfg.lora_rank:  # the base stays the loaded model; a resumed run reloads only its adapter
         lora.add_adapter(
             model,
@@ -496,9 +489,9 @@ def frozen_copy(policy, device: torch.device):
 # ------------------------------------------------------------------------------------ train
 
 
-def train(cfg: Config, resume: str = "") -> dict:
+def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
     """The run: evaluate -> warm-up -> evaluate -> RL steps -> evaluate. Returns the test table."""
-    s = set_up(cfg, resume)
+    s = set_up(cfg, resume, restart)
     main = dd.is_main()
     if not resume:
         # ---- the start model on the test questions; the format warm-up; the warmed-up model on
@@ -569,13 +562,14 @@ def train(cfg: Config, resume: str = "") -> dict:
                     page, s.tokenizer, qs, trajs, rewards, adv, tok_adv, cfg, title
                 )
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
-        if bad_steps >= cfg.max_bad_steps:
+        problem = ckpt.step_problem(s.policy, stats, skipped_ok=True)
+        if bad_steps >= cfg.max_bad_steps or problem:  # never saved: the checkpoint predates it
             raise TrainingError(
-                f"{s.run}: {bad_steps} steps in a row had a non-finite loss or "
-                f"gradient; stopped at step {step + 1}, the last good checkpoint "
-                f"is {s.run / 'checkpoint'}"
+                f"{s.run}: stopped at step {step + 1}: "
+                + (problem or f"{bad_steps} steps in a row had a non-finite loss or gradient")
+                + f"; {ckpt.kept_checkpoint(s.run, 'before them')}"
             )
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if not bad_steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             s.save(step + 1)
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint
         s.save(0)
@@ -590,12 +584,13 @@ def train(cfg: Config, resume: str = "") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, resume = parse_config(argv)
-        train(cfg, resume)
+        cfg, resume, restart = parse_config(argv)
+        train(cfg, resume, restart)
     except (InputError, RetrieverError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        ckpt.release_run()
         dd.cleanup()
     return 0
 

@@ -8,13 +8,16 @@ mechanically from the train split, through the same loss mask and update as RL.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from tqdm import tqdm
 
+import checkpoint as ckpt
 import distributed as dd
 import igsearch as ig
+from errors import TrainingError
 
 QUERY_STOPWORDS = frozenset(
     "a an and are as at by for from how in is it of on or that the this to "
@@ -110,6 +113,7 @@ def warmup_trajectories(
     tpl, want = ig.TEMPLATES[cfg.template], cfg.warmup_examples
     order = torch.randperm(len(questions), generator=gen).tolist()
     trajs: list[ig.Trajectory] = []
+    specials = ig.special_strings(tokenizer)
     for k in range(0, len(order), 2 * want):
         pool = [questions[i] for i in order[k : k + 2 * want]]
         for q, searches in zip(pool, example_searches(pool, search, cfg, gen)):
@@ -117,12 +121,14 @@ def warmup_trajectories(
                 continue
             pieces = []
             for query, d in searches:
-                d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
+                d = ig.sanitize_documents(d, specials)
+                # trained pieces keep their end-of-sequence token: the user's text in them is plain
+                query = ig.plain_text(query, specials)
                 pieces += [
                     (f"<search> {query} </search>", True),
                     (ig.observation_text(d, tpl), False),
                 ]
-            gold = q["golden_answers"][0]
+            gold = ig.plain_text(q["golden_answers"][0], specials)
             pieces.append((f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True))
             trajs.append(
                 supervised_trajectory(
@@ -138,19 +144,26 @@ def warmup(
     model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator, update
 ) -> None:
     """Format warm-up: supervised steps on warmup_trajectories, through the same mask and loss as
-    the RL update (train.update): loss on the search and answer tokens only."""
+    the RL update (train.update): loss on the search and answer tokens only. Each step logs its
+    loss; a step that leaves the model non-finite or uniform stops the run."""
     trajs = warmup_trajectories(tokenizer, questions, search, cfg, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    n = math.ceil(len(trajs) / cfg.warmup_batch)
     for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):
         batch = trajs[k : k + cfg.warmup_batch]
         # advantage 1 on every target token: the REINFORCE loss is -mean log p(target)
-        update(
-            model,
-            None,
-            tokenizer,
-            batch,
-            [torch.ones(len(t.response_ids)) for t in batch],
-            opt,
-            cfg,
-        )
+        ones = [torch.ones(len(t.response_ids)) for t in batch]
+        stats = update(model, None, tokenizer, batch, ones, opt, cfg)
+        entropy = ckpt.mean_entropy(stats)
+        if dd.is_main():
+            tqdm.write(
+                f"warm-up step {k // cfg.warmup_batch + 1}/{n}: loss={stats['loss']:.4g} "
+                f"entropy={entropy:.4g} grad_norm={stats['grad_norm']:.4g}"
+            )
+        problem = ckpt.step_problem(model, stats)
+        if problem:
+            raise TrainingError(
+                f"warm-up step {k // cfg.warmup_batch + 1}/{n}: {problem}; stopped before any RL "
+                f"step, nothing saved (lower --warmup_lr, now {cfg.warmup_lr:g})"
+            )
     dd.broadcast_params(model)  # every rank ran the same steps; rank 0's weights are kept

@@ -157,7 +157,7 @@ def test_a_resumed_lora_run_reproduces_the_uninterrupted_one(tiny_run_files, tmp
     train.train(tiny_config(tiny_run_files, tmp_path / "full", steps=3, **kw))
     train.train(tiny_config(tiny_run_files, tmp_path / "cut", steps=1, **kw))
     assert (tmp_path / "cut" / "checkpoint" / lora.ADAPTER / "adapter_model.safetensors").exists()
-    cfg, resume = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
+    cfg, resume, _ = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
     assert cfg.lora_rank == 4
     train.train(cfg, resume)
     full, cut = (

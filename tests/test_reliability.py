@@ -671,3 +671,49 @@ def test_train_cli_reports_a_bad_question_file_in_one_line(tiny_run_files, tmp_p
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad}:2: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- 7. divergence
+
+
+def test_a_warmup_that_diverges_stops_the_run_and_logs_its_loss(tiny_run_files, tmp_path, capsys):
+    """Issue 29: `--warmup_lr 1e30` ended with exit 0 and a model whose output was uniform (entropy
+    ln V), and the warm-up never logged its loss. Each warm-up step now logs it, and the step that
+    breaks the model stops the run in one line before any RL step; nothing is saved."""
+    run = tmp_path / "run"
+    args = train_args(tiny_run_files, run, 2, warmup_examples=8, warmup_batch=2, warmup_lr=1e30)
+    capsys.readouterr()
+    assert train.main(args) == 2
+    out, err = capsys.readouterr()
+    assert "warm-up step 1/4: loss=" in out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert (
+        len(errors) == 1 and errors[0].startswith("error: warm-up step ") and "Traceback" not in err
+    )
+    assert "uniform" in errors[0] or "not finite" in errors[0]
+    assert "--warmup_lr, now 1e+30" in errors[0]
+    assert not (run / "checkpoint").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_a_step_that_breaks_the_model_names_the_checkpoint_saved_before_it(
+    tiny_run_files, tmp_path, monkeypatch
+):  # noqa: F811
+    """Issue 29: after skipped non-finite steps the stop message called the checkpoint saved after
+    them "the last good checkpoint". Two good steps are saved; step 3's update makes the weights
+    non-finite: the run stops at once, names step 2's checkpoint, and saves nothing after it."""
+    real_update = train.update
+
+    def poisoned(model, *a, **k):
+        stats = real_update(model, *a, **k)
+        if len(read_metrics(run)) == 2 if (run / "metrics.jsonl").exists() else False:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return stats
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train, "update", poisoned)
+    with pytest.raises(train.TrainingError) as err:
+        train.train(train.parse_config(train_args(tiny_run_files, run, 5))[0])
+    assert "stopped at step 3: 1 weight tensors are not finite" in str(err.value)
+    assert f"the last checkpoint saved before them is {run}/checkpoint (step 2)" in str(err.value)
+    assert resumable_step(run) == 2

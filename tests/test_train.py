@@ -92,7 +92,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tiny_run_files, tmp_path):
     train.train(tiny_config(tiny_run_files, tmp_path / "cut", steps=1))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "reward"')  # a partial line, as a crash mid-write leaves it
-    cfg, resume = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
+    cfg, resume, _ = train.parse_config(["--resume", str(tmp_path / "cut"), "--steps", "3"])
     assert cfg.steps == 3 and cfg.lr == 1e-3  # the run's own config, overridden on the command line
     train.train(cfg, resume)
     full, cut = (
@@ -366,11 +366,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_files, tmp_path
         "policy_loss",
         lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(0.0)),
     )
-    with pytest.raises(train.TrainingError, match="non-finite"):
-        train.train(tiny_config(tiny_run_files, tmp_path / "nan", steps=5, max_bad_steps=2))
+    with pytest.raises(
+        train.TrainingError, match="non-finite.*no checkpoint was saved before them"
+    ):
+        train.train(
+            tiny_config(
+                tiny_run_files, tmp_path / "nan", steps=5, max_bad_steps=2, warmup_examples=0
+            )
+        )  # (a non-finite warm-up step stops at once)
     records = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in records] == [True, True]
-    assert (tmp_path / "nan" / "checkpoint").exists()  # saved at step 1, before the run stopped
+    # issue 29: step 1 was skipped, and a checkpoint saved after it was called "the last good one"
+    assert not (tmp_path / "nan" / "checkpoint").exists()
 
 
 def run_cli(*args):
@@ -789,7 +796,7 @@ def test_task_is_recorded_and_kept_on_resume(tiny_run_files, tmp_path, monkeypat
     assert json.loads((tmp_path / "r" / "config.json").read_text())[
         "task"
     ] == "noisy" and asked == ["noisy"]
-    cfg, resume = train.parse_config(["--resume", str(tmp_path / "r"), "--steps", "2"])
+    cfg, resume, _ = train.parse_config(["--resume", str(tmp_path / "r"), "--steps", "2"])
     assert cfg.task == "noisy" and cfg.step_reward == "hit"
     train.train(cfg, resume)
     assert asked == ["noisy", "noisy"] and [r["step"] for r in read_metrics(tmp_path / "r")] == [
