@@ -1,42 +1,34 @@
 """What a training step costs, where the time goes, and how close IG scoring comes to its floor.
 
-    python bench.py                          # train.py's default shape, 4 rollouts (~10 min on 2 idle cores)
-    python bench.py --shape paper --batch 1  # 512-token turns, up to 5 searches, full passages (~1 h on CPU)
-    python bench.py --only ig,retrieval      # sections: step ig rollout update memory retrieval
-    python bench.py --device cuda
+    python bench.py                          # train.py's default shape, 4 rollouts a step
+    python bench.py --shape paper --batch 1  # 512-token turns, up to 5 searches (~1 h on CPU)
+    python bench.py --only ig,retrieval      # sections: step update memory ig rollout retrieval
 
-The untrained default model seldom writes a search, which would leave IG nothing to score. So the
-policy is scripted: every forward pass is the real model's and the sampler draws from its output, but
-the logits are one-hot on a script that fills each turn to its token budget with a think block and ends
-it with a search (max_searches of them, each after a refine block), then answers. Each token costs what
-a free sample costs; the rollouts have the shape of a policy that uses its whole search budget.
-The optimizer has lr = 0: the work of training with weights that stay put, so every repeat samples the
-same rollouts and a step with IG differs from one without by the IG scoring alone.
-Times are medians over --repeats runs, alternated; on a shared machine trust the ratios.
+A step is train.py's phase functions called with its preset's config, the policy scripted
+(ScriptedPolicy) and lr 0: every repeat samples the same rollouts. Each figure stands beside its
+floor or comparison from the same run: medians of --repeats runs, in alternated order.
 """
 
-from __future__ import annotations
-
-import argparse
-import copy
-import inspect
+import dataclasses
 import math
 import multiprocessing
 import re
-import resource
 import statistics
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-import config
 import fast
 import igsearch as ig
 import lm
 import prepare
 import train
+from config import PRESETS, Config
+from errors import InputError, OneLineParser
 from retriever import (
     BM25Retriever,
     RemoteRetriever,
@@ -50,12 +42,6 @@ SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the 
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
 
 
-def rss_gb() -> float:
-    """Resident memory now, in GiB (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
-
-
 def synchronize(device: torch.device) -> float:
     """Wait for the device's queued work; returns the time then (a timer that sees GPU work)."""
     if device.type == "cuda":
@@ -63,136 +49,308 @@ def synchronize(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def measure(device: torch.device, fn, *args, **kw) -> tuple[object, float, float]:
-    """(result, seconds, peak GiB during fn): the CUDA allocator's peak, or the process's peak RSS
-    (Linux VmHWM, restarted through /proc/self/clear_refs). The device is synchronised on both sides."""
-    synchronize(device)
+def proc_gb(field: str) -> float:
+    """This process's VmRSS (resident memory) or VmHWM (its peak since clear_refs), in GiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 2**20
+
+
+def measure(device: torch.device, fn, *args) -> tuple[object, float, float]:
+    """(fn's result, seconds, peak GiB during fn: the CUDA allocator's, or the process's RSS)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    start = time.perf_counter()
-    out = fn(*args, **kw)
-    seconds = synchronize(device) - start
-    if device.type == "cuda":
-        return out, seconds, torch.cuda.max_memory_allocated() / 2**30
-    with open("/proc/self/status") as f:
-        return out, seconds, int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 2**20
+            f.write("5")  # restarts VmHWM
+    start = synchronize(device)
+    out, seconds = fn(*args), synchronize(device) - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else proc_gb("VmHWM")
+    return out, seconds, peak
 
 
-def table(title: str, header: list[str], rows: list[list]) -> None:
+def alternated(device: torch.device, runs: dict, repeats: int) -> dict[str, list[tuple]]:
+    """measure each run `repeats` times, the order rotating: a linear drift in speed cancels."""
+    names, out = list(runs), {k: [] for k in runs}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out[name].append(measure(device, runs[name]))
+    return out
+
+
+def med(results: list, i: int = 1) -> float:  # the median of measure's seconds (1) or GiB (2)
+    return statistics.median(x[i] for x in results)
+
+
+def table(title: str, header: list[str], rows: list[list], *notes: str) -> None:
     cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[k]) for r in cells) for k in range(len(header))]
     print(f"\n== {title}")
     for r in cells:
         print("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))))
+    print("".join(f"  {note}\n" for note in notes), end="")
 
 
-def target(name: str, ok: bool) -> None:
-    print(f"  target {name}: {'met' if ok else 'NOT met'}")
+def target(name: str, ok: bool) -> str:
+    return f"target {name}: {'met' if ok else 'NOT met'}"
 
 
 class ScriptedPolicy(torch.nn.Module):
-    """The real model's forward, its logits replaced by a one-hot on the script of each row's turn."""
+    """The real model's forward passes (the untrained model seldom searches), their logits one-hot
+    on a script: each turn a think block up to its budget, then a search after a refine block, the
+    answer at the last turn. Each token costs a free sample; each rollout uses the whole budget."""
 
-    def __init__(self, model, tokenizer, questions: dict[str, dict], cfg: train.Config):
+    def __init__(self, model, tokenizer, prompts: dict[str, dict], cfg: Config):
         super().__init__()
-        self.model, self.tok, self.questions, self.cfg, self.turns = (
-            model,
-            tokenizer,
-            questions,
-            cfg,
-            [],
-        )
-        self.cache_kw = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
-        self.t_documents = (
-            0.0  # seconds of the forwards that feed a later turn's documents into the cache
-        )
+        self.model, self.tok, self.prompts, self.cfg = model, tokenizer, prompts, cfg
+        self.tag, self.t_documents = ig.TEMPLATES[cfg.template].doc_tag, 0.0
 
     def script(self, text: str) -> list[int]:
-        """Ids of the next turn: [a refine of the last documents,] a think block up to the turn budget, then
-        a search (the question; later the title of a retrieved passage: a lead followed) or the answer."""
-        prompt = next(p for p in self.questions if text.startswith(p))
-        q, response, tag = (
-            self.questions[prompt],
-            text[len(prompt) :],
-            ig.TEMPLATES[self.cfg.template].doc_tag,
+        """The ids of a row's next turn; it searches the question, then a title it retrieved."""
+        prompt = next(p for p in self.prompts if text.startswith(p))
+        q, response, head = self.prompts[prompt], text[len(prompt) :], ""
+        turn, docs = response.count(f"</{self.tag}>"), ig.find_block(response, self.tag, True)
+        query = q["question"]
+        if docs:  # the refine block: the start of Doc 1's text
+            query = (re.findall(r'Title: "([^"]*)"', docs.group(1)) or [query] * 9)[turn - 1]
+            head = f"<refine> {' '.join(docs.group(1).split(') ', 1)[-1].split()[:6])} </refine>\n"
+        tail = (
+            f"<search> {query} </search>"
+            if turn < self.cfg.max_searches
+            else f"<answer> {q['golden_answers'][0]} </answer>"
         )
-        turn, docs = response.count(f"</{tag}>"), ig.find_block(response, tag, last=True)
-        query, head = q["question"].split(": ", 1)[-1], ""
-        if docs:
-            titles = re.findall(r'Title: "([^"]*)"', docs.group(1)) or [query]
-            facts = " ".join(
-                docs.group(1).split(") ", 1)[-1].split()[:6]
-            )  # the start of Doc 1's text
-            query, head = titles[min(turn, len(titles) - 1)], f"<refine> {facts} </refine>\n"
-        answer = f"<answer> {q['golden_answers'][0]} </answer>"
-        tail = f"<search> {query} </search>" if turn < self.cfg.max_searches else answer
-        head_ids, tail_ids, close = (
-            self.tok(s, add_special_tokens=False).input_ids for s in (head, tail, " </think>\n")
+        think = f"<think> {f'I should check {query}. ' * self.cfg.max_turn_tokens}"
+        head, think, tail, close = (
+            self.tok(s, add_special_tokens=False).input_ids
+            for s in (head, think, tail, " </think>\n")
         )
-        budget = self.cfg.max_turn_tokens
-        if len(head_ids) + len(tail_ids) > budget:  # short turns: no room for a refine block
-            head_ids = []
-        room = budget - len(head_ids) - len(tail_ids) - len(close)
-        think = self.tok(
-            "<think> " + f"I should check {query}. " * budget, add_special_tokens=False
-        ).input_ids
-        return head_ids + (think[:room] + close if room >= 4 else []) + tail_ids
+        room = self.cfg.max_turn_tokens - len(head) - len(tail) - len(close)
+        head, room = (head, room) if room >= 0 else ([], room + len(head))  # a short turn
+        return head + (think[:room] + close if room >= 4 else []) + tail
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, **kw):
-        past = {self.cache_kw: cache} if cache is not None else {}
-        documents = (
-            cache is not None and input_ids.shape[1] > 1
-        )  # a later turn's prefill: work generate never does
-        start = synchronize(input_ids.device) if documents else 0.0
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **past,
-            **kw,
-        )
-        self.t_documents += synchronize(input_ids.device) - start if documents else 0.0
-        if (
-            cache is None
-        ):  # a new rollout and a new cache: rows that leave it must leave our records too
-            self.seen = [[] for _ in input_ids]
+    def forward(self, input_ids, attention_mask=None, cache=None, **kw):
+        start, later = synchronize(input_ids.device), cache is not None and input_ids.shape[1] > 1
+        kw.update({lm.cache_keyword(self.model): cache} if cache is not None else {})
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        self.t_documents += (synchronize(input_ids.device) - start) * later  # a later prefill
+        if cache is None:  # a new cache: the rows that leave it (batch_select_indices) leave seen
             kv = out.cache if hasattr(out, "cache") else out.past_key_values
-            select = kv.batch_select_indices
-
-            def select_rows(idx):
-                self.seen = [self.seen[i] for i in idx.tolist()]
-                select(idx)
-
-            kv.batch_select_indices = select_rows
-        fed = attention_mask[
-            :, -input_ids.shape[1] :
-        ].bool()  # (B, L) filler fed to stopped rows is masked
+            self.seen, select = [[] for _ in input_ids], kv.batch_select_indices
+            kv.batch_select_indices = lambda idx: (
+                setattr(self, "seen", [self.seen[i] for i in idx.tolist()]),
+                select(idx),
+            )
+        fed = attention_mask[:, -input_ids.shape[1] :].bool()  # (B, L) stopped rows' filler: 0
         self.seen = [s + row[m].tolist() for s, row, m in zip(self.seen, input_ids, fed)]
-        if (
-            input_ids.shape[1] > 1
-        ):  # a prefill (decoding feeds one token): a new turn starts on every row
+        if input_ids.shape[1] > 1:  # a prefill: a new turn starts on every row
             self.turns = [self.script(self.tok.decode(s)) for s in self.seen]
-        logits = torch.full_like(out.logits, -1e4)  # (B, 1, V)
+        out.logits = torch.full_like(out.logits, -1e4)  # (B, 1, V)
         for b, ids in enumerate(self.turns):
-            logits[b, -1, ids.pop(0) if ids else self.tok.eos_token_id] = 0.0
-        out.logits = logits
+            out.logits[b, -1, ids.pop(0) if ids else self.tok.eos_token_id] = 0.0
         return out
+
+
+def set_up(args) -> SimpleNamespace:
+    """The preset's config; model, data and retriever made as train.set_up makes them."""
+    group = 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
+    cfg = Config(
+        **{
+            **PRESETS[args.shape],
+            "model": args.model,
+            "group_size": group,
+            "questions_per_step": args.batch // group,
+            "normalize_std": group > 1,
+        }
+    )
+    model, tok = prepare.load_model(args.model, args.device, dtype=torch.float32)
+    if cfg.grad_checkpointing:
+        train.enable_checkpointing(model)
+    data = prepare.default_data(cfg.task)
+    qs = train.sample_questions(
+        prepare.load_questions(data["train"]), cfg, torch.Generator().manual_seed(cfg.seed)
+    )
+    prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
+    backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
+    b = SimpleNamespace(
+        args=args,
+        cfg=cfg,
+        model=model,
+        tok=tok,
+        device=model.device,
+        data=data,
+        qs=qs,
+        prompts=prompts,
+        golds=[q["golden_answers"] for q in qs],
+        t_search=0.0,
+        trajs=None,
+        policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
+        undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
+        ref=train.frozen_copy(model, model.device) if cfg.kl_coef > 0 else None,
+        opt=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0),
+    )  # the weights stay
+
+    def search(queries: list[str]) -> list[str]:  # the retriever, its time counted
+        start = time.perf_counter()
+        docs = backend(queries)
+        b.t_search += time.perf_counter() - start
+        return docs
+
+    b.search = search
+    return b
+
+
+def rollouts(b, cfg: Config) -> list[ig.Trajectory]:
+    b.model.eval()
+    b.policy.t_documents = 0.0
+    with train.bf16(b.device):
+        return train.generate_rollouts(
+            b.policy,
+            b.tok,
+            b.qs,
+            b.search,
+            cfg,
+            torch.Generator(device=b.device).manual_seed(cfg.seed + 2),
+        )
+
+
+def step_values(b, trajs: list[ig.Trajectory], cfg: Config) -> list[list[float | None]] | None:
+    with train.bf16(b.device):
+        return train.step_values(
+            b.model, b.tok, trajs, b.golds, cfg, torch.Generator().manual_seed(cfg.seed + 1)
+        )
+
+
+def update(
+    b,
+    trajs: list[ig.Trajectory],
+    tok_adv: list[torch.Tensor] | None = None,
+    cfg: Config | None = None,
+) -> dict:
+    tok_adv = tok_adv or [torch.zeros(len(t.response_ids)) for t in trajs]
+    return train.update(b.model, b.ref, b.tok, trajs, tok_adv, b.opt, cfg or b.cfg)
+
+
+def step(b, with_ig: bool) -> dict:
+    """One step in train.train's order (outcome-only: alpha 0): seconds and peak GiB per phase."""
+    cfg, rec = b.cfg if with_ig else dataclasses.replace(b.cfg, outcome_only=True), {}
+    b.t_search, (trajs, seconds, rec["mem rollout"]) = 0.0, measure(b.device, rollouts, b, cfg)
+    rec["retrieval"], rec["rollout"] = b.t_search, seconds - b.t_search
+    values, rec["IG"], rec["mem IG"] = measure(b.device, step_values, b, trajs, cfg)
+    tok_adv, rec["reward"], _ = measure(
+        b.device,
+        lambda: train.advantages(
+            trajs,
+            torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, b.golds)]),
+            values,
+            cfg,
+        ),
+    )
+    _, rec["update"], rec["mem update"] = measure(b.device, update, b, trajs, tok_adv, cfg)
+    b.trajs, rec["total"] = trajs, sum(rec[k] for k in PHASES)
+    print(f"  step ({'IG' if with_ig else 'outcome-only'}): {rec['total']:.1f} s")
+    return rec
+
+
+def run_steps(b) -> dict[str, list[dict]]:
+    """A warm-up (allocator, optimizer state), then steps with IG and outcome-only, alternated."""
+    update(b, rollouts(b, dataclasses.replace(b.cfg, max_turn_tokens=8)))
+    runs = alternated(
+        b.device, {"IG": lambda: step(b, True), "outcome": lambda: step(b, False)}, b.args.repeats
+    )
+    return {k: [rec for rec, _, _ in v] for k, v in runs.items()}
+
+
+def bench_step(b, steps: dict[str, list[dict]]) -> None:
+    """The phase split of a step with IG; the outcome-only step beside it."""
+    m = {k: statistics.median(s[k] for s in steps["IG"]) for k in PHASES + ("total",)}
+    n, per_rollout = len(b.trajs), lambda f: sum(map(f, b.trajs)) / len(b.trajs)
+    table(
+        f"1. training step with IG ({n} rollouts, median of {b.args.repeats})",
+        ["phase", "seconds", "share"],
+        [[k, m[k], f"{100 * m[k] / m['total']:.1f}%"] for k in PHASES]
+        + [["step", m["total"], "100%"]],
+        f"per rollout: {per_rollout(lambda t: len(t.steps)):.1f} searches, "
+        f"{per_rollout(lambda t: sum(t.loss_mask)):.0f} generated tokens, "
+        f"{per_rollout(lambda t: len(t.response_ids)):.0f} response tokens (documents included)",
+    )
+    t_ig, t_out = m["total"], statistics.median(s["total"] for s in steps["outcome"])
+    direct = m["IG"] / (t_ig - m["IG"])  # t_outcome taken within the IG step: less noise
+    table(
+        "2. IG overhead (steps alternated, same rollouts)",
+        ["", "value"],
+        [
+            ["step with IG (s)", t_ig],
+            ["step outcome-only (s)", t_out],
+            ["(t_IG - t_outcome) / t_outcome", f"{100 * (t_ig - t_out) / t_out:.1f}%"],
+            ["IG scoring / rest of the same step", f"{100 * direct:.1f}%"],
+        ],
+        *[target("<= 6.4% at the paper shape (IG scoring / rest of the step)", direct <= 0.064)]
+        * (b.args.shape == "paper"),
+    )
+
+
+def bench_update(b, steps: dict[str, list[dict]]) -> None:
+    """The update's model FLOP/s beside this machine's torch.mm peak in the update's dtype."""
+    tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in b.trajs)
+    trained = sum(sum(t.loss_mask) for t in b.trajs)
+    emb, head = b.model.get_input_embeddings().weight, b.model.get_output_embeddings().weight
+    body = sum(p.numel() for p in b.model.parameters()) - emb.numel() * (1 + (head is not emb))
+    # 6 N T: the body on every token, the LM head on trained tokens only (+2 N T: the KL reference)
+    flops = (6 + 2 * (b.ref is not None)) * (body * tokens + head.numel() * trained)
+    n, dtype = (8192, torch.bfloat16) if b.device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device=b.device)
+    peak = 2 * n**3 / med([measure(b.device, torch.mm, a, a) for _ in range(6)])
+    t = statistics.median(s["update"] for s in steps["IG"] + steps["outcome"])
+    table(
+        "3. update efficiency (model FLOPs; attention not counted)",
+        ["", "value"],
+        [
+            ["update (s)", t],
+            ["tokens (trained)", f"{tokens} ({trained})"],
+            ["achieved GFLOP/s", flops / t / 1e9],
+            [f"torch.mm {n}x{n} {str(dtype)[6:]} GFLOP/s", peak / 1e9],
+            ["ratio", f"{100 * flops / t / peak:.0f}%"],
+        ],
+    )
+
+
+def bench_memory(b, steps: dict[str, list[dict]]) -> None:
+    """The peak memory of each phase; the update with fast.lean_backward beside it without."""
+    rows = [
+        [f"{k} (median of the IG steps)", statistics.median(s[f"mem {k}"] for s in steps["IG"])]
+        for k in ("rollout", "IG", "update")
+    ]
+    cpu_default = b.device.type == "cpu" and b.args.shape == "default"
+    table(
+        f"4. peak memory per phase (GiB, {'process RSS' if cpu_default else 'CUDA allocated'})",
+        ["", "GiB"],
+        rows,
+        *[target("<= 3 GiB for the default run on CPU", max(r[1] for r in rows) <= 3)]
+        * cpu_default,
+    )
+    if b.undo_lean:
+        b.undo_lean()
+    ones = [torch.ones(len(t.response_ids)) for t in b.trajs]
+    lean = lambda: (fast.lean_backward(b.model), update(b, b.trajs, ones))[0]()  # noqa: E731
+    runs = alternated(
+        b.device,
+        {"without": lambda: update(b, b.trajs, ones), "with (as train.py)": lean},
+        b.args.repeats,
+    )
+    b.undo_lean = fast.lean_backward(b.model) if b.cfg.fast else None
+    table(
+        f"4b. update with and without fast.lean_backward (median of {b.args.repeats}, alternated)",
+        ["", "seconds", "peak GiB"],
+        [[k, med(v), med(v, 2)] for k, v in reversed(runs.items())],
+    )
 
 
 def floor_rows(
     contexts: list[list[int]], answers: list[list[int]], group_sizes: list[int], max_len: int
 ) -> tuple[list[list[int]], list[int]]:
-    """The least IG can compute: per group (fast.trunk_shares: a rollout's contexts, or a step's 1 + N)
-    its trunk once, then each continuation (rest of the context + answer). Returns those rows and, per
-    row, how many of its last positions need the LM head (the answer tokens: 0 on a trunk row)."""
-    seqs = [
-        c[max(0, len(c) + len(a) - max_len) :] + a for c, a in zip(contexts, answers)
-    ]  # as answer_scores
+    """The least IG can compute: per group (fast.trunk_shares: a rollout's contexts, or a step's
+    1 + N) its trunk once, then each continuation (rest of the context + answer). Returns those
+    rows and, per row, how many last positions need the LM head (its answer; 0 on a trunk row)."""
+    seqs = [ig.truncate_left(c, a, max_len) + a for c, a in zip(contexts, answers)]
     rows, heads = [], []
     for idx, trunk, shares in fast.trunk_shares(seqs, answers, group_sizes):
         rows += ([trunk] if trunk else []) + [seqs[i][k:] for i, k in zip(idx, shares)]
@@ -206,28 +364,148 @@ def plain_forward(
     rows: list[list[int]],
     heads: list[int],
     batch_size: int,
-    chunk: int = 512,
     full_head: bool = False,
+    chunk: int = 512,
 ) -> None:
-    """No-grad forward over exactly the rows' tokens, packed into chunks of `chunk` (no padding), then the
-    LM head and log-softmax on sum(heads) hidden states (on all of them when full_head)."""
-    device = next(model.parameters()).device
-    flat = torch.tensor([tok for row in rows for tok in row], dtype=torch.long, device=device)
-    n = len(flat) // chunk
+    """No-grad forward over exactly the rows' tokens, packed into chunks of `chunk` (no padding),
+    then the LM head and log-softmax on sum(heads) hidden states (on all of them if full_head)."""
+    flat = torch.tensor([t for row in rows for t in row], device=next(model.parameters()).device)
+    n, left = len(flat) // chunk, sum(heads)
     batches = list(flat[: n * chunk].view(n, chunk).split(batch_size))  # (b, chunk) each
-    if len(flat) % chunk:
-        batches.append(flat[n * chunk :][None])  # the remainder, (1, r)
-    left = sum(heads)
-    for ids in batches:
+    for ids in batches + ([flat[n * chunk :][None]] if len(flat) % chunk else []):  # + (1, rest)
         hidden = model.base_model(input_ids=ids).last_hidden_state.flatten(0, 1)  # (b * chunk, H)
         take = hidden if full_head else hidden[:left]
         left -= len(take)
         torch.log_softmax(model.get_output_embeddings()(take).float(), dim=-1)  # (M, V)
 
 
+def bench_ig(b) -> None:
+    """train.step_values (one trunk per rollout) beside full contexts and the floors."""
+    c, bs, trajs, L = b.cfg, b.cfg.ig_batch_size, b.trajs, b.cfg.ig_max_len
+    draws = train.counterfactual_draws(trajs, c, torch.Generator().manual_seed(c.seed + 1))
+    reqs = ig.score_requests(b.tok, trajs, b.golds, draws, ig.TEMPLATES[c.template], c.ig_all_golds)
+    contexts = [x for r in reqs for x in r.context_ids]
+    answers = [r.answer_ids for r in reqs for _ in r.context_ids]
+    steps = [len(r.context_ids) for r in reqs]  # one group per search step
+    rows, heads = floor_rows(contexts, answers, fast.rollout_groups(reqs, bs), L)
+    step_rows, step_heads = floor_rows(contexts, answers, steps, L)
+    full = [ig.truncate_left(x, a, L) + a for x, a in zip(contexts, answers)]
+    runs = {  # name: (what it runs, the rows of tokens it runs)
+        "full contexts (answer_scores: fast off)": (
+            lambda: step_values(b, trajs, dataclasses.replace(c, fast=False)),
+            full,
+        ),
+        "one trunk per rollout (train.step_values)": (lambda: step_values(b, trajs, c), rows),
+        "one prefix per search step": (
+            lambda: fast.answer_scores_shared_prefix(
+                b.model,
+                reqs,
+                b.tok.pad_token_id,
+                L,
+                bs,
+                head_weight=c.ig_head_weight,
+                group_sizes=steps,
+            ),
+            step_rows,
+        ),
+        "floor: packed plain forward, LM head at answers": (
+            lambda: plain_forward(b.model, rows, heads, bs),
+            rows,
+        ),
+        "floor, LM head at every position": (
+            lambda: plain_forward(b.model, rows, heads, bs, full_head=True),
+            rows,
+        ),
+        "floor with a prefix per step": (
+            lambda: plain_forward(b.model, step_rows, step_heads, bs),
+            step_rows,
+        ),
+    }
+    with train.bf16(b.device):
+        out = alternated(b.device, {k: fn for k, (fn, _) in runs.items()}, b.args.repeats)
+    t_full, t_shared, t_step, floor = (med(v) for v in list(out.values())[:4])
+    table(
+        f"5. IG scoring against its floor ({len(reqs)} search steps, {len(contexts)} contexts)",
+        ["", "tokens", "seconds", "x floor"],
+        [[k, sum(map(len, runs[k][1])), med(v), med(v) / floor] for k, v in out.items()],
+        target("IG <= 1.25 x floor", t_shared / floor <= 1.25),
+    )
+    a, s = (
+        np.array([v for row in out[k][-1][0] for v in row if v is not None], dtype=float)
+        for k in list(runs)[:2]
+    )
+    diff = float(np.abs(a - s).max()) if len(a) else 0.0
+    table(
+        "6. shared-prefix scoring",
+        ["", "value"],
+        [
+            ["max |IG shared - IG full|", f"{diff:.1e}"],
+            ["IG time saved", f"{100 * (1 - t_shared / t_full):.0f}%"],
+            [
+                "of which by one trunk per rollout (vs a prefix per step)",
+                f"{100 * (1 - t_shared / t_step):.0f}%",
+            ],
+            ["kept (exact to 1e-4 and saves >= 15%)", diff <= 1e-4 and t_shared <= 0.85 * t_full],
+        ],
+    )
+
+
+def bench_rollout(b) -> None:
+    """train.generate_rollouts' tokens/s beside one model.generate call of as many new tokens."""
+    ids, mask, _ = lm.left_pad(
+        [b.tok(p, add_special_tokens=False).input_ids for p in b.prompts],
+        b.tok.pad_token_id,
+        b.device,
+    )  # (B, T)
+    per_row = math.ceil(sum(sum(t.loss_mask) for t in b.trajs) / len(b.prompts))
+    sample = {"do_sample": True, "temperature": b.cfg.temperature, "top_k": None, "top_p": None}
+    with train.bf16(b.device):
+        out = alternated(
+            b.device,
+            {
+                "loop": lambda: (rollouts(b, b.cfg), b.policy.t_documents),
+                "generate": lambda: b.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=per_row,
+                    min_new_tokens=per_row,
+                    pad_token_id=b.tok.pad_token_id,
+                    **sample if b.cfg.temperature > 0 else {},
+                ),
+            },
+            b.args.repeats,
+        )
+    hf = per_row * len(b.prompts) / med(out["generate"])
+    runs = [(sum(sum(t.loss_mask) for t in trajs), s, docs) for (trajs, docs), s, _ in out["loop"]]
+    loop, bare, docs = (
+        statistics.median(f(*x) for x in runs)
+        for f in (lambda n, s, d: n / s, lambda n, s, d: n / (s - d), lambda n, s, d: d / s)
+    )
+    table(
+        "7. rollout throughput (generated tokens/s; same prompts, same number of new tokens)",
+        ["", "tokens/s"],
+        [
+            ["train.generate_rollouts (turns, retrieval, documents prefilled)", loop],
+            ["model.generate (one call)", hf],
+            ["ratio", f"{loop / hf:.2f}"],
+            [
+                "share of the loop spent reading later turns' documents (work generate has none of)",
+                f"{100 * docs:.0f}%",
+            ],
+            [
+                "ratio with that prefill left out: the loop's own cost (bookkeeping, retrieval, "
+                "turn starts)",
+                f"{bare / hf:.2f}",
+            ],
+        ],
+        target("ratio >= 0.8", loop / hf >= 0.8),
+    )
+
+
 def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
-    """In a fresh process: n synthetic passages (a 2-word title, 100 words) drawn from the corpus's word
-    stream. Puts the BM25 build time and index memory (RSS delta), then the median latency of a query batch."""
+    """In a fresh process: n synthetic passages (a 2-word title, 100 words) drawn from the corpus's
+    word stream. Puts the BM25 build time and index memory (RSS delta), then the median latency of
+    a query batch."""
     words = [w for line in open(corpus, encoding="utf-8") for w in tokenize(line)]
     rng, rows = np.random.default_rng(0), []
     for k in range(0, n, 10_000):
@@ -239,505 +517,111 @@ def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
                     + " ".join(words[j] for j in p[2:]),
                 }
             )
-    before, start = rss_gb(), time.perf_counter()
+    before, start = proc_gb("VmRSS"), time.perf_counter()
     index = BM25Retriever(rows)
-    out.put((time.perf_counter() - start, rss_gb() - before))
-    out.put(
-        statistics.median(measure(torch.device("cpu"), index.search, queries)[1] for _ in range(3))
+    out.put((time.perf_counter() - start, proc_gb("VmRSS") - before))
+    out.put(med([measure(torch.device("cpu"), index.search, queries) for _ in range(3)]))
+
+
+def bench_retrieval(args, corpus: str, queries: list[str], topk: int) -> None:
+    """In-memory BM25 on synthetic passages; a remote retriever beside the same index in process."""
+    rows, cpu = [], torch.device("cpu")
+    ctx = multiprocessing.get_context("spawn")  # a process per size: its RSS delta is the index
+    for n in args.retrieval_sizes:
+        out = ctx.Queue()
+        child = ctx.Process(target=bm25_child, args=(n, corpus, queries, out))
+        child.start()
+        row, late = [n], f"> {args.retrieval_timeout} s"
+        deadline = time.time() + args.retrieval_timeout
+        try:  # queue.Empty: not done in time (or killed for memory)
+            row += [*out.get(timeout=args.retrieval_timeout)]
+            batch = out.get(timeout=max(1.0, deadline - time.time()))
+            row += [batch, 1000 * batch / len(queries)]
+        except Exception:
+            row += [late] + ["-"] * (4 - len(row))
+        rows.append(row)
+        child.kill()
+        child.join()
+    table(
+        f"8. in-memory BM25 (rank_bm25) on synthetic passages, {len(queries)} queries a batch",
+        ["passages", "build s", "index GiB", "batch s", "ms/query"],
+        rows,
     )
-
-
-class Bench:
-    def __init__(self, args):
-        self.args, group = (
-            args,
-            2 if args.batch % 2 == 0 else 1,
-        )  # the group sets the advantage baseline only
-        self.cfg = c = train.Config(
-            **{
-                **config.PRESETS[args.shape],
-                "model": args.model,
-                "group_size": group,
-                "questions_per_step": args.batch // group,
-                "normalize_std": group > 1,
-            }
-        )
-        self.model, self.tok = prepare.load_model(
-            args.model, args.device, dtype=torch.float32
-        )  # as train.py
-        if c.grad_checkpointing:
-            train.enable_checkpointing(self.model)
-        self.undo_lean = fast.lean_backward(self.model)  # as train.py
-        self.device, self.data = self.model.device, prepare.default_data()
-        self.qs = [
-            q
-            for q in prepare.load_questions(self.data["train"])[: args.batch // group]
-            for _ in range(group)
-        ]
-        self.golds, self.tpl = [q["golden_answers"] for q in self.qs], ig.TEMPLATES[c.template]
-        self.prompts = [ig.build_prompt(self.tok, q["question"], self.tpl) for q in self.qs]
-        self.policy = ScriptedPolicy(self.model, self.tok, dict(zip(self.prompts, self.qs)), c)
-        self.backend = make_search(self.data["corpus"], "", c.topk, c.doc_words or None)
-        ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # as train.py
-        self.ref = (
-            copy.deepcopy(self.model).to(ref_dtype).eval().requires_grad_(False)
-            if c.kl_coef > 0
-            else None
-        )
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, weight_decay=0.0)
-        self.t_search, self.steps, self.trajs = 0.0, [], None
-
-    def search(self, queries: list[str]) -> list[str]:
-        docs, seconds, _ = measure(self.device, self.backend, queries)
-        self.t_search += seconds
-        return docs
-
-    def rollout(self, max_turn_tokens: int = 0) -> list[ig.Trajectory]:
-        c = self.cfg
-        self.model.eval()
-        with train.bf16(self.device):  # bf16 autocast on CUDA, as train.py
-            return ig.rollout(
-                self.policy,
-                self.tok,
-                self.prompts,
-                self.search,
-                template=self.tpl,
-                generator=torch.Generator(device=self.device).manual_seed(c.seed + 2),
-                max_searches=c.max_searches,
-                max_turn_tokens=max_turn_tokens or c.max_turn_tokens,
-                max_response_tokens=c.max_response_tokens,
-                temperature=c.temperature,
-                turn=fast.CachedTurns(),
-            )  # as train.py
-
-    def information_gain(self, trajs, shared_prefix: bool = True):
-        c = self.cfg
-        draws = ig.plan_counterfactuals(
-            [ig.step_pairs(t) for t in trajs],
-            c.ig_n_random,
-            c.ig_baseline,
-            torch.Generator().manual_seed(c.seed + 1),
-        )
-        with train.bf16(self.device):
-            return ig.information_gain(
-                self.model,
-                self.tok,
-                trajs,
-                self.golds,
-                draws,
-                template=self.tpl,
-                all_golds=c.ig_all_golds,
-                max_len=c.ig_max_len,
-                batch_size=c.ig_batch_size,
-                head_weight=c.ig_head_weight,
-                score=fast.answer_scores_shared_prefix if shared_prefix else ig.answer_scores,
-            )
-
-    def advantages(self, trajs, alpha: float) -> list[torch.Tensor]:
-        c = self.cfg
-        rewards = torch.tensor(
-            [ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, self.golds)]
-        )  # (B,)
-        adv = ig.group_advantages(rewards, c.group_size, c.normalize_std)  # (B,)
-        return ig.token_advantages(
-            trajs, adv, alpha, c.ig_dead_zone, c.ig_neg_scale, c.ig_clip or None
-        )
-
-    def update(self, trajs, tok_adv) -> dict:
-        return train.update(self.model, self.ref, self.tok, trajs, tok_adv, self.opt, self.cfg)
-
-    def step(self, with_ig: bool) -> dict:
-        """One training step through the functions train.py calls; seconds and peak GiB of each phase."""
-        self.t_search, rec = 0.0, {"with_ig": with_ig}
-        trajs, seconds, rec["mem rollout"] = measure(self.device, self.rollout)
-        rec["retrieval"], rec["rollout"] = self.t_search, seconds - self.t_search
-        _, rec["IG"], rec["mem IG"] = (
-            measure(self.device, self.information_gain, trajs) if with_ig else (0, 0.0, 0.0)
-        )
-        tok_adv, rec["reward"], _ = measure(
-            self.device, self.advantages, trajs, self.cfg.ig_alpha * with_ig
-        )
-        _, rec["update"], rec["mem update"] = measure(self.device, self.update, trajs, tok_adv)
-        self.trajs, rec["total"] = trajs, sum(rec[k] for k in PHASES)
-        return rec
-
-    def run_steps(self) -> None:
-        if self.steps:
-            return
-        warm = self.rollout(max_turn_tokens=8)  # warm-up: allocator, optimizer state
-        self.update(warm, [torch.zeros(len(t.response_ids)) for t in warm])
-        for r in range(
-            self.args.repeats
-        ):  # IG, outcome, outcome, IG, ...: a linear drift cancels out
-            for with_ig in (True, False) if r % 2 == 0 else (False, True):
-                self.steps.append(self.step(with_ig))
-                print(
-                    f"  step {len(self.steps)} ({'IG' if with_ig else 'outcome'}): {self.steps[-1]['total']:.1f} s"
-                )
-
-    def median(self, key: str, with_ig: bool | None = None) -> float:
-        return statistics.median(
-            s[key] for s in self.steps if with_ig is None or s["with_ig"] == with_ig
-        )
-
-    def section_step(self) -> None:
-        self.run_steps()
-        med, n, trajs = (
-            {k: self.median(k, True) for k in PHASES + ("total",)},
-            len(self.trajs),
-            self.trajs,
-        )
-        table(
-            f"1. training step with IG ({n} rollouts, median of {self.args.repeats})",
-            ["phase", "seconds", "share"],
-            [[k, med[k], f"{100 * med[k] / med['total']:.1f}%"] for k in PHASES]
-            + [["step", med["total"], "100%"]],
-        )
-        print(
-            f"  per rollout: {sum(len(t.steps) for t in trajs) / n:.1f} searches, "
-            f"{sum(sum(t.loss_mask) for t in trajs) / n:.0f} generated tokens, "
-            f"{sum(len(t.response_ids) for t in trajs) / n:.0f} response tokens (documents included)"
-        )
-        t_ig, t_out, t_scoring = self.median("total", True), self.median("total", False), med["IG"]
-        direct = t_scoring / (
-            t_ig - t_scoring
-        )  # the same ratio, t_outcome estimated within the IG step: less noise
-        table(
-            "2. IG overhead (steps alternated, same rollouts)",
-            ["", "value"],
-            [
-                ["step with IG (s)", t_ig],
-                ["step outcome-only (s)", t_out],
-                ["(t_IG - t_outcome) / t_outcome", f"{100 * (t_ig - t_out) / t_out:.1f}%"],
-                ["IG scoring / rest of the same step", f"{100 * direct:.1f}%"],
-            ],
-        )
-        if self.args.shape == "paper":
-            target("<= 6.4% at the paper shape (IG scoring / rest of the step)", direct <= 0.064)
-
-    def section_update(self) -> None:
-        self.run_steps()
-        tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in self.trajs)
-        trained = sum(sum(t.loss_mask) for t in self.trajs)
-        emb, head = (
-            self.model.get_input_embeddings().weight,
-            self.model.get_output_embeddings().weight,
-        )
-        n_body = (
-            sum(p.numel() for p in self.model.parameters())
-            - emb.numel()
-            - (0 if head is emb else head.numel())
-        )
-        # 6 N T: the body on every token, the LM head on trained tokens only (+ 2 N T: the KL reference's forward)
-        flops = (6 + 2 * (self.ref is not None)) * (n_body * tokens + head.numel() * trained)
-        n, dtype = (
-            (8192, torch.bfloat16) if self.device.type == "cuda" else (2048, torch.float32)
-        )  # the update's dtype
-        a = torch.randn(n, n, dtype=dtype, device=self.device)
-        peak = (
-            2 * n**3 / statistics.median(measure(self.device, torch.mm, a, a)[1] for _ in range(6))
-        )
-        achieved = flops / self.median("update")
-        table(
-            "6. update efficiency (model FLOPs; attention not counted)",
-            ["", "value"],
-            [
-                ["update (s)", self.median("update")],
-                ["tokens (trained)", f"{tokens} ({trained})"],
-                ["achieved GFLOP/s", achieved / 1e9],
-                [f"torch.mm {n}x{n} {str(a.dtype)[6:]} GFLOP/s", peak / 1e9],
-                ["ratio", f"{100 * achieved / peak:.0f}%"],
-            ],
-        )
-
-    def section_memory(self) -> None:
-        self.run_steps()
-        rows = [
-            [f"{k} (median of the IG steps)", self.median(f"mem {k}", True)]
-            for k in ("rollout", "IG", "update")
-        ]
-        mb = (
-            self.cfg.micro_batch
-        )  # the default run's update fills its micro-batches; the bench's batch may not
-        if self.args.shape == "default" and len(self.trajs) < mb:
-            trajs = (self.trajs * math.ceil(mb / len(self.trajs)))[:mb]
-            _, _, mem = measure(
-                self.device, self.update, trajs, [torch.zeros(len(t.response_ids)) for t in trajs]
-            )
-            rows.append([f"update of one full micro-batch ({mb} rollouts, as in train.py)", mem])
-        kind = "CUDA allocated" if self.device.type == "cuda" else "process RSS"
-        table(f"8. peak memory per phase (GiB, {kind})", ["", "GiB"], rows)
-        if self.device.type == "cpu" and self.args.shape == "default":
-            target("<= 3 GiB for the default run on CPU", max(r[1] for r in rows) <= 3)
-        ones, runs = [torch.ones(len(t.response_ids)) for t in self.trajs], {True: [], False: []}
-        for r in range(
-            self.args.repeats
-        ):  # the same batch with and without fast.lean_backward, alternated
-            for lean in (False, True) if r % 2 == 0 else (True, False):
-                self.lean(lean)
-                _, seconds, mem = measure(self.device, self.update, self.trajs, ones)
-                runs[lean].append((seconds, mem))
-        self.lean(True)
-        table(
-            f"8b. update with and without fast.lean_backward (median of {self.args.repeats}, alternated)",
-            ["", "seconds", "peak GiB"],
-            [
-                [name, *(statistics.median(x[i] for x in runs[lean]) for i in (0, 1))]
-                for name, lean in (("with (as train.py)", True), ("without", False))
-            ],
-        )
-
-    def lean(self, on: bool) -> None:
-        """fast.lean_backward on (as train.py) or off."""
-        if on and self.undo_lean is None:
-            self.undo_lean = fast.lean_backward(self.model)
-        elif not on and self.undo_lean is not None:
-            self.undo_lean()
-            self.undo_lean = None
-
-    def section_ig(self) -> None:
-        trajs, c = self.trajs or self.rollout(), self.cfg
-        draws = ig.plan_counterfactuals(
-            [ig.step_pairs(t) for t in trajs],
-            c.ig_n_random,
-            c.ig_baseline,
-            torch.Generator().manual_seed(c.seed + 1),
-        )
-        requests = ig.score_requests(self.tok, trajs, self.golds, draws, self.tpl, c.ig_all_golds)
-        contexts = [x for r in requests for x in r.context_ids]
-        answers = [r.answer_ids for r in requests for _ in r.context_ids]
-        bs, pad, steps = (
-            c.ig_batch_size,
-            self.tok.pad_token_id,
-            [len(r.context_ids) for r in requests],
-        )
-        rows, heads = floor_rows(contexts, answers, fast.rollout_groups(requests, bs), c.ig_max_len)
-        step_rows, step_heads = floor_rows(contexts, answers, steps, c.ig_max_len)
-        runs = {
-            "full contexts (answer_scores)": lambda: self.information_gain(trajs, False),
-            "one trunk per rollout (information_gain)": lambda: self.information_gain(trajs, True),
-            "one prefix per search step": lambda: fast.answer_scores_shared_prefix(
-                self.model,
-                requests,
-                pad,
-                c.ig_max_len,
-                bs,
-                head_weight=c.ig_head_weight,
-                group_sizes=steps,
-            ),
-            "floor: packed plain forward, LM head at answers": lambda: plain_forward(
-                self.model, rows, heads, bs
-            ),
-            "floor, LM head at every position": lambda: plain_forward(
-                self.model, rows, heads, bs, full_head=True
-            ),
-            "floor with a prefix per step": lambda: plain_forward(
-                self.model, step_rows, step_heads, bs
-            ),
-        }
-        names, times, values = list(runs), {k: [] for k in runs}, {}
-        for r in range(self.args.repeats):
-            for name in (
-                names[r % len(names) :] + names[: r % len(names)]
-            ):  # the order rotates between repeats
-                with train.bf16(self.device):
-                    values[name], seconds, _ = measure(self.device, runs[name])
-                times[name].append(seconds)
-        t = {k: statistics.median(v) for k, v in times.items()}
-        full, shared, per_step, floor = (t[k] for k in names[:4])
-        full_tokens = sum(min(len(x) + len(a), c.ig_max_len) for x, a in zip(contexts, answers))
-        tokens = [full_tokens] + [
-            sum(map(len, r)) for r in (rows, step_rows, rows, rows, step_rows)
-        ]
-        table(
-            f"3. IG scoring against its floor ({len(requests)} search steps, {len(contexts)} contexts)",
-            ["", "tokens", "seconds", "x floor"],
-            [[k, n, t[k], t[k] / floor] for k, n in zip(names, tokens)],
-        )
-        target("IG <= 1.25 x floor", min(full, shared) / floor <= 1.25)
-        a, b = (
-            np.array([v for row in values[k] for v in row if v is not None], dtype=float)
-            for k in names[:2]
-        )
-        diff = float(np.abs(a - b).max()) if len(a) else 0.0
-        table(
-            "4. shared-prefix scoring",
-            ["", "value"],
-            [
-                ["max |IG shared - IG full|", f"{diff:.1e}"],
-                ["IG time saved", f"{100 * (1 - shared / full):.0f}%"],
-                [
-                    "of which by one trunk per rollout (vs a prefix per step)",
-                    f"{100 * (1 - shared / per_step):.0f}%",
-                ],
-                ["kept (exact to 1e-4 and saves >= 15%)", diff <= 1e-4 and shared <= 0.85 * full],
-            ],
-        )
-
-    def section_rollout(self) -> None:
-        prompt_ids = [self.tok(p, add_special_tokens=False).input_ids for p in self.prompts]
-        ids, mask, _ = lm.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
-        per_row = math.ceil(
-            sum(sum(t.loss_mask) for t in (self.trajs or self.rollout())) / len(self.prompts)
-        )
-        sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None)
-
-        def generate():
-            return self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=per_row,
-                min_new_tokens=per_row,
-                pad_token_id=self.tok.pad_token_id,
-                **(sampling if self.cfg.temperature > 0 else {"do_sample": False}),
-            )
-
-        speed, docs_share = {"loop": [], "generate": [], "loop without documents": []}, []
-        for r in range(self.args.repeats):
-            for name in ("loop", "generate") if r % 2 == 0 else ("generate", "loop"):
-                self.policy.t_documents = 0.0
-                with train.bf16(self.device):
-                    trajs, seconds, _ = measure(
-                        self.device, self.rollout if name == "loop" else generate
-                    )
-                n_new = (
-                    sum(sum(t.loss_mask) for t in trajs)
-                    if name == "loop"
-                    else per_row * len(self.prompts)
-                )
-                speed[name].append(n_new / seconds)
-                if name == "loop":
-                    speed["loop without documents"].append(
-                        n_new / (seconds - self.policy.t_documents)
-                    )
-                    docs_share.append(self.policy.t_documents / seconds)
-        loop, hf, bare = (
-            statistics.median(speed[k]) for k in ("loop", "generate", "loop without documents")
-        )
-        table(
-            "5. rollout throughput (generated tokens/s; same prompts, same number of new tokens)",
-            ["", "tokens/s"],
-            [
-                ["igsearch.rollout (turns, retrieval, documents prefilled)", loop],
-                ["model.generate (one call)", hf],
-                ["ratio", f"{loop / hf:.2f}"],
-                [
-                    "share of the loop spent reading later turns' documents (work generate has none of)",
-                    f"{100 * statistics.median(docs_share):.0f}%",
-                ],
-                [
-                    "ratio with that prefill left out: the loop's own cost (bookkeeping, retrieval, turn starts)",
-                    f"{bare / hf:.2f}",
-                ],
-            ],
-        )
-        target("ratio >= 0.8", loop / hf >= 0.8)
-
-    def section_retrieval(self) -> None:
-        queries, rows = [q["question"] for q in prepare.load_questions(self.data["train"])[:16]], []
-        ctx = multiprocessing.get_context(
-            "spawn"
-        )  # a fresh process per size: its RSS delta is the index's
-        for n in self.args.retrieval_sizes:
-            out = ctx.Queue()
-            child = ctx.Process(target=bm25_child, args=(n, self.data["corpus"], queries, out))
-            child.start()
-            row, late, deadline = (
-                [n],
-                f"> {self.args.retrieval_timeout} s",
-                time.time() + self.args.retrieval_timeout,
-            )
-            try:  # queue.Empty: not done in time (or killed for memory)
-                row += [*out.get(timeout=self.args.retrieval_timeout)]
-                batch = out.get(timeout=max(1.0, deadline - time.time()))
-                row += [batch, 1000 * batch / len(queries)]
-            except Exception:
-                row += [late] + ["-"] * (4 - len(row))
-            rows.append(row)
-            child.kill()
-            child.join()
-        table(
-            f"7. in-memory BM25 (rank_bm25) on synthetic passages, {len(queries)} queries a batch",
-            ["passages", "build s", "index GiB", "batch s", "ms/query"],
-            rows,
-        )
-        local = BM25Retriever(
-            load_corpus(self.data["corpus"])[:1000]
-        )  # small: the search hides no overhead
-        server = make_server(local, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        clients = {
-            "local": local,
-            "remote": RemoteRetriever(f"http://127.0.0.1:{server.server_address[1]}/retrieve"),
-        }
-        t = {name: [] for name in clients}
-        for r in range(20):
-            for name in ("local", "remote") if r % 2 == 0 else ("remote", "local"):
-                t[name].append(
-                    measure(self.device, clients[name].search, queries, self.cfg.topk)[1]
-                )
-        server.shutdown()
-        server.server_close()
-        lo, hi = statistics.median(t["local"]), statistics.median(t["remote"])
-        table(
-            f"7b. remote retriever on loopback ({len(local)} passages, {len(queries)} queries a batch)",
-            ["", "ms"],
-            [
-                ["in process", 1000 * lo],
-                ["HTTP round trip", 1000 * hi],
-                ["overhead", f"{1000 * (hi - lo):.1f} ({100 * (hi - lo) / lo:.0f}%)"],
-            ],
-        )
+    local = BM25Retriever(load_corpus(corpus)[:1000])  # small: the search hides no overhead
+    server = make_server(local, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = RemoteRetriever(f"http://127.0.0.1:{server.server_address[1]}/retrieve")
+    t = alternated(
+        cpu,
+        {
+            "local": lambda: local.search(queries, topk),
+            "remote": lambda: remote.search(queries, topk),
+        },
+        20,
+    )
+    server.shutdown()
+    server.server_close()
+    lo, hi = med(t["local"]), med(t["remote"])
+    table(
+        f"8b. remote retriever on loopback ({len(local)} passages, {len(queries)} queries a batch)",
+        ["", "ms"],
+        [
+            ["in process", 1000 * lo],
+            ["HTTP round trip", 1000 * hi],
+            ["overhead", f"{1000 * (hi - lo):.1f} ({100 * (hi - lo) / lo:.0f}%)"],
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model", default="", help="HF name or folder; empty = the offline default (SmolLM2-135M)"
-    )
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="", help="HF name or folder; empty = the offline default")
     p.add_argument("--batch", type=int, default=4, help="rollouts per step")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument(
-        "--shape",
-        default="default",
-        choices=("default", "paper"),
-        help="the train.py preset to copy",
+    p.add_argument("--shape", default="default", choices=("default", "paper"), help="train preset")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (median)")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes")
+    p.add_argument("--retrieval_timeout", type=int, default=120, help="seconds allowed per size")
+    try:
+        args = p.parse_args(argv)
+        if set(args.only.split(",")) - set(SECTIONS):
+            p.error(f"--only: unknown section in {args.only}; choose from {','.join(SECTIONS)}")
+        args.retrieval_sizes = [int(n) for n in args.retrieval_sizes.split(",")]
+    except (InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start, b, only = time.time(), set_up(args), args.only.split(",")
+    c, amp = b.cfg, ", bf16 autocast" if b.device.type == "cuda" else ""
+    fields = (
+        "max_searches",
+        "max_turn_tokens",
+        "max_response_tokens",
+        "doc_words",
+        "ig_batch_size",
+        "micro_batch",
+        "grad_checkpointing",
+        "kl_coef",
+        "fast",
     )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="timed runs of each variant (median), after a warm-up",
-    )
-    p.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
-    p.add_argument(
-        "--retrieval_sizes",
-        default="10000,100000",
-        help="synthetic corpus sizes, e.g. 10000,1000000",
-    )
-    p.add_argument(
-        "--retrieval_timeout", type=int, default=120, help="seconds allowed per corpus size"
-    )
-    args = p.parse_args(argv)
-    only = args.only.split(",") if args.only else list(SECTIONS)
-    if set(only) - set(SECTIONS):
-        p.error(
-            f"--only: unknown section {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}"
-        )
-    args.retrieval_sizes = [int(n) for n in args.retrieval_sizes.split(",")]
-    start, bench = time.time(), Bench(args)
-    c = bench.cfg
-    amp = ", bf16 autocast" if bench.device.type == "cuda" else ""
     print(
-        f"model {args.model or prepare.default_model()} ({bench.model.dtype} weights{amp}) on {bench.device}, "
-        f"{torch.get_num_threads()} CPU threads; shape {args.shape}: max_searches {c.max_searches}, max_turn_tokens "
-        f"{c.max_turn_tokens}, max_response_tokens {c.max_response_tokens}, doc_words {c.doc_words}, ig_batch_size "
-        f"{c.ig_batch_size}, micro_batch {c.micro_batch}, grad_checkpointing {c.grad_checkpointing}, kl_coef "
-        f"{c.kl_coef}; {args.batch} rollouts per step"
+        f"model {args.model or prepare.default_model()} ({b.model.dtype} weights{amp}) on "
+        f"{b.device}, {torch.get_num_threads()} CPU threads; shape {args.shape}: "
+        f"{', '.join(f'{k} {getattr(c, k)}' for k in fields)}; {args.batch} rollouts per step"
     )
-    for name in SECTIONS:
-        if name in only:
-            getattr(bench, f"section_{name}")()
+    steps = run_steps(b) if {"step", "update", "memory"} & set(only) else None
+    b.trajs = b.trajs or (rollouts(b, c) if {"ig", "rollout"} & set(only) else None)
+    queries = [q["question"] for q in prepare.load_questions(b.data["train"])[:16]]
+    sections = {
+        "step": lambda: bench_step(b, steps),
+        "update": lambda: bench_update(b, steps),
+        "memory": lambda: bench_memory(b, steps),
+        "ig": lambda: bench_ig(b),
+        "rollout": lambda: bench_rollout(b),
+        "retrieval": lambda: bench_retrieval(args, b.data["corpus"], queries, c.topk),
+    }
+    for name in (s for s in SECTIONS if s in only):
+        sections[name]()
     print(f"\nbench wall time {time.time() - start:.0f} s")
     return 0
 

@@ -53,3 +53,55 @@ def test_floor_after_left_truncation_and_with_nothing_shared():
         1,
         1,
     ]  # the trunk's own context still shares
+
+
+def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, tokenizer, tiny_model):
+    """bench.step times train.py's own phase functions in train.train's order, with the step's
+    config (the old bench re-built the step and left out ig_center); the scripted policy makes
+    every rollout use the whole search budget."""
+    import copy
+    import json
+    from types import SimpleNamespace
+
+    import bench
+    import train
+
+    titles = ["Paris", "Berlin", "Rome", "Madrid"]
+    corpus, qa = tmp_path / "corpus.jsonl", tmp_path / "qa.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": str(i), "contents": f'"{t}"\n{t} is a city.'}) + "\n"
+            for i, t in enumerate(titles)
+        )
+    )
+    qa.write_text(
+        "".join(
+            json.dumps({"id": str(i), "question": f"Who is {t}?", "golden_answers": [t]}) + "\n"
+            for i, t in enumerate(titles)
+        )
+    )
+    monkeypatch.setattr(
+        bench.prepare, "load_model", lambda *a, **k: (copy.deepcopy(tiny_model), tokenizer)
+    )
+    monkeypatch.setattr(
+        bench.prepare, "default_data", lambda task: {"train": str(qa), "corpus": str(corpus)}
+    )
+    calls = []
+    for name in ("generate_rollouts", "step_values", "advantages", "update"):
+
+        def spy(*args, _name=name, _real=getattr(train, name)):
+            calls.append((_name, next(x for x in args if isinstance(x, train.Config))))
+            return _real(*args)
+
+        monkeypatch.setattr(train, name, spy)
+    b = bench.set_up(SimpleNamespace(model="", batch=4, device="cpu", shape="default", repeats=1))
+    b.cfg = b.policy.cfg = bench.dataclasses.replace(b.cfg, ig_center=True)
+    for with_ig in (True, False):
+        calls.clear()
+        rec = bench.step(b, with_ig)
+        assert [n for n, _ in calls] == ["generate_rollouts", "step_values", "advantages", "update"]
+        assert all(c.ig_center and c.outcome_only != with_ig for _, c in calls)
+        assert all(rec[k] >= 0 for k in bench.PHASES) and rec["total"] > 0
+        assert [len(t.steps) for t in b.trajs] == [b.cfg.max_searches] * 4  # the whole budget
+        igs = [s.ig for t in b.trajs for s in t.steps]
+        assert any(v is not None for v in igs) if with_ig else all(v is None for v in igs)
