@@ -489,7 +489,7 @@ def bench_rollout(b) -> None:
             ["model.generate (one call)", hf],
             ["ratio", f"{loop / hf:.2f}"],
             [
-                "share of the loop spent reading later turns' documents (work generate has none of)",
+                "share of the loop spent reading later turns' documents (generate has none)",
                 f"{100 * docs:.0f}%",
             ],
             [
