@@ -272,8 +272,8 @@ def parse_bool(text: str) -> bool:
 
 
 # what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
-# the split and test set its earlier records were measured on (a run that had no test set may add
-# one), the warm-up it already did, its adapter's rank
+# the split and test set its earlier records were measured on, the warm-up it already did, its
+# adapter's rank
 FIXED_ON_RESUME = (
     "model",
     "out_dir",
@@ -324,8 +324,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:
             )
         saved = ckpt.read_json(run / "config.json")
         for name in FIXED_ON_RESUME:
-            if name == "eval_questions" and saved.get(name) == 0:
-                continue  # a run without a test set may be tested at its end
             if name in given and given[name] != saved.get(name, given[name]):
                 raise InputError(
                     f"--{name} cannot change on --resume (the run continues from "
