@@ -5,7 +5,7 @@ setup(
     name="igsearch",
     version="0.1.0",
     description="IG-Search: step-level information-gain rewards for search-augmented reasoning",
-    py_modules=["igsearch", "fast", "retriever", "prepare", "train", "warmup", "evaluate", "checkpoint", "errors",
+    py_modules=["igsearch", "fast", "retriever", "bm25", "prepare", "train", "warmup", "evaluate", "checkpoint", "errors",
                 "bench", "distributed", "compare"],
     python_requires=">=3.10",
     install_requires=["torch", "transformers", "numpy", "rank-bm25", "tqdm"],
