@@ -2,8 +2,7 @@
 
     python bench.py                          # train.py's default shape, 4 rollouts (~10 min on 2 idle cores)
     python bench.py --shape paper --batch 1  # 512-token turns, up to 5 searches, full passages (~1 h on CPU)
-    python bench.py --only ig,retrieval      # sections: step ig rollout update memory retrieval bm25
-    python bench.py --only bm25 --retrieval_sizes 10000,100000,1000000  # BM25 alone (no model loaded)
+    python bench.py --only ig,retrieval      # sections: step ig rollout update memory retrieval
     python bench.py --device cuda
 
 The untrained default model seldom writes a search, which would leave IG nothing to score. So the
@@ -20,30 +19,26 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import math
 import multiprocessing
-import os
 import re
 import resource
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 
 import numpy as np
 import torch
 
+import config
 import fast
 import igsearch as ig
+import lm
 import prepare
 import train
-from evaluate import make_search
-from retriever import (BM25Retriever, RemoteRetriever, iter_corpus, load_corpus, make_server, parse_contents,
-                       tokenize)
+from retriever import BM25Retriever, RemoteRetriever, load_corpus, make_search, make_server, tokenize
 
-SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval", "bm25")  # in the order they run
+SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
 
 
@@ -179,99 +174,25 @@ def plain_forward(model, rows: list[list[int]], heads: list[int], batch_size: in
         torch.log_softmax(model.get_output_embeddings()(take).float(), dim=-1)  # (M, V)
 
 
-def synthetic_corpus(n: int, corpus: str, path: str) -> None:
-    """n synthetic passages (a 2-word title, 100 words) drawn from the corpus's word stream, to path."""
-    words = np.array([w for line in open(corpus, encoding="utf-8") for w in tokenize(line)])
-    rng = np.random.default_rng(0)
-    with open(path, "w", encoding="utf-8") as f:
-        for k in range(0, n, 10_000):
-            for i, p in enumerate(rng.integers(len(words), size=(min(10_000, n - k), 102)), k):
-                f.write(json.dumps({"id": str(i), "contents": f'"{words[p[0]]} {words[p[1]]}"\n'
-                                                              + " ".join(words[p[2:]].tolist())}) + "\n")
-
-
-def bm25_child(kind: str, path: str, queries: list[str], out) -> None:
-    """In a fresh process (its RSS delta is the index's): build or load one BM25 retriever of the corpus
-    file, then time query batches of 16 and 1,024. Puts (name, value) pairs as they come."""
+def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
+    """In a fresh process: n synthetic passages (a 2-word title, 100 words) drawn from the corpus's word
+    stream. Puts the BM25 build time and index memory (RSS delta), then the median latency of a query batch."""
+    words = [w for line in open(corpus, encoding="utf-8") for w in tokenize(line)]
+    rng, rows = np.random.default_rng(0), []
+    for k in range(0, n, 10_000):
+        for p in rng.integers(len(words), size=(min(10_000, n - k), 102)):
+            rows.append({"id": str(len(rows)), "contents": f'"{words[p[0]]} {words[p[1]]}"\n'
+                                                           + " ".join(words[j] for j in p[2:])})
     before, start = rss_gb(), time.perf_counter()
-    if kind == "tokenize":  # reading and tokenising alone: the part of a build that is pure Python
-        for _, row in iter_corpus(path):
-            tokenize(" ".join(parse_contents(row["contents"])))
-        out.put(("tokenize s", time.perf_counter() - start))
-        return
-    if kind == "folder":  # the index built into a folder (then mapped): the path for big corpora
-        BM25Retriever(path, index=path + ".index")
-        out.put(("build s", time.perf_counter() - start))
-        out.put(("disk GiB", sum(e.stat().st_size for e in os.scandir(path + ".index")) / 2**30))
-        return
-    local = BM25Retriever(path, index=path + ".index") if kind == "mapped" else \
-        BM25Retriever(load_corpus(path), backend=kind)
-    out.put(("load s" if kind == "mapped" else "build s", time.perf_counter() - start))
-    out.put(("GiB", rss_gb() - before))
-    for batch in (16, 1024):
-        if batch > len(queries):
-            break
-        runs = [measure(torch.device("cpu"), local.search, queries[:batch]) for _ in range(3 if batch == 16 else 1)]
-        out.put((f"ms/q {batch}", 1000 * statistics.median(r[1] for r in runs) / batch))
-        out.put((f"top3 {batch}", [[p.id for p in hits[:3]] for hits in runs[0][0]]))
-    out.put(("RSS GiB after", rss_gb()))
+    index = BM25Retriever(rows)
+    out.put((time.perf_counter() - start, rss_gb() - before))
+    out.put(statistics.median(measure(torch.device("cpu"), index.search, queries)[1] for _ in range(3)))
 
 
-def section_bm25(args) -> None:
-    """rank_bm25 against the inverted index (in memory, and saved then memory-mapped) on synthetic corpora."""
-    data = prepare.default_data()
-    queries = [q["question"] for q in prepare.load_questions(data["train"])[:1024]]
-    ctx, rows, notes, work = multiprocessing.get_context("spawn"), [], [], tempfile.mkdtemp(prefix="bench-bm25-")
-    for n in args.retrieval_sizes:
-        path, got = os.path.join(work, f"{n}.jsonl"), {}
-        synthetic_corpus(n, data["corpus"], path)
-        kinds = (["rank_bm25"] if n <= args.rank_bm25_max else []) + (["index"] if n <= 100_000 else [])
-        for kind in kinds + ["tokenize", "folder", "mapped"]:
-            qs = queries if kind != "rank_bm25" or n <= 10_000 else queries[:16]  # 1,024 would take minutes
-            out, got[kind] = ctx.Queue(), {}
-            child = ctx.Process(target=bm25_child, args=(kind, path, qs, out))
-            child.start()
-            deadline = time.time() + args.retrieval_timeout
-            while child.is_alive() or not out.empty():
-                try:  # a child too slow (or killed for memory) leaves its row incomplete
-                    key, value = out.get(timeout=max(0.1, min(5.0, deadline - time.time())))
-                    got[kind][key] = value
-                except Exception:
-                    if time.time() > deadline:
-                        notes.append(f"{kind} at {n}: stopped after {args.retrieval_timeout} s")
-                        break
-            child.kill()
-            child.join()
-        ref = got.get("rank_bm25", {})
-        for kind in kinds + ["mapped"]:
-            g = got[kind]
-            same = [g.get(f"top3 {b}") == ref.get(f"top3 {b}") for b in (16, 1024) if f"top3 {b}" in ref]
-            rows.append([n, kind, g.get("build s", g.get("load s", "-")), g.get("GiB", "-"),
-                         g.get("ms/q 16", "-"), g.get("ms/q 1024", "-"),
-                         f"{ref['ms/q 16'] / g['ms/q 16']:.0f}x" if "ms/q 16" in ref and "ms/q 16" in g else "-",
-                         ("yes" if all(same) else "NO") if same and kind != "rank_bm25" else "-"])
-        f = got["folder"]
-        notes.append(f"{n}: folder build {f.get('build s', float('nan')):.1f} s (of which reading and tokenising "
-                     f"{got['tokenize'].get('tokenize s', float('nan')):.1f} s), {f.get('disk GiB', float('nan')):.3f}"
-                     f" GiB on disk; mapped: RSS {got['mapped'].get('RSS GiB after', float('nan')):.2f} GiB after "
-                     "the queries")
-        os.remove(path)
-    table(f"7. BM25 on synthetic passages (100 words): rank_bm25 against the inverted index (bm25.py); "
-          f"ms/query in batches of 16 and 1,024 train questions", ["passages", "retriever", "build/load s",
-          "index GiB", "ms/q @16", "ms/q @1024", "speed-up", "same top-3 as rank_bm25"], rows)
-    for line in notes:
-        print(f"  {line}")
-    n, f, m = args.retrieval_sizes[-1], got["folder"], got["mapped"]
-    if "build s" in f and "ms/q 1024" in m:  # linear in N: every chunk and postings list grows with N
-        x = 21_000_000 / n
-        print(f"  wiki-18 (21 M passages), linear from {n}: build {f['build s']:.0f} s x {x:.0f} = "
-              f"{f['build s'] * x / 60:.0f} min, disk {f['disk GiB']:.2f} x {x:.0f} = {f['disk GiB'] * x:.0f} "
-              f"GiB, {m['ms/q 1024']:.1f} ms/query x {x:.0f} = {m['ms/q 1024'] * x:.0f} ms/query")
-    shutil.rmtree(work, ignore_errors=True)
 class Bench:
     def __init__(self, args):
         self.args, group = args, 2 if args.batch % 2 == 0 else 1  # the group sets the advantage baseline only
-        self.cfg = c = train.Config(**{**train.PRESETS[args.shape], "model": args.model, "group_size": group,
+        self.cfg = c = train.Config(**{**config.PRESETS[args.shape], "model": args.model, "group_size": group,
                                        "questions_per_step": args.batch // group, "normalize_std": group > 1})
         self.model, self.tok = prepare.load_model(args.model, args.device, dtype=torch.float32)  # as train.py
         if c.grad_checkpointing:
@@ -451,7 +372,7 @@ class Bench:
 
     def section_rollout(self) -> None:
         prompt_ids = [self.tok(p, add_special_tokens=False).input_ids for p in self.prompts]
-        ids, mask, _ = ig.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
+        ids, mask, _ = lm.left_pad(prompt_ids, self.tok.pad_token_id, self.device)  # (B, T)
         per_row = math.ceil(sum(sum(t.loss_mask) for t in (self.trajs or self.rollout())) / len(self.prompts))
         sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_k=None, top_p=None)
 
@@ -482,7 +403,24 @@ class Bench:
         target("ratio >= 0.8", loop / hf >= 0.8)
 
     def section_retrieval(self) -> None:
-        queries = [q["question"] for q in prepare.load_questions(self.data["train"])[:16]]
+        queries, rows = [q["question"] for q in prepare.load_questions(self.data["train"])[:16]], []
+        ctx = multiprocessing.get_context("spawn")  # a fresh process per size: its RSS delta is the index's
+        for n in self.args.retrieval_sizes:
+            out = ctx.Queue()
+            child = ctx.Process(target=bm25_child, args=(n, self.data["corpus"], queries, out))
+            child.start()
+            row, late, deadline = [n], f"> {self.args.retrieval_timeout} s", time.time() + self.args.retrieval_timeout
+            try:  # queue.Empty: not done in time (or killed for memory)
+                row += [*out.get(timeout=self.args.retrieval_timeout)]
+                batch = out.get(timeout=max(1.0, deadline - time.time()))
+                row += [batch, 1000 * batch / len(queries)]
+            except Exception:
+                row += [late] + ["-"] * (4 - len(row))
+            rows.append(row)
+            child.kill()
+            child.join()
+        table(f"7. in-memory BM25 (rank_bm25) on synthetic passages, {len(queries)} queries a batch",
+              ["passages", "build s", "index GiB", "batch s", "ms/query"], rows)
         local = BM25Retriever(load_corpus(self.data["corpus"])[:1000])  # small: the search hides no overhead
         server = make_server(local, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -508,19 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (median), after a warm-up")
     p.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes, e.g. 10000,1000000")
-    p.add_argument("--retrieval_timeout", type=int, default=600, help="seconds allowed per BM25 build or run")
-    p.add_argument("--rank_bm25_max", type=int, default=100_000, help="largest corpus rank_bm25 is timed on")
+    p.add_argument("--retrieval_timeout", type=int, default=120, help="seconds allowed per corpus size")
     args = p.parse_args(argv)
     only = args.only.split(",") if args.only else list(SECTIONS)
     if set(only) - set(SECTIONS):
         p.error(f"--only: unknown section {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
     args.retrieval_sizes = [int(n) for n in args.retrieval_sizes.split(",")]
-    start = time.time()
-    if only == ["bm25"]:  # no model needed
-        section_bm25(args)
-        print(f"\nbench wall time {time.time() - start:.0f} s")
-        return 0
-    bench = Bench(args)
+    start, bench = time.time(), Bench(args)
     c = bench.cfg
     amp = ", bf16 autocast" if bench.device.type == "cuda" else ""
     print(f"model {args.model or prepare.default_model()} ({bench.model.dtype} weights{amp}) on {bench.device}, "
@@ -530,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{c.kl_coef}; {args.batch} rollouts per step")
     for name in SECTIONS:
         if name in only:
-            section_bm25(args) if name == "bm25" else getattr(bench, f"section_{name}")()
+            getattr(bench, f"section_{name}")()
     print(f"\nbench wall time {time.time() - start:.0f} s")
     return 0
 

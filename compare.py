@@ -17,21 +17,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_metrics, read_json
+from config import method_name
 from errors import InputError, OneLineParser
-
-
-def method_name(config: dict) -> str:
-    """The name of a run's method (its table row), from its config: the method and every IG setting that
-    departs from the paper's formulation."""
-    if config.get("outcome_only") or config.get("ig_alpha") == 0:
-        return "outcome-only"
-    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
-             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
-             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
-             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
-             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
-    marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
 
 
 @dataclass
@@ -58,18 +45,26 @@ class Run:
         return [r for r in self.records if r.get("step", 0) > 0 and "reward" in r]
 
     @property
+    def task(self) -> str:
+        """The offline task the run trained on ("plain" for runs made before there was a choice)."""
+        return self.config.get("task", "plain")
+
+    @property
     def method(self) -> str:
-        """The method of an RL run; a run without RL steps is named by its table row (e.g. after warm-up)."""
-        return method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
+        """The method of an RL run; a run without RL steps is named by its table row (e.g. after warm-up).
+        A task other than the plain one is part of the name: runs of two tasks are never averaged."""
+        name = method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
+        return name + (f" [{self.task}]" if self.task != "plain" else "")
 
 
 def held_out_table(runs: list[Run]) -> list[str]:
     """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM (whether
     seed spreads overlap), means of searches per question, valid answers and hit share."""
     groups: dict[str, list[dict]] = {}
-    for run in runs:
+    for run in runs:  # runs of different tasks are never averaged together
+        task = f" [{run.task}]" if run.task != "plain" else ""
         for name, row in run.table.items():
-            groups.setdefault(name, []).append(row)
+            groups.setdefault(name + task, []).append(row)
     lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
     for name, rows in groups.items():
         stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
@@ -84,17 +79,18 @@ def held_out_table(runs: list[Run]) -> list[str]:
 def per_run(runs: list[Run]) -> list[str]:
     """One line per run: folder, method, seed, wall time, test EM and hit of its first table row, and
     validation EM at every validated step."""
-    lines = [f"{'run':<14}{'method':<30}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
+    lines = [f"{'run':<14}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
     for run in runs:
         row = next(iter(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
         val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if "val_em" in r)
-        lines.append(f"{run.path.name:<14}{run.method:<30}{run.config.get('seed', '-'):>5}"
+        lines.append(f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
                      f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}")
     return lines
 
 
 TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),
+              ("hit1", "rollouts whose first search hits"), ("searches", "searches per rollout"),
               ("query_entropy", "query entropy"), ("zero_adv_groups", "groups with zero outcome advantage"),
               ("ig_pos", "share of search steps with IG > 0"), ("ig_hit", "mean IG of steps that hit"),
               ("ig_miss", "mean IG of steps that miss"))
@@ -111,7 +107,8 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             continue
         method = run.method
         for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and method == "outcome-only":
+            if key.startswith("ig_") and run.config.get("step_reward", "ig") != "ig" or (
+                    key.startswith("ig_") and method == "outcome-only"):
                 continue
             vals = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if vals:
@@ -139,7 +136,10 @@ def report(runs: list[Run]) -> str:
 
 
 PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),
-               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"))
+               ("val_hit1", "validation: first searches that find the gold"),
+               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"),
+               ("hit1", "training: first searches that find the gold (5-step mean)"),
+               ("zero_adv_groups", "training: groups with zero outcome advantage (5-step mean)"))
 
 
 def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float]]]]:
@@ -148,8 +148,8 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     Training metrics are noisy (16 rollouts a step): each run's are a trailing 5-step mean. A run without
     RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    start = {k: v for run in runs if not run.rl_steps for r in run.records for k, v in r.items()
-             if k.startswith("val_")}
+    start = {run.task: {k: v for r in run.records for k, v in r.items() if k.startswith("val_")}
+             for run in runs if not run.rl_steps}  # the warm-up of each task
     for run in (r for r in runs if r.rl_steps):
         per_key = curves.setdefault(run.method, {})
         for key, _ in PLOT_PANELS:
@@ -160,8 +160,9 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
                           for k, (s, _) in enumerate(points)]
             for s, v in points:
                 per_key.setdefault(key, {}).setdefault(s, []).append(v)
-    for per_key in curves.values():
-        for key, value in start.items():
+    for run in (r for r in runs if r.rl_steps):
+        per_key = curves[run.method]
+        for key, value in start.get(run.task, {}).items():
             if key in per_key:
                 per_key[key].setdefault(0, [value])
     return curves
@@ -180,8 +181,12 @@ def plot(runs: list[Run], out: str) -> None:
     panels = [(k, title) for k, title in PLOT_PANELS if any(k in c for c in curves.values())]
     if not panels:
         raise InputError("no learning curves: none of the runs has RL steps in its metrics.jsonl")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
         for method, per_key in curves.items():
             steps = sorted(per_key.get(key, {}))
             values = [torch.tensor(per_key[key][s]) for s in steps]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+import lm
+
 # Ranks wait for each other at every gather; rank 0 alone runs the before/after evaluation.
 TIMEOUT = datetime.timedelta(hours=2)
 
@@ -113,18 +115,12 @@ def broadcast_params(model: torch.nn.Module) -> None:
             dist.broadcast(p.data, 0)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers, by the class names transformers lists in `_no_split_modules`."""
-    layer_types = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in layer_types]
-
-
 def shard_model(model: torch.nn.Module) -> None:
     """FSDP: shard each decoder layer's parameters (one all-gather per layer) and the rest (embeddings,
     final norm, head) over the ranks. The root keeps its parameters gathered after its forward (FSDP's
     default for the root): policy_logprobs applies the head to the returned hidden states outside it."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    for layer in decoder_layers(model):
+    for layer in lm.decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     for m in model.modules():

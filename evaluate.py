@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,38 +21,12 @@ from tqdm import tqdm
 
 import fast
 import igsearch as ig
+import lm
 import prepare
 from checkpoint import check_writable, write_json
+from config import TASKS
 from errors import InputError, OneLineParser
-from retriever import BM25Retriever, RemoteRetriever, RetrieverError, format_passages
-
-
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None, timeout: float = 30.0,
-                retries: int = 3):
-    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
-    return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
-
-
-def f1_score(prediction: str | None, golds: list[str]) -> float:
-    """Word-level F1 against the best gold answer."""
-    if prediction is None:
-        return 0.0
-    best, pred = 0.0, ig.normalize_answer(prediction).split()
-    for g in golds:
-        gold = ig.normalize_answer(g).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-def documents_hold_answer(documents: str, golds: list[str]) -> bool:
-    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
-    it. Not a reward; the measure of query quality that train.py logs as `hit`."""
-    text = f" {ig.normalize_answer(documents)} "
-    return any(f" {g} " in text for g in map(ig.normalize_answer, golds) if g)
+from retriever import RetrieverError, make_search
 
 
 @torch.no_grad()
@@ -63,7 +36,7 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
     """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs.
 
     with_ig: also the IG of every search step against the gold (counterfactuals from the same batch).
-    use_fast: the exact speed-ups of fast.py (the same rollouts and scores).
+    use_fast: the speed-ups of fast.py (the same rollouts and scores, up to float rounding).
     """
     tpl = ig.TEMPLATES[template]
     was_training = model.training
@@ -73,7 +46,7 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
         batch = questions[k: k + batch_size]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
         trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0,
-                           turn=fast.CachedTurns() if use_fast else ig.generate_turn, **rollout_kw)
+                           turn=fast.CachedTurns() if use_fast else lm.generate_turn, **rollout_kw)
         if with_ig:
             golds = [q["golden_answers"] for q in batch]
             draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
@@ -82,15 +55,18 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
         for q, t in zip(batch, trajs):
             pred = ig.extract_answer(t)
             em.append(ig.exact_match(pred, q["golden_answers"]))
-            f1.append(f1_score(pred, q["golden_answers"]))
+            f1.append(ig.f1_score(pred, q["golden_answers"]))
             pairs.append((q, t))
     model.train(was_training)
     n = len(pairs)
-    hits = [documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
+    hits = [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
     summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
                "searches": sum(len(t.steps) for _, t in pairs) / n,
                "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
-               "hit": sum(hits) / max(len(hits), 1)}  # share of search steps whose documents hold the gold
+               "hit": sum(hits) / max(len(hits), 1),  # share of search steps whose documents hold the gold
+               # share of questions whose first search finds the gold (no search: a miss)
+               "hit1": sum(bool(t.steps) and ig.documents_hold_answer(t.steps[0].documents, q["golden_answers"])
+                           for q, t in pairs) / n}
     return summary, pairs
 
 
@@ -111,7 +87,7 @@ def format_table(rows: dict[str, dict], average: bool = True, first: str = "data
 
 
 # Exact match of Qwen2.5-3B rows, quoted from the IG-Search paper (arXiv 2604.15148), in the order of
-# prepare.BENCHMARKS, then the average. None: a cell our copy of the table (SPEC.md 5b) does not give.
+# prepare.BENCHMARKS, then the average. None: a cell the paper's table does not give for that row.
 PAPER_EM = {
     "Direct inference": (.106, .288, .108, .149, .244, .020, .024, .134),
     "RAG": (.348, .544, .387, .255, .226, .047, .080, .270),
@@ -154,7 +130,7 @@ def ig_by_retrieval(pairs: list) -> str:
     for q, t in pairs:
         for step in t.steps:
             if step.ig is not None:
-                found[documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
+                found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
     part = [f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
             if v else f"{name} none" for name, v in (("gold in the documents", found[True]),
                                                      ("gold not in them", found[False]))]
@@ -181,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
     p.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
     p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
+    p.add_argument("--task", default="plain", choices=TASKS, help="the offline test split: plain or noisy")
     p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
     p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)")
     p.add_argument("--topk", type=int, default=3)
@@ -200,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("doc_words", "limit", "max_searches", "show"):
             if getattr(args, name) < 0:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
-        data = prepare.default_data() if not (args.data and args.corpus) else {}
+        own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
+        data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")

@@ -1,8 +1,9 @@
-"""Exact speed-ups: each gives what a plain function of igsearch.py or train.py gives, in less time
+"""Speed-ups: each gives what a plain function of igsearch.py, lm.py or train.py gives (up to float
+rounding: the tests compare at 1e-4 to 1e-6; greedy rollouts are token for token the same), in less time
 or memory. train.py uses them unless `--fast false`, as nanoGPT uses torch.compile unless told
 not to; tests/test_fast.py checks each against its plain twin.
 
-1. CachedTurns equals igsearch.generate_turn: it keeps a rollout's KV cache from one turn to the
+1. CachedTurns equals lm.generate_turn: it keeps a rollout's KV cache from one turn to the
    next, so a turn prefills only what was added (documents, the invalid-action note) instead of
    the whole sequence again.
 2. answer_scores_shared_prefix equals igsearch.answer_scores: step t's contexts hold every earlier
@@ -22,14 +23,14 @@ import sys
 
 import torch
 
-import distributed as dd
 import igsearch as ig
+import lm
 
 # ---------------------------------------------------------- 1. the KV cache kept across turns
 
 
 class CachedTurns:
-    """igsearch.generate_turn with memory: one instance per rollout (its cache lives until then).
+    """lm.generate_turn with memory: one instance per rollout (its cache lives until then).
 
     A call whose sequences extend, in order, rows of the previous call's sequences continues their
     cache: the rows that left are dropped from it, and only each row's new tokens are prefilled
@@ -56,10 +57,10 @@ class CachedTurns:
     def __call__(self, model, tokenizer, seqs: list[list[int]], max_new_tokens: int,
                  temperature: float, generator, stop: tuple[str, ...]) -> list[list[int]]:
         device = next(model.parameters()).device
-        pad_id = ig.pad_token_id(tokenizer)
+        pad_id = lm.pad_token_id(tokenizer)
         rows = self.rows_continued(seqs) if self.past is not None else None
         if rows is None:  # a fresh prefill: generate_turn's
-            ids, mask, pos = ig.left_pad(seqs, pad_id, device)  # (B, T)
+            ids, mask, pos = lm.left_pad(seqs, pad_id, device)  # (B, T)
             kv = {}
         else:
             if len(rows) < len(self.seqs):  # the rows that answered leave the cache
@@ -67,13 +68,13 @@ class CachedTurns:
                 self.past.batch_select_indices(idx)
                 self.mask = self.mask[idx]
             cached = self.mask.sum(-1).tolist()  # tokens of each row in the cache
-            ids, added, _ = ig.left_pad([s[n:] for s, n in zip(seqs, cached)], pad_id, device)
+            ids, added, _ = lm.left_pad([s[n:] for s, n in zip(seqs, cached)], pad_id, device)
             mask = torch.cat([self.mask, added], dim=1)  # (B, T+P)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (B, P) real tokens only
-            kv = {ig.cache_keyword(model): self.past}
+            kv = {lm.cache_keyword(model): self.past}
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     logits_to_keep=1, **kv)
-        new, self.past, self.mask = ig.sample_tokens(model, tokenizer, out, mask, pos,
+        new, self.past, self.mask = lm.sample_tokens(model, tokenizer, out, mask, pos,
                                                      max_new_tokens, temperature, generator, stop)
         self.seqs = [s + n for s, n in zip(seqs, new)]  # the cache holds all but each last token
         return new
@@ -139,7 +140,7 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
     group_sizes: other groups of consecutive contexts to share a trunk (bench.py: one per request).
     """
     device = next(model.parameters()).device
-    cache_kw = ig.cache_keyword(model)
+    cache_kw = lm.cache_keyword(model)
     answers = [r.answer_ids for r in requests for _ in r.context_ids]
     seqs = [ig.truncate_left(c, r.answer_ids, max_len) + r.answer_ids
             for r in requests for c in r.context_ids]
@@ -152,7 +153,7 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
             batches.append([])  # groups sorted by length, as many per batch as batch_size allows
         batches[-1].append(g)
     for batch in batches:
-        ids, attn, pos = ig.left_pad([trunk for _, trunk, _ in batch], pad_id, device)  # (G, P)
+        ids, attn, pos = lm.left_pad([trunk for _, trunk, _ in batch], pad_id, device)  # (G, P)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                     logits_to_keep=1)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -165,8 +166,8 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
         # an early step's rows read a short part of the trunk. Chunks by continuation length, then
         # by the length they read.
         conts = [len(seqs[i]) - k for _, i, k in rows]
-        chunks = [[c[j] for j in sub] for c in ig.length_chunks(conts, batch_size)
-                  for sub in ig.length_chunks([rows[r][2] + conts[r] for r in c], batch_size)]
+        chunks = [[c[j] for j in sub] for c in lm.length_chunks(conts, batch_size)
+                  for sub in lm.length_chunks([rows[r][2] + conts[r] for r in c], batch_size)]
         for n, chunk in enumerate(chunks):
             part = [rows[r] for r in chunk]  # (group, sequence, share)
             kv = cache if n == len(chunks) - 1 else copy.deepcopy(cache)  # each chunk its own copy
@@ -180,7 +181,7 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
             if end < ids.shape[1]:
                 kv.crop(end - ids.shape[1])  # a negative count: drop that many positions at the end
                 seen = seen[:, :end]  # (rows, end)
-            cont_ids, cont_attn, cont_pos = ig.left_pad([seqs[i][k:] for _, i, k in part], pad_id,
+            cont_ids, cont_attn, cont_pos = lm.left_pad([seqs[i][k:] for _, i, k in part], pad_id,
                                                         device)  # (rows, C)
             L = max(len(answers[i]) for _, i, _ in part)
             logits = model(input_ids=cont_ids, attention_mask=torch.cat([seen, cont_attn], 1),
@@ -261,7 +262,7 @@ def lean_backward(model, trim_every: int = 5):
         if torch.is_grad_enabled() and hidden.requires_grad:
             hidden.register_hook(lambda grad: release_freed_memory())
     hooks = [layer.register_forward_hook(trim_when_its_gradient_passes)
-             for layer in (dd.decoder_layers(model) if cpu else [])[::trim_every]]
+             for layer in (lm.decoder_layers(model) if cpu else [])[::trim_every]]
 
     def undo():
         emb.sparse = was_sparse

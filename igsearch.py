@@ -15,7 +15,8 @@ and for every search step t of rollout i the reward model is the policy itself:
 
 The sections follow that order: 1 protocol, 2 rollout, 3 answers and rewards, 4 information gain,
 5 shaping and advantages, 6 loss. Every function here is the plain version of its idea;
-fast.py holds exact speed-ups of three of them (same results, tested), which train.py uses.
+fast.py holds speed-ups of three of them (the same results up to float rounding, tested), which
+train.py uses.
 
 Departures from the paper and its official code (reasons in docs/departures.md, cited by number):
 1. attention masks come from sequence lengths, never from comparing ids with the pad id;
@@ -27,13 +28,15 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 """
 from __future__ import annotations
 
-import inspect
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+
+from lm import generate_turn, left_pad, length_chunks, pad_token_id
 
 # ------------------------------------------------------------------------------------ 1. protocol
 
@@ -149,6 +152,15 @@ class Step:
     cut: int = 0  # document tokens dropped so that the response stays within its budget
 
 
+class Segment(NamedTuple):
+    """One appended piece of a response: tokens [start, end) of response_ids and their text."""
+
+    start: int
+    end: int
+    sampled: bool  # written by the policy (trained), or inserted by the environment
+    text: str
+
+
 @dataclass
 class Trajectory:
     """A prompt and its response as token ids; the loss mask is built as tokens are appended."""
@@ -157,8 +169,7 @@ class Trajectory:
     prompt_text: str
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)  # 1 sampled by the policy, 0 inserted
-    # (start, end, sampled, text) of each appended piece
-    segments: list[tuple[int, int, bool, str]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     prefix_text: str | None = None  # prompt + response up to the first <search>, stripped (IG)
     done: bool = False
@@ -168,98 +179,16 @@ class Trajectory:
         start = len(self.response_ids)
         self.response_ids += ids
         self.loss_mask += [int(generated)] * len(ids)
-        self.segments.append((start, len(self.response_ids), generated, text))
+        self.segments.append(Segment(start, len(self.response_ids), generated, text))
         return start, len(self.response_ids)
 
     @property
     def response_text(self) -> str:
-        return "".join(seg[3] for seg in self.segments)
+        return "".join(seg.text for seg in self.segments)
 
     @property
     def generated_texts(self) -> list[str]:
-        return [seg[3] for seg in self.segments if seg[2]]
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id that fills padding (masked by position, so any id will do): pad, else EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device=None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad id lists. Returns ids, attention mask and position ids, all (B, T).
-
-    The mask comes from each sequence's length, never from comparing ids with pad_id (departure 1).
-    """
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        if s:
-            ids[b, T - len(s):] = torch.tensor(s)
-            mask[b, T - len(s):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
-    return ids.to(device), mask.to(device), position_ids.to(device)
-
-
-def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None
-                 ) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids; greedy when temperature is 0."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def cache_keyword(model) -> str:
-    """transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def sample_tokens(model, tokenizer, out, mask: torch.Tensor, pos: torch.Tensor, max_new_tokens: int,
-                  temperature: float, generator: torch.Generator | None, stop: tuple[str, ...]):
-    """The decoding loop after a prefill `out` (logits of each row's last position, its KV cache).
-
-    Samples until a stop string, EOS or the limit; rows that stopped are fed filler tokens with mask
-    0 while the others go on. Returns the new ids of each row (the stop token included: it is
-    trained), the KV cache and its attention mask (B, T): what fast.CachedTurns continues from.
-    """
-    device = mask.device
-    eos_ids = {tokenizer.eos_token_id, pad_token_id(tokenizer)} - {None}
-    cache_kw = cache_keyword(model)
-    past = out.cache if hasattr(out, "cache") else out.past_key_values  # grown in place by calls
-    new: list[list[int]] = [[] for _ in range(mask.shape[0])]
-    done = [False] * mask.shape[0]
-    for _ in range(max_new_tokens):
-        next_ids = sample_token(out.logits[:, -1, :], temperature, generator)  # (B,)
-        fed = [not d for d in done]  # rows still running: their token is real, the others' filler
-        for b, tok in enumerate(next_ids.tolist()):
-            if done[b]:
-                continue
-            new[b].append(tok)
-            tail = tokenizer.decode(new[b][-12:])
-            done[b] = tok in eos_ids or any(s in tail for s in stop)
-        if all(done):
-            break
-        fed_mask = torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]  # (B, 1)
-        mask = torch.cat([mask, fed_mask], dim=1)  # (B, T+1)
-        pos = pos[:, -1:] + 1  # (B, 1)
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **{cache_kw: past})
-    return new, past, mask
-
-
-@torch.no_grad()
-def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-                  generator: torch.Generator | None, stop: tuple[str, ...]) -> list[list[int]]:
-    """Sample one turn for every sequence: prefill the whole sequences, then sample_tokens."""
-    device = next(model.parameters()).device
-    ids, mask, pos = left_pad(seqs, pad_token_id(tokenizer), device)  # (B, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    return sample_tokens(model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator,
-                         stop)[0]
+        return [seg.text for seg in self.segments if seg.sampled]
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
@@ -358,11 +287,44 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
 
 
+def f1_score(prediction: str | None, golds: list[str]) -> float:
+    """Word-level F1 against the best gold answer (a measure, not the reward)."""
+    if prediction is None:
+        return 0.0
+    best, pred = 0.0, normalize_answer(prediction).split()
+    for g in golds:
+        gold = normalize_answer(g).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def documents_hold_answer(documents: str, golds: list[str]) -> bool:
+    """Whether retrieved text holds a gold answer as whole words, both normalised: the query found
+    it. The one hit test of the project: the warm-up keeps its examples by it, training logs it as
+    `hit`, evaluation reports it, and the hit-bonus baseline (`--step_reward hit`) rewards it."""
+    text = f" {normalize_answer(documents)} "
+    return any(f" {g} " in text for g in map(normalize_answer, golds) if g)
+
+
 # -------------------------------------------------------------------------- 4. information gain
 
 
+class Evidence(NamedTuple):
+    """What a search step brought into the context: its documents and the refine block after them.
+    IG's counterfactuals swap this pair jointly."""
+
+    documents: str
+    refine: str
+
+
+Draws = list[list[list[Evidence]]]  # draws[i][t]: the counterfactuals of step t of rollout i
+
+
 def ig_context(traj: Trajectory, t: int, template: Template,
-               replace: tuple[str, str] | None = None) -> str:
+               replace: Evidence | None = None) -> str:
     """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then
     "\\n<answer> ". Think blocks between steps and all steps after t are dropped. `replace` swaps
     step t's (documents, refine) pair for another one: the counterfactual C_t^rand. The blocks are
@@ -380,13 +342,13 @@ def ig_context(traj: Trajectory, t: int, template: Template,
     return "\n".join(parts) + "\n<answer> "
 
 
-def step_pairs(traj: Trajectory) -> list[tuple[str, str]]:
+def step_pairs(traj: Trajectory) -> list[Evidence]:
     """The (documents, refine) pair of every search step of a trajectory."""
-    return [(s.documents, s.refine or "") for s in traj.steps]
+    return [Evidence(s.documents, s.refine or "") for s in traj.steps]
 
 
-def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: int,
-                         generator: torch.Generator) -> list[tuple[str, str]]:
+def draw_counterfactuals(own: Evidence, pool: list[Evidence], n: int,
+                         generator: torch.Generator) -> list[Evidence]:
     """N (documents, refine) pairs from the batch pool, never equal to the step's own pair; without
     replacement unless fewer than N remain."""
     others = [p for p in pool if p != own]
@@ -399,9 +361,9 @@ def draw_counterfactuals(own: tuple[str, str], pool: list[tuple[str, str]], n: i
     return [others[i] for i in idx]
 
 
-def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3,
+def plan_counterfactuals(pairs: list[list[Evidence]], n_random: int = 3,
                          baseline: str = "random", generator: torch.Generator | None = None
-                         ) -> list[list[list[tuple[str, str]]]]:
+                         ) -> Draws:
     """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = no IG).
 
     pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents
@@ -417,7 +379,7 @@ def plan_counterfactuals(pairs: list[list[tuple[str, str]]], n_random: int = 3,
             if len(own[0].strip()) == 0:
                 row.append([])  # steps whose documents are empty get no IG
             elif baseline == "empty":
-                row.append([("", "")])  # departure 5
+                row.append([Evidence("", "")])  # departure 5
             else:
                 row.append(draw_counterfactuals(own, pool, n_random, generator))
         draws.append(row)
@@ -436,7 +398,7 @@ class ScoreRequest:
 
 
 def score_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]],
-                   draws: list[list[list[tuple[str, str]]]], template: Template,
+                   draws: Draws, template: Template,
                    all_golds: bool = False) -> list[ScoreRequest]:
     """One ScoreRequest per scored step and gold (only the first gold unless all_golds)."""
     requests, ids = [], {}  # ids: each distinct text tokenised once
@@ -479,17 +441,6 @@ def answer_score(logp: torch.Tensor, head_tokens: int = 3, head_weight: float = 
     return float((w * logp.cpu()).mean())
 
 
-def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
-    """Indices sorted by length, in chunks of at most `size`; a chunk also ends where the next
-    length is over twice its shortest, so that left padding wastes little."""
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if not chunks or len(chunks[-1]) == size or lengths[i] > 2 * lengths[chunks[-1][0]]:
-            chunks.append([])
-        chunks[-1].append(i)
-    return chunks
-
-
 def truncate_left(context: list[int], answer: list[int], max_len: int) -> list[int]:
     """The context cut from the left so that context + answer fit max_len tokens."""
     return context[max(0, len(context) + len(answer) - max_len):]
@@ -526,7 +477,7 @@ def answer_scores(model, requests: list[ScoreRequest], pad_id: int, max_len: int
 
 @torch.no_grad()
 def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]],
-                     draws: list[list[list[tuple[str, str]]]], *,
+                     draws: Draws, *,
                      template: Template = TEMPLATES["igsearch"], all_golds: bool = False,
                      max_len: int = 2048, batch_size: int = 16, head_tokens: int = 3,
                      head_weight: float = 3.0, score: Callable = answer_scores
@@ -591,13 +542,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
 
 def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
                      dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None,
-                     center_groups: int = 0) -> list[torch.Tensor]:
+                     center_groups: int = 0, step_values: list[list[float | None]] | None = None
+                     ) -> list[torch.Tensor]:
     """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
 
     center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
-    Returns one (R_i,) tensor per trajectory, aligned with its response_ids.
+    step_values replaces IG_t by another value per search step (the hit-bonus baseline gives
+    [documents hold a gold answer]); default: each step's IG. Returns one (R_i,) tensor per
+    trajectory, aligned with its response_ids.
     """
-    igs = [[s.ig for s in t.steps] for t in trajs]
+    igs = step_values if step_values is not None else [[s.ig for s in t.steps] for t in trajs]
     if center_groups:
         igs = center_in_groups(igs, center_groups)
     out = []
@@ -614,8 +568,10 @@ def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
 # ------------------------------------------------------------------------------------- 6. loss
 
 
-def response_batch(trajs: list[Trajectory], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Left-padded prompt+response ids and the right-aligned response targets and loss mask.
+def response_batch(trajs: list[Trajectory], pad_id: int, device=None,
+                   advantages: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded prompt+response ids and the right-aligned response targets, loss mask and, when
+    given, the per-token advantages A_{i,p} (one (R_i,) tensor per trajectory; 0 on padding).
 
     Every response ends at the right edge, so the last R positions hold all generated tokens.
     """
@@ -623,8 +579,12 @@ def response_batch(trajs: list[Trajectory], pad_id: int, device=None) -> dict[st
     ids, attn, pos = left_pad(seqs, pad_id, device)  # (B, T)
     R = max(len(t.response_ids) for t in trajs)
     mask, _, _ = left_pad([t.loss_mask for t in trajs], 0, device)  # (B, R)
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "targets": ids[:, -R:],
-            "loss_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "targets": ids[:, -R:],
+             "loss_mask": mask}
+    if advantages is not None:
+        batch["advantages"] = torch.stack(
+            [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]).to(device)  # (B, R)
+    return batch
 
 
 def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

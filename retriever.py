@@ -1,6 +1,6 @@
 """Retrieval for igsearch: BM25 over a wiki-18 style corpus, and the Search-R1 HTTP server.
 
-Corpus (SPEC §5): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
+Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
 Server and client speak the Search-R1 schema: POST /retrieve with
 {"queries": [str], "topk": int, "return_scores": true} ->
 {"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}.
@@ -12,7 +12,6 @@ Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import http.client
@@ -34,7 +33,7 @@ from rank_bm25 import BM25Okapi
 from tqdm import tqdm
 
 import bm25
-from errors import InputError
+from errors import InputError, OneLineParser
 
 
 class RetrieverError(RuntimeError):
@@ -404,8 +403,15 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     return BoundedServer((host, port), Handler)
 
 
+def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None,
+                timeout: float = 30.0, retries: int = 3):
+    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
+    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="BM25 retrieval: Search-R1 server or one-off search.")
+    parser = OneLineParser(description="BM25 retrieval: Search-R1 server or one-off search.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve POST /retrieve")
     serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
@@ -423,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--index", help="with --corpus: folder of its BM25 index (built there once)")
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.index is not None and (not args.index.strip() or not args.corpus):
             raise InputError("--index: needs a folder name, and --corpus (not --url)")
         if args.command == "search":

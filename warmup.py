@@ -45,33 +45,83 @@ def query_forms(question: str, gen: torch.Generator) -> list[str]:
     return [question, " ".join(keys), " ".join(half)]
 
 
-def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator,
-           update) -> None:
-    """Format warm-up: supervised steps on trajectories built mechanically from the train split.
+def retry_forms(question: str, gen: torch.Generator) -> list[str]:
+    """query_forms plus a prefix and a suffix of the keywords, each of a random length.
 
-    question -> <search> query </search> -> inserted documents (mask 0) -> <answer> gold </answer>,
-    kept only where the gold answer appears in the retrieved documents. The query is the question
-    (warmup_query "question") or one of query_forms drawn at random ("varied"). Loss on the search
-    and answer tokens only, through the same mask and loss as the RL update (train.update).
+    Every form is built from the question text as the policy sees it, and no length is taken from
+    where a noisy question's distractor ends: the warm-up knows nothing the policy could not.
     """
-    tpl = ig.TEMPLATES[cfg.template]
-    order = torch.randperm(len(questions), generator=gen).tolist()
-    pool = [questions[i] for i in order[: cfg.warmup_examples * 2]]
+    forms = query_forms(question, gen)
+    keys = forms[1].split()
+    n_prefix, n_suffix = (torch.randint(1, len(keys) + 1, (2,), generator=gen) if keys
+                          else torch.ones(2, dtype=torch.long)).tolist()
+    return forms + [" ".join(keys[:n_prefix]), " ".join(keys[-n_suffix:])]
+
+
+def example_searches(pool: list[dict], search, cfg, gen: torch.Generator
+                     ) -> list[list[tuple[str, str]] | None]:
+    """The (query, documents) searches of each pool question's warm-up example, or None to skip it.
+
+    "question" and "varied": one search (the question, or one of query_forms drawn at random),
+    kept when its documents hold the gold. "retry": up to max_searches forms of retry_forms in a
+    random order, searched in turn until one holds the gold; the misses before it stay in the
+    example, so the model sees the retry form (a query, documents without the answer, a new query).
+    """
+    golds = [q["golden_answers"][:1] for q in pool]
+    if cfg.warmup_query == "retry":
+        n = max(1, cfg.max_searches)
+        tries = [[forms[k] for k in torch.randperm(len(forms), generator=gen)[:n].tolist()]
+                 for forms in (retry_forms(q["question"], gen) for q in pool)]
+        flat = [query for queries in tries for query in queries]
+        docs = iter(search(flat))  # one batched retrieval for the whole pool
+        out = []
+        for queries, gold in zip(tries, golds):
+            found = [(query, next(docs)) for query in queries]
+            first_hit = next((k for k, (_, d) in enumerate(found)
+                              if ig.documents_hold_answer(d, gold)), None)
+            out.append(None if first_hit is None else found[: first_hit + 1])
+        return out
     if cfg.warmup_query == "varied":
         pick = torch.randint(3, (len(pool),), generator=gen).tolist()
         queries = [query_forms(q["question"], gen)[k] for q, k in zip(pool, pick)]
     else:
         queries = [q["question"] for q in pool]
-    trajs = []
-    for q, query, d in zip(pool, queries, search(queries)):
-        gold = q["golden_answers"][0]
-        if gold.lower() not in d.lower() or len(trajs) >= cfg.warmup_examples:
-            continue
-        d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
-        trajs.append(supervised_trajectory(
-            tokenizer, ig.build_prompt(tokenizer, q["question"], tpl),
-            [(f"<search> {query} </search>", True), (ig.observation_text(d, tpl), False),
-             (f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True)]))
+    return [[(query, d)] if ig.documents_hold_answer(d, gold) else None
+            for query, d, gold in zip(queries, search(queries), golds)]
+
+
+def warmup_trajectories(tokenizer, questions: list[dict], search, cfg, gen: torch.Generator
+                        ) -> list[ig.Trajectory]:
+    """cfg.warmup_examples supervised trajectories from questions in a random order, drawn in pools
+    of twice that many until enough are kept (or the questions run out): question -> the searches
+    of example_searches, their documents inserted (mask 0) -> <answer> gold </answer>."""
+    tpl, want = ig.TEMPLATES[cfg.template], cfg.warmup_examples
+    order = torch.randperm(len(questions), generator=gen).tolist()
+    trajs: list[ig.Trajectory] = []
+    for k in range(0, len(order), 2 * want):
+        pool = [questions[i] for i in order[k: k + 2 * want]]
+        for q, searches in zip(pool, example_searches(pool, search, cfg, gen)):
+            if searches is None or len(trajs) >= want:
+                continue
+            pieces = []
+            for query, d in searches:
+                d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
+                pieces += [(f"<search> {query} </search>", True),
+                           (ig.observation_text(d, tpl), False)]
+            gold = q["golden_answers"][0]
+            pieces.append((f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True))
+            trajs.append(supervised_trajectory(
+                tokenizer, ig.build_prompt(tokenizer, q["question"], tpl), pieces))
+        if len(trajs) >= want:
+            break
+    return trajs
+
+
+def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator,
+           update) -> None:
+    """Format warm-up: supervised steps on warmup_trajectories, through the same mask and loss as
+    the RL update (train.update): loss on the search and answer tokens only."""
+    trajs = warmup_trajectories(tokenizer, questions, search, cfg, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):
         batch = trajs[k: k + cfg.warmup_batch]

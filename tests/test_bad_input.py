@@ -12,6 +12,7 @@ import evaluate
 import igsearch as ig
 import prepare
 import retriever
+import config
 import train
 from retriever import BM25Retriever, InputError, RemoteRetriever, load_corpus, make_server
 from test_retriever import PASSAGES, serve
@@ -149,7 +150,7 @@ def test_every_float_field_must_be_finite():
 @pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("1", True),
                                          ("false", False), ("NO", False), ("0", False)])
 def test_booleans_accept_six_words(text, value):
-    assert train.parse_bool(text) is value
+    assert config.parse_bool(text) is value
 
 
 @pytest.mark.parametrize("where", ["file", "under a file"])

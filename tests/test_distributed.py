@@ -207,12 +207,15 @@ def test_one_update_equals_the_single_process_update(files, two_ranks):
     trajs, tok_adv = update_batch(tok)
     stats = train.update(model, copy.deepcopy(model), tok, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
                          train.Config(micro_batch=2, kl_coef=0.1))
-    for r in range(2):
-        saved = torch.load(out / f"update{r}.pt", weights_only=True)
+    ranks = [torch.load(out / f"update{r}.pt", weights_only=True) for r in range(2)]
+    for r, saved in enumerate(ranks):
         for name, p in model.state_dict().items():
             assert torch.allclose(saved["params"][name], p, atol=1e-6), (r, name)
-        for k in ("loss", "kl", "entropy", "grad_norm"):
+        for k in ("loss", "kl", "grad_norm"):
             assert saved["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+    # each rank's token entropies are those of its share of the batch, in order
+    entropy = torch.cat([e for saved in ranks for e in saved["stats"]["token_entropy"]])
+    assert torch.allclose(entropy, torch.cat(stats["token_entropy"]), atol=1e-6)
 
 
 def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ranks):
@@ -259,8 +262,10 @@ def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks, 
     for name, p in model.named_parameters():
         assert torch.allclose(saved["params"][name], p, atol=1e-6), name
     assert max((p - start[name]).abs().max().item() for name, p in model.named_parameters()) > 1e-3  # it moved
-    for k in ("loss", "entropy", "grad_norm"):
+    for k in ("loss", "grad_norm"):
         assert saved["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+    mine = saved["stats"]["token_entropy"]  # rank 0's share: the first rollouts of the batch
+    assert torch.allclose(torch.cat(mine), torch.cat(stats["token_entropy"][: len(mine)]), atol=1e-6)
 
 
 def test_fsdp_training_run_equals_one_process_and_resumes(files, two_sharded_ranks, tmp_path):

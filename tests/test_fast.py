@@ -9,6 +9,7 @@ import torch
 
 import fast
 import igsearch as ig
+import lm
 import train
 import warmup
 from igsearch import ScoreRequest, Step, TEMPLATES, Trajectory
@@ -32,19 +33,19 @@ def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, tiny_mode
     what generate_turn's fresh prefill of the whole sequences samples."""
     texts = ("What is the capital of France? Paris is", "Hamlet", "Who wrote")
     seqs = [tokenizer(t).input_ids for t in texts]
-    probe = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
+    probe = lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
     words = [tokenizer.decode([t]) for t in probe[0][:-1]]  # row 0 stops early, the others run on
     stop = (next(w for w in words if w.strip().isalpha()
                  and all(w not in tokenizer.decode(p) for p in probe[1:])),)
     turns = fast.CachedTurns()
     new = turns(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
-    assert new == ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
+    assert new == lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
     assert len(new[0]) < max(len(n) for n in new)  # row 0's later positions hold filler
     docs = [tokenizer(t).input_ids for t in (" Doc 1 Paris", " Berlin is a city in Germany.", " x")]
     cont = [seqs[b] + new[b] + docs[b] for b in keep]
     assert turns.rows_continued(cont) == keep
     cached = turns(tiny_model, tokenizer, cont, 6, 0.0, None, ())
-    assert cached == ig.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, ())
+    assert cached == lm.generate_turn(tiny_model, tokenizer, cont, 6, 0.0, None, ())
     assert turns.rows_continued([seqs[0] + [5]]) is None  # not a continuation: a fresh prefill
 
 
@@ -52,7 +53,7 @@ def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer
     prompts = [ig.build_prompt(tokenizer, q, TPL) for q in ("Who?", "What city?", "Where is it?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital.'] * len(queries)  # noqa: E731
     runs = [ig.rollout(tiny_model, tokenizer, prompts, search, max_searches=2, max_turn_tokens=10,
-                       temperature=0.0, turn=turn) for turn in (ig.generate_turn, fast.CachedTurns())]
+                       temperature=0.0, turn=turn) for turn in (lm.generate_turn, fast.CachedTurns())]
     assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
     assert [t.loss_mask for t in runs[0]] == [t.loss_mask for t in runs[1]]
 

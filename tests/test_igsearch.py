@@ -6,6 +6,7 @@ import torch
 
 import evaluate
 import igsearch as ig
+import lm
 from igsearch import Step, TEMPLATES, Trajectory
 
 TPL = TEMPLATES["igsearch"]
@@ -92,7 +93,7 @@ def test_hostile_documents_cannot_answer_or_close_the_block(tokenizer, scripted)
 def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model):
     """Pins the left-padding bug: without position ids the shorter row's continuation changes."""
     seqs = [tokenizer("What is the capital of France? Paris is").input_ids, tokenizer("Hamlet").input_ids]
-    new = ig.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
+    new = lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ("</answer>",))
     for s, n in zip(seqs, new):
         ref = tiny_model.generate(torch.tensor([s]), max_new_tokens=8, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
@@ -101,7 +102,7 @@ def test_generate_turn_matches_hf_greedy_with_left_padding(tokenizer, tiny_model
 
 def test_sampling_is_reproducible_with_a_generator(tokenizer, tiny_model):
     seqs = [tokenizer("What is the capital").input_ids] * 3
-    runs = [ig.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
+    runs = [lm.generate_turn(tiny_model, tokenizer, seqs, 6, 1.0, torch.Generator().manual_seed(s), ())
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -138,8 +139,8 @@ def test_exact_match_normalisation(pred, golds, em):
 
 
 def test_f1_partial_credit():
-    assert evaluate.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
-    assert evaluate.f1_score("nothing", ["Eiffel Tower"]) == 0.0
+    assert ig.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert ig.f1_score("nothing", ["Eiffel Tower"]) == 0.0
 
 
 # ----------------------------------------------------------------------------- information gain
@@ -322,9 +323,9 @@ def test_centred_ig_ranks_the_queries_of_one_question_against_each_other():
 
 def test_documents_hold_answer_on_whole_normalised_words():
     docs = 'Doc 1(Title: "The Nile") The Nile is long. Doc 2(Title: "Romeo and Juliet") a play.'
-    assert evaluate.documents_hold_answer(docs, ["nile"]) and evaluate.documents_hold_answer(docs, ["Rome", "the nile!"])
-    assert not evaluate.documents_hold_answer(docs, ["Rome"])  # "Romeo" is not "Rome"
-    assert not evaluate.documents_hold_answer(docs, ["", "the"])  # nothing left after normalising finds nothing
+    assert ig.documents_hold_answer(docs, ["nile"]) and ig.documents_hold_answer(docs, ["Rome", "the nile!"])
+    assert not ig.documents_hold_answer(docs, ["Rome"])  # "Romeo" is not "Rome"
+    assert not ig.documents_hold_answer(docs, ["", "the"])  # nothing left after normalising finds nothing
 
 
 def test_loss_gradient_is_zero_on_masked_tokens(tokenizer, tiny_model):

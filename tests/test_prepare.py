@@ -305,3 +305,61 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(InputError, match=r"x\.parquet: reading parquet needs pyarrow: pip install pyarrow"):
         prepare.load_questions(str(tmp_path / "x.parquet"))
+
+
+# ---------------------------------------------------------------------- the noisy (query) task
+
+def noisy_summaries(n=40):
+    """Articles with 25-word leads; every third lead also names the next article's title, so some
+    distractor windows hold another question's gold answer and must be passed over."""
+    rows = {}
+    for i in range(n):
+        words = [f"w{i}x{k}" for k in range(25)]
+        if i % 3 == 0:
+            words[12] = f"Element {(i + 1) % n}"
+        rows[f"Element {i}"] = entry(f"Element {i}", f"Element {i} " + " ".join(words),
+                                     f"Thing with number {i} inside")
+    return rows
+
+
+def test_noisy_questions_hide_the_question_behind_another_articles_words(tmp_path):
+    paths = prepare.build_data(noisy_summaries(), tmp_path)
+    prepare.build_noisy(paths, tmp_path)
+    articles = {f'"{t}"': text for t, text in (r["contents"].split("\n", 1) for r in read_jsonl(paths["corpus"]))}
+    for name in ("train", "test"):
+        plain, noisy = read_jsonl(paths[name]), read_jsonl(tmp_path / f"noisy_{name}.jsonl")
+        # the same questions, ids, answers and order as the plain task: the split by title is kept
+        assert [(q["id"], q["golden_answers"], q["question"]) for q in plain] == \
+               [(q["id"], q["golden_answers"], q["plain_question"]) for q in noisy]
+        for q in noisy:
+            gold = prepare.normalize_answer(q["golden_answers"][0])
+            assert q["question"].endswith(" … " + q["plain_question"]) and q["question"].startswith("… ")
+            piece = q["question"][2: -len(" … " + q["plain_question"])]
+            assert 10 <= len(piece.split()) <= 20
+            assert gold not in prepare.normalize_answer(piece)  # never the gold title or answer
+            source = [t for t, text in articles.items() if piece in text]
+            assert source and f'"{q["golden_answers"][0]}"' not in source  # never the gold's own article
+    again = tmp_path / "again"
+    prepare.build_noisy(prepare.build_data(noisy_summaries(), again), again)
+    assert (again / "noisy_test.jsonl").read_bytes() == (tmp_path / "noisy_test.jsonl").read_bytes()
+
+
+def test_distractor_passes_over_windows_that_hold_a_gold_answer():
+    articles = [("Gold", "the gold article itself " * 5), ("Other", "one two Gold three " * 5),
+                ("Clean", "alpha beta gamma delta " * 5)]
+    q = {"id": "q", "question": "What is this: something?", "golden_answers": ["Gold"]}
+    piece = prepare.distractor(q, articles)
+    assert set(piece.split()) <= {"alpha", "beta", "gamma", "delta"}
+    with pytest.raises(InputError, match="distractor"):
+        prepare.distractor(q, articles[:2])
+
+
+def test_noisy_validation_carving_equals_the_plain_tasks(tmp_path):
+    paths = prepare.build_data(noisy_summaries(), tmp_path)
+    prepare.build_noisy(paths, tmp_path)
+    plain = prepare.load_questions(paths["train"])
+    noisy = prepare.load_questions(str(tmp_path / "noisy_train.jsonl"))
+    assert all(q["question"] != q["plain_question"] for q in noisy)
+    for n in (3, 7):
+        carved = [[q["id"] for q in part] for part in prepare.split_validation(plain, n)]
+        assert carved == [[q["id"] for q in part] for part in prepare.split_validation(noisy, n)]

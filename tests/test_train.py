@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import igsearch as ig
+import config
 import train
 import warmup
 from train import Config
@@ -77,7 +78,7 @@ def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path,
                                     warmup_examples=0, outcome_only=True, max_turn_tokens=3))
     assert list(table) == ["outcome-only"]  # a shared start checkpoint is evaluated once, by its own run
     assert json.loads((tmp_path / "b" / "table.json").read_text()) == table
-    cfg, c = Config(), train.CPU_SECONDS
+    cfg, c = Config(), config.CPU_SECONDS
     more = dataclasses.replace(cfg, steps=cfg.steps + 1)
     assert train.estimate_seconds(more) - train.estimate_seconds(cfg) == pytest.approx(
         cfg.questions_per_step * cfg.group_size * c["rollout"])  # one more step costs one step's rollouts
@@ -183,8 +184,10 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     stats = train.update(model, None, tokenizer, trajs, [torch.zeros(len(t.response_ids)) for t in trajs], opt,
                          Config(micro_batch=1))
-    assert stats["query_entropy"] == pytest.approx((expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4)
-    assert stats["query_entropy"] != pytest.approx(stats["entropy"], rel=1e-3)  # not the all-token mean
+    rec = train.step_record(0, trajs, [["x"], ["x"]], torch.zeros(2), Config(group_size=2), stats, [0.0] * 4,
+                            torch.device("cpu"))  # the log line computes it from the update's entropies
+    assert rec["query_entropy"] == pytest.approx((expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4)
+    assert rec["query_entropy"] != pytest.approx(rec["entropy"], rel=1e-3)  # not the all-token mean
 
 
 from test_fast import flat, updated_weights  # noqa: E402
@@ -195,10 +198,10 @@ def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_
     same greedy trajectories."""
     plain, recomputed = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, train.enable_checkpointing))
     assert torch.allclose(plain, recomputed, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
-    prompts = [ig.build_prompt(tokenizer, q, ig.TEMPLATES["igsearch"]) for q in ("Who?", "What city?", "Where?")]
+    questions = [{"question": q} for q in ("Who?", "What city?", "Where?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(queries)  # noqa: E731
-    runs = [train.rollouts(tiny_model, tokenizer, prompts, search, Config(rollout_batch=n, temperature=0.0,
-                                                                            max_searches=1, max_turn_tokens=8), None)
+    runs = [train.generate_rollouts(tiny_model, tokenizer, questions, search,
+                                    Config(rollout_batch=n, temperature=0.0, max_searches=1, max_turn_tokens=8), None)
             for n in (0, 2)]
     assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
 
@@ -387,3 +390,75 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
         verbatim = sum(q.startswith("What is this") for q in asked)
         assert verbatim == len(asked) if mode == "question" else 0 < verbatim < len(asked) / 2
     assert any("<search> capital number" in t for t in targets)  # the varied query is what the model is taught
+
+
+def test_retry_warmup_forms_read_only_the_question_text():
+    """No oracle: every form is built from the text the policy sees. Two questions with the same text
+    but distractors of other lengths (plain_question differs) get the very same warm-up searches."""
+    text = "… lies near the Mekong river in the south … What is this: Capital of Laos?"
+    forms = warmup.retry_forms(text, torch.Generator().manual_seed(3))
+    keys = warmup.query_forms(text, torch.Generator().manual_seed(3))[1].split()
+    assert forms[0] == text and forms[1] == " ".join(keys)
+    assert forms[3] == " ".join(keys[: len(forms[3].split())]) and forms[4] == " ".join(keys[-len(forms[4].split()):])
+    # prefix and suffix lengths are spread over every length, not stopped at the distractor's end
+    lengths = {len(warmup.retry_forms(text, torch.Generator().manual_seed(s))[4].split()) for s in range(200)}
+    assert lengths == set(range(1, len(keys) + 1))
+    a = {"question": text, "golden_answers": ["Vientiane"], "plain_question": "What is this: Capital of Laos?"}
+    b = {**a, "plain_question": "Capital of Laos?"}
+    docs = lambda queries: ['Doc 1(Title: "Vientiane") x' if "Laos" in q else "Doc 1(Title: \"Mekong\")" for q in queries]
+    cfg = Config(warmup_query="retry", max_searches=2, warmup_examples=4)
+    runs = [warmup.example_searches([q] * 6, docs, cfg, torch.Generator().manual_seed(0)) for q in (a, b)]
+    assert runs[0] == runs[1]
+
+
+def test_retry_warmup_keeps_misses_before_the_hit(tokenizer):
+    """A two-search example: the first query missed, the second found the gold; both queries are
+    trained, both documents masked, and nothing is kept where no form finds the gold."""
+    qs = [{"question": f"noise words here What is this: thing {i}?", "golden_answers": [f"T{i}"]} for i in range(30)]
+    search = lambda queries: [f'Doc 1(Title: "T{q.split()[-1].strip("?")}")' if len(q.split()) == 1 else "Doc 1 nothing"
+                              for q in queries]  # only a one-word query (a short prefix or suffix) finds it
+    cfg = Config(warmup_query="retry", max_searches=2, warmup_examples=50)
+    trajs = warmup.warmup_trajectories(tokenizer, qs, search, cfg, torch.Generator().manual_seed(0))
+    assert 0 < len(trajs) < 30
+    two = [t for t in trajs if sum("<search>" in s[3] for s in t.segments) == 2]
+    assert two, "some examples must teach the retry form"
+    for t in trajs:
+        trained = [s for s in t.segments if s[2]]
+        assert all("<search>" in s[3] for s in trained[:-1]) and "<answer>" in trained[-1][3]
+        assert len(trained[-2][3].split()) == 3  # the query that hit: "<search> WORD </search>"
+        assert all(not s[2] for s in t.segments if "<documents>" in s[3])
+
+
+def test_hit_bonus_lands_on_the_query_tokens_only(tokenizer):
+    trajs = [warmup.supervised_trajectory(tokenizer, "Question?", [("<think> x </think> <search> capital of France </search>", True),
+                                                                   ("\n<documents>Paris</documents>\n", False),
+                                                                   ("<answer> Paris </answer>", True)])
+             for _ in range(2)]
+    for t in trajs:
+        start = t.response_text.index("capital")
+        span = ig.char_span_to_tokens(tokenizer, t.response_ids[: t.segments[0][1]], start, start + len("capital of France"))
+        t.steps.append(ig.Step("capital of France", "Paris", span, ig=-5.0))
+    adv = torch.tensor([0.5, -0.5])
+    out = ig.token_advantages(trajs, adv, 0.3, step_values=[[1.0], [0.0]])
+    for t, a, hit, tok in zip(trajs, adv.tolist(), (1.0, 0.0), out):
+        lo, hi = t.steps[0].query_span
+        inside = torch.zeros(len(t.response_ids), dtype=torch.bool)
+        inside[lo:hi] = True
+        assert hi > lo and torch.allclose(tok[~inside], torch.tensor(a))
+        assert torch.allclose(tok[inside], torch.tensor(a + 0.3 * hit / (hi - lo)))  # the hit, not the IG of -5
+
+
+def test_task_is_recorded_and_kept_on_resume(tiny_run_files, tmp_path, monkeypatch):
+    import prepare
+    asked = []  # the offline default's data is asked for by task: stand the tiny files in for it
+    files = {k: v for k, v in tiny_run_files.items() if k not in ("test_data", "train_data")}
+    monkeypatch.setattr(prepare, "default_data", lambda task="plain": asked.append(task) or
+                        {"corpus": tiny_run_files["corpus"], "train": tiny_run_files["train_data"],
+                         "test": tiny_run_files["test_data"]})
+    train.train(tiny_config(files, tmp_path / "r", steps=1, task="noisy", step_reward="hit"))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["task"] == "noisy" and asked == ["noisy"]
+    cfg, resume = train.parse_config(["--resume", str(tmp_path / "r"), "--steps", "2"])
+    assert cfg.task == "noisy" and cfg.step_reward == "hit"
+    train.train(cfg, resume)
+    assert asked == ["noisy", "noisy"] and [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2]
+    assert all("hit1" in r and r["ig_mean"] == 0 for r in read_metrics(tmp_path / "r"))  # the hit bonus scores no IG
