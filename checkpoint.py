@@ -4,6 +4,7 @@ Every file is written atomically (a temporary file, then a rename), so a crash l
 version or the new one, never half of one. The checkpoint holds the weights (save_pretrained), the
 tokenizer, the optimizer and every RNG state, so a resumed run reproduces an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ def load_metrics(path: Path, upto: int) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            print(f"warning: {path}:{n}: skipped an incomplete record (the run was interrupted)",
-                  file=sys.stderr)
+            print(
+                f"warning: {path}:{n}: skipped an incomplete record (the run was interrupted)",
+                file=sys.stderr,
+            )
             continue
         if rec.get("step", 0) <= upto:
             records.append(rec)
@@ -92,9 +95,12 @@ def load_metrics(path: Path, upto: int) -> list[dict]:
 def rng_state(gens: dict[str, torch.Generator]) -> dict:
     """Every RNG state, in types that torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            **{k: g.get_state() for k, g in gens.items()}}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        **{k: g.get_state() for k, g in gens.items()},
+    }
 
 
 def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
@@ -106,8 +112,9 @@ def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(rng[k])
 
 
-def save_checkpoint(run: Path, policy, tokenizer, model, optimizer, step: int, config: dict,
-                    gens: dict) -> None:
+def save_checkpoint(
+    run: Path, policy, tokenizer, model, optimizer, step: int, config: dict, gens: dict
+) -> None:
     """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in by renames. Every rank
     calls it (a sharded model's optimizer state is gathered); rank 0 writes the policy's weights."""
     state = dd.optimizer_state(model, optimizer)
@@ -139,8 +146,10 @@ def load_state(run: Path, model, optimizer, gens: dict) -> int:
     try:
         state = torch.load(ckpt / "state.pt", weights_only=True)  # no arbitrary unpickling
     except pickle.UnpicklingError as e:
-        raise InputError(f"{ckpt / 'state.pt'}: refused, not a state file written by train.py "
-                         f"({str(e).splitlines()[0][:120]})") from None
+        raise InputError(
+            f"{ckpt / 'state.pt'}: refused, not a state file written by train.py "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
     dd.load_optimizer_state(model, optimizer, state["optimizer"])
     set_rng_state(state["rng"], gens)
     return state["step"]

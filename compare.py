@@ -6,6 +6,7 @@ run, per-method training means, and learning curves drawn to a PNG.
 A run folder holds config.json, table.json (held-out rows; absent when no test question was evaluated),
 metrics.jsonl (one record per step; validation records carry val_*) and, when it was timed, wall.json.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ from errors import InputError, OneLineParser
 @dataclass
 class Run:
     """One run folder, read once."""
+
     path: Path
     config: dict
     table: dict  # row name -> held-out summary (n, em, f1, searches, valid, hit)
@@ -36,8 +38,13 @@ class Run:
         if not (path / "config.json").exists():
             raise InputError(f"{path / 'config.json'}: no such file (is {folder} a run folder?)")
         optional = lambda name: read_json(path / name) if (path / name).exists() else {}  # noqa: E731
-        return cls(path, read_json(path / "config.json"), optional("table.json"),
-                   load_metrics(path / "metrics.jsonl", upto=math.inf), optional("wall.json"))
+        return cls(
+            path,
+            read_json(path / "config.json"),
+            optional("table.json"),
+            load_metrics(path / "metrics.jsonl", upto=math.inf),
+            optional("wall.json"),
+        )
 
     @property
     def rl_steps(self) -> list[dict]:
@@ -65,35 +72,55 @@ def held_out_table(runs: list[Run]) -> list[str]:
         task = f" [{run.task}]" if run.task != "plain" else ""
         for name, row in run.table.items():
             groups.setdefault(name + task, []).append(row)
-    lines = [f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"]
+    lines = [
+        f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}{'valid':>8}{'hit':>8}"
+    ]
     for name, rows in groups.items():
-        stat = {k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")}
+        stat = {
+            k: torch.tensor([float(r[k]) for r in rows]) for k in ("em", "f1", "searches", "valid")
+        }
         pm = {k: f"{v.mean():.3f} ± {v.std(unbiased=False):.3f}" for k, v in stat.items()}
-        hit = f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}" if all("hit" in r for r in rows) else f"{'-':>8}"
+        hit = (
+            f"{sum(r['hit'] for r in rows) / len(rows):>8.2f}"
+            if all("hit" in r for r in rows)
+            else f"{'-':>8}"
+        )
         spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
-        lines.append(f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
-                     f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}")
+        lines.append(
+            f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
+            f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}"
+        )
     return lines
 
 
 def per_run(runs: list[Run]) -> list[str]:
     """One line per run: folder, method, seed, wall time, test EM and hit of its first table row, and
     validation EM at every validated step."""
-    lines = [f"{'run':<14}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"]
+    lines = [
+        f"{'run':<14}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}  validation EM by step"
+    ]
     for run in runs:
         row = next(iter(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
         val = " ".join(f"{r['step']}:{r['val_em']:.3f}" for r in run.records if "val_em" in r)
-        lines.append(f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
-                     f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}")
+        lines.append(
+            f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
+            f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}"
+        )
     return lines
 
 
-TRAIN_KEYS = (("reward", "training reward (EM)"), ("hit", "hit share of search steps"),
-              ("hit1", "rollouts whose first search hits"), ("searches", "searches per rollout"),
-              ("query_entropy", "query entropy"), ("zero_adv_groups", "groups with zero outcome advantage"),
-              ("ig_pos", "share of search steps with IG > 0"), ("ig_hit", "mean IG of steps that hit"),
-              ("ig_miss", "mean IG of steps that miss"))
+TRAIN_KEYS = (
+    ("reward", "training reward (EM)"),
+    ("hit", "hit share of search steps"),
+    ("hit1", "rollouts whose first search hits"),
+    ("searches", "searches per rollout"),
+    ("query_entropy", "query entropy"),
+    ("zero_adv_groups", "groups with zero outcome advantage"),
+    ("ig_pos", "share of search steps with IG > 0"),
+    ("ig_hit", "mean IG of steps that hit"),
+    ("ig_miss", "mean IG of steps that miss"),
+)
 
 
 def training_means(runs: list[Run], window: int = 10) -> list[str]:
@@ -107,18 +134,28 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             continue
         method = run.method
         for key, _ in TRAIN_KEYS:
-            if key.startswith("ig_") and run.config.get("step_reward", "ig") != "ig" or (
-                    key.startswith("ig_") and method == "outcome-only"):
+            if (
+                key.startswith("ig_")
+                and run.config.get("step_reward", "ig") != "ig"
+                or (key.startswith("ig_") and method == "outcome-only")
+            ):
                 continue
-            vals = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            vals = [
+                float(r[key])
+                for r in steps
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+            ]
             if vals:
                 first, last = vals[:window], vals[-window:]
                 per.setdefault(method, {}).setdefault(key, []).append(
-                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals)))
+                    (sum(first) / len(first), sum(last) / len(last), sum(vals) / len(vals))
+                )
     if not per:
         return []
-    lines = [f"training means over each run's RL steps (first {window} -> last {window}, all), mean over runs:",
-             f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per)]
+    lines = [
+        f"training means over each run's RL steps (first {window} -> last {window}, all), mean over runs:",
+        f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per),
+    ]
     for key, title in TRAIN_KEYS:
         cells = []
         for stats in per.values():
@@ -131,15 +168,22 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
 
 def report(runs: list[Run]) -> str:
     """Everything above, blocks separated by a blank line."""
-    return "\n\n".join("\n".join(block) for block in (held_out_table(runs), per_run(runs), training_means(runs))
-                       if block)
+    return "\n\n".join(
+        "\n".join(block)
+        for block in (held_out_table(runs), per_run(runs), training_means(runs))
+        if block
+    )
 
 
-PLOT_PANELS = (("val_em", "validation EM"), ("val_hit", "validation: search steps that find the gold"),
-               ("val_hit1", "validation: first searches that find the gold"),
-               ("reward", "training reward (5-step mean)"), ("hit", "training: steps that find the gold (5-step mean)"),
-               ("hit1", "training: first searches that find the gold (5-step mean)"),
-               ("zero_adv_groups", "training: groups with zero outcome advantage (5-step mean)"))
+PLOT_PANELS = (
+    ("val_em", "validation EM"),
+    ("val_hit", "validation: search steps that find the gold"),
+    ("val_hit1", "validation: first searches that find the gold"),
+    ("reward", "training reward (5-step mean)"),
+    ("hit", "training: steps that find the gold (5-step mean)"),
+    ("hit1", "training: first searches that find the gold (5-step mean)"),
+    ("zero_adv_groups", "training: groups with zero outcome advantage (5-step mean)"),
+)
 
 
 def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float]]]]:
@@ -148,16 +192,21 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     Training metrics are noisy (16 rollouts a step): each run's are a trailing 5-step mean. A run without
     RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    start = {run.task: {k: v for r in run.records for k, v in r.items() if k.startswith("val_")}
-             for run in runs if not run.rl_steps}  # the warm-up of each task
+    start = {
+        run.task: {k: v for r in run.records for k, v in r.items() if k.startswith("val_")}
+        for run in runs
+        if not run.rl_steps
+    }  # the warm-up of each task
     for run in (r for r in runs if r.rl_steps):
         per_key = curves.setdefault(run.method, {})
         for key, _ in PLOT_PANELS:
             points = [(r["step"], r[key]) for r in run.records if key in r]
             if not key.startswith("val_"):  # the mean of the last (up to) 5 steps
                 values = [v for _, v in points]
-                points = [(s, sum(values[max(0, k - 4): k + 1]) / len(values[max(0, k - 4): k + 1]))
-                          for k, (s, _) in enumerate(points)]
+                points = [
+                    (s, sum(values[max(0, k - 4) : k + 1]) / len(values[max(0, k - 4) : k + 1]))
+                    for k, (s, _) in enumerate(points)
+                ]
             for s, v in points:
                 per_key.setdefault(key, {}).setdefault(s, []).append(v)
     for run in (r for r in runs if r.rl_steps):
@@ -173,6 +222,7 @@ def plot(runs: list[Run], out: str) -> None:
     to the highest run, against RL step. Panels without data are left out."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -184,7 +234,7 @@ def plot(runs: list[Run], out: str) -> None:
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (key, title) in zip(axes.flat, panels):
         for method, per_key in curves.items():
@@ -192,10 +242,21 @@ def plot(runs: list[Run], out: str) -> None:
             values = [torch.tensor(per_key[key][s]) for s in steps]
             if not steps:
                 continue
-            line, = ax.plot(steps, [float(v.mean()) for v in values], marker="o" if key.startswith("val_") else None,
-                            markersize=3, label=f"{method} ({max(len(v) for v in values)} runs)")
-            ax.fill_between(steps, [float(v.min()) for v in values], [float(v.max()) for v in values],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            (line,) = ax.plot(
+                steps,
+                [float(v.mean()) for v in values],
+                marker="o" if key.startswith("val_") else None,
+                markersize=3,
+                label=f"{method} ({max(len(v) for v in values)} runs)",
+            )
+            ax.fill_between(
+                steps,
+                [float(v.min()) for v in values],
+                [float(v.max()) for v in values],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
     axes[0][0].legend(fontsize=7)

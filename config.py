@@ -2,6 +2,7 @@
 command line (every field a flag), the checks, the time a run will take, and the name of the
 method a config stands for (compare.py names a finished run's method from its config.json).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,9 @@ TASKS = ("plain", "noisy")  # the offline default's question sets (prepare.defau
 @dataclass
 class Config:
     # data, model, retriever ("" = the offline default built by prepare.py)
-    task: str = "plain"  # offline questions: plain, or noisy (behind distractors: the query decides)
+    task: str = (
+        "plain"  # offline questions: plain, or noisy (behind distractors: the query decides)
+    )
     model: str = ""  # HF name or folder (paper: Qwen/Qwen2.5-3B)
     trust_remote_code: bool = False  # run Python code shipped with the model (trusted repos only)
     train_data: str = ""  # FlashRAG JSON lines (paper: NQ + HotpotQA train)
@@ -39,7 +42,9 @@ class Config:
     temperature: float = 1.0  # sampling temperature (paper 1.0)
     # reward
     outcome_only: bool = False  # alpha = 0: the Search-R1 GRPO baseline
-    step_reward: str = "ig"  # what alpha weighs on the query tokens: ig (paper), or hit (a baseline)
+    step_reward: str = (
+        "ig"  # what alpha weighs on the query tokens: ig (paper), or hit (a baseline)
+    )
     ig_alpha: float = 0.3  # weight of IG on the query tokens (paper 0.3)
     ig_n_random: int = 3  # N counterfactual document sets per step (paper 3)
     ig_baseline: str = "random"  # random (paper) or empty (the paper's ablation)
@@ -82,20 +87,55 @@ PRESETS = {
     "default": {},
     # the README's learning experiment: from one shared warm-up checkpoint, 40 steps, validation
     # every 10 steps, all 751 test questions at the end (micro_batch 8, no checkpointing: faster)
-    "learn": dict(steps=40, lr=2e-5, eval_questions=751, eval_start=False, warmup_examples=0,
-                  eval_every=10, micro_batch=8, grad_checkpointing=False, out_dir="runs/learn"),
+    "learn": dict(
+        steps=40,
+        lr=2e-5,
+        eval_questions=751,
+        eval_start=False,
+        warmup_examples=0,
+        eval_every=10,
+        micro_batch=8,
+        grad_checkpointing=False,
+        out_dir="runs/learn",
+    ),
     # the query task's experiment: the same protocol on the noisy questions, with turns long enough
     # to copy a noisy question into a query
-    "query": dict(task="noisy", steps=40, lr=2e-5, eval_questions=751, eval_start=False,
-                  warmup_examples=0, eval_every=10, micro_batch=8, grad_checkpointing=False,
-                  max_turn_tokens=64, out_dir="runs/query"),
-    "paper": dict(model="Qwen/Qwen2.5-3B", questions_per_step=256, group_size=5, max_searches=5,
-                  max_turn_tokens=512, max_response_tokens=4096, doc_words=0, steps=200, lr=1e-6,
-                  kl_coef=0.001, micro_batch=4, ig_batch_size=32, ig_max_len=4096,
-                  warmup_examples=0, grad_checkpointing=True, rollout_batch=64,
-                  eval_questions=0, eval_batch=64, save_every=10, out_dir="runs/paper"),
+    "query": dict(
+        task="noisy",
+        steps=40,
+        lr=2e-5,
+        eval_questions=751,
+        eval_start=False,
+        warmup_examples=0,
+        eval_every=10,
+        micro_batch=8,
+        grad_checkpointing=False,
+        max_turn_tokens=64,
+        out_dir="runs/query",
+    ),
+    "paper": dict(
+        model="Qwen/Qwen2.5-3B",
+        questions_per_step=256,
+        group_size=5,
+        max_searches=5,
+        max_turn_tokens=512,
+        max_response_tokens=4096,
+        doc_words=0,
+        steps=200,
+        lr=1e-6,
+        kl_coef=0.001,
+        micro_batch=4,
+        ig_batch_size=32,
+        ig_max_len=4096,
+        warmup_examples=0,
+        grad_checkpointing=True,
+        rollout_batch=64,
+        eval_questions=0,
+        eval_batch=64,
+        save_every=10,
+        out_dir="runs/paper",
+    ),
 }
-
 
 
 def checked_fields(saved: dict, where: Path) -> dict:
@@ -111,7 +151,6 @@ def checked_fields(saved: dict, where: Path) -> dict:
     return saved
 
 
-
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Every rule on the config, in one place: a value out of range stops the run with one line
     naming the field and what it accepts."""
@@ -119,49 +158,79 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
 
     c = cfg
     rules = [
-        ("group_size", c.group_size >= 2, "an integer >= 2"), ("ig_alpha", c.ig_alpha >= 0, ">= 0"),
-        ("topk", c.topk >= 1, "an integer >= 1"), ("max_searches", c.max_searches >= 0, ">= 0"),
-        ("questions_per_step", c.questions_per_step >= max(1, world_size),
-         f">= 1 and >= the {world_size} ranks"),
-        ("questions_per_step", not c.fsdp or c.questions_per_step % world_size == 0,
-         f"a multiple of the {world_size} ranks with --fsdp"),
-        ("fsdp", not c.fsdp or world_size > 1,
-         "False in one process: launch with torchrun --nproc_per_node K to shard"),
+        ("group_size", c.group_size >= 2, "an integer >= 2"),
+        ("ig_alpha", c.ig_alpha >= 0, ">= 0"),
+        ("topk", c.topk >= 1, "an integer >= 1"),
+        ("max_searches", c.max_searches >= 0, ">= 0"),
+        (
+            "questions_per_step",
+            c.questions_per_step >= max(1, world_size),
+            f">= 1 and >= the {world_size} ranks",
+        ),
+        (
+            "questions_per_step",
+            not c.fsdp or c.questions_per_step % world_size == 0,
+            f"a multiple of the {world_size} ranks with --fsdp",
+        ),
+        (
+            "fsdp",
+            not c.fsdp or world_size > 1,
+            "False in one process: launch with torchrun --nproc_per_node K to shard",
+        ),
         ("max_turn_tokens", c.max_turn_tokens >= 1, ">= 1"),
-        ("ig_n_random", c.ig_n_random >= 1, ">= 1"), ("micro_batch", c.micro_batch >= 1, ">= 1"),
+        ("ig_n_random", c.ig_n_random >= 1, ">= 1"),
+        ("micro_batch", c.micro_batch >= 1, ">= 1"),
         ("ig_baseline", c.ig_baseline in ("random", "empty"), "random or empty"),
-        ("warmup_query", c.warmup_query in ("question", "varied", "retry"),
-         "question, varied or retry"),
+        (
+            "warmup_query",
+            c.warmup_query in ("question", "varied", "retry"),
+            "question, varied or retry",
+        ),
         ("task", c.task in TASKS, " or ".join(TASKS)),
         ("step_reward", c.step_reward in ("ig", "hit"), "ig or hit"),
         ("template", c.template in TEMPLATES, " or ".join(TEMPLATES)),
-        ("lr", c.lr > 0, "> 0"), ("temperature", c.temperature >= 0, ">= 0"),
+        ("lr", c.lr > 0, "> 0"),
+        ("temperature", c.temperature >= 0, ">= 0"),
         ("retriever_retries", c.retriever_retries >= 1, ">= 1"),
         ("retriever_timeout", c.retriever_timeout > 0, "> 0"),
         ("rollout_batch", c.rollout_batch >= 0, ">= 0"),
-        ("val_questions", c.val_questions >= 0, ">= 0"), ("eval_every", c.eval_every >= 0, ">= 0"),
-        ("steps", c.steps >= 0, ">= 0"), ("save_every", c.save_every >= 1, ">= 1"),
-        ("max_bad_steps", c.max_bad_steps >= 1, ">= 1"), ("seed", c.seed >= 0, ">= 0"),
+        ("val_questions", c.val_questions >= 0, ">= 0"),
+        ("eval_every", c.eval_every >= 0, ">= 0"),
+        ("steps", c.steps >= 0, ">= 0"),
+        ("save_every", c.save_every >= 1, ">= 1"),
+        ("max_bad_steps", c.max_bad_steps >= 1, ">= 1"),
+        ("seed", c.seed >= 0, ">= 0"),
         ("doc_words", c.doc_words >= 0, ">= 0 (0 = whole passages)"),
-        ("ig_clip", c.ig_clip >= 0, ">= 0 (0 = off)"), ("grad_clip", c.grad_clip > 0, "> 0"),
-        ("kl_coef", c.kl_coef >= 0, ">= 0"), ("ig_neg_scale", c.ig_neg_scale >= 0, ">= 0"),
+        ("ig_clip", c.ig_clip >= 0, ">= 0 (0 = off)"),
+        ("grad_clip", c.grad_clip > 0, "> 0"),
+        ("kl_coef", c.kl_coef >= 0, ">= 0"),
+        ("ig_neg_scale", c.ig_neg_scale >= 0, ">= 0"),
         ("ig_dead_zone", c.ig_dead_zone >= 0, ">= 0"),
         ("ig_head_weight", c.ig_head_weight > 0, "> 0"),
         ("ig_batch_size", c.ig_batch_size >= 1, ">= 1"),
         ("ig_max_len", c.ig_max_len >= 64, ">= 64 (a context and its answer must fit)"),
-        ("eval_batch", c.eval_batch >= 1, ">= 1"), ("warmup_batch", c.warmup_batch >= 1, ">= 1"),
+        ("eval_batch", c.eval_batch >= 1, ">= 1"),
+        ("warmup_batch", c.warmup_batch >= 1, ">= 1"),
         ("warmup_examples", c.warmup_examples >= 0, ">= 0"),
-        ("warmup_lr", c.warmup_lr > 0, "> 0"), ("eval_questions", c.eval_questions >= 0, ">= 0"),
-        ("max_response_tokens", c.max_response_tokens >= c.max_turn_tokens,
-         f">= max_turn_tokens ({c.max_turn_tokens})"),
-        ("out_dir", c.out_dir.strip() != "", "a folder path")]
-    rules += [(f.name, math.isfinite(getattr(c, f.name)), "a finite number")
-              for f in dataclasses.fields(c) if f.type == "float"]
+        ("warmup_lr", c.warmup_lr > 0, "> 0"),
+        ("eval_questions", c.eval_questions >= 0, ">= 0"),
+        (
+            "max_response_tokens",
+            c.max_response_tokens >= c.max_turn_tokens,
+            f">= max_turn_tokens ({c.max_turn_tokens})",
+        ),
+        ("out_dir", c.out_dir.strip() != "", "a folder path"),
+    ]
+    rules += [
+        (f.name, math.isfinite(getattr(c, f.name)), "a finite number")
+        for f in dataclasses.fields(c)
+        if f.type == "float"
+    ]
     for name, ok, accepted in rules:
         if not ok:
-            raise InputError(f"config: {name}={getattr(cfg, name)!r} is out of range "
-                             f"(accepted: {accepted})")
-
+            raise InputError(
+                f"config: {name}={getattr(cfg, name)!r} is out of range (accepted: {accepted})"
+            )
 
 
 def method_name(config: dict) -> str:
@@ -172,18 +241,22 @@ def method_name(config: dict) -> str:
     if config.get("step_reward") == "hit":  # not the paper's: alpha * [the documents hold a gold]
         alpha = config.get("ig_alpha", 0.3)
         return "hit bonus" + (f" (alpha {alpha:g})" if alpha != 0.3 else "")
-    marks = [("empty baseline", config.get("ig_baseline") == "empty"), ("centred", config.get("ig_center")),
-             (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
-             (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
-             (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
-             (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0)]
+    marks = [
+        ("empty baseline", config.get("ig_baseline") == "empty"),
+        ("centred", config.get("ig_center")),
+        (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
+        (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
+        (f"neg x{config.get('ig_neg_scale'):g}", config.get("ig_neg_scale", 1) != 1),
+        (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0),
+    ]
     marks = [m for m, on in marks if on]
     return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
 
 
 def parse_bool(text: str) -> bool:
     value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
-        text.lower())
+        text.lower()
+    )
     if value is None:
         raise ValueError(text)
     return value
@@ -191,15 +264,18 @@ def parse_bool(text: str) -> bool:
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     """--field value for every Config field, --preset NAME, --resume RUN_DIR -> (config, resume)."""
-    p = OneLineParser(description="Train a search policy with IG-Search; every Config field is a flag.")
+    p = OneLineParser(
+        description="Train a search policy with IG-Search; every Config field is a flag."
+    )
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--resume", default="", help="run folder to continue from its checkpoint")
     for f in dataclasses.fields(Config):
         if f.type == "bool":  # --flag, or --flag true/false
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=parse_bool)
         else:
-            p.add_argument(f"--{f.name}", default=None,
-                           type={"int": int, "float": float}.get(f.type, str))
+            p.add_argument(
+                f"--{f.name}", default=None, type={"int": int, "float": float}.get(f.type, str)
+            )
     args = p.parse_args(argv)
     values = dataclasses.asdict(Config())
     given = {k: v for k, v in vars(args).items() if k in values and v is not None}
@@ -208,13 +284,17 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
         if not (run / "config.json").exists():
             raise InputError(f"{run}: not a run folder (no config.json)")
         if not ckpt.last_checkpoint(run).exists():
-            raise InputError(f"{run}: no checkpoint to resume from (the run stopped before its "
-                             f"first save): start it again without --resume")
+            raise InputError(
+                f"{run}: no checkpoint to resume from (the run stopped before its "
+                f"first save): start it again without --resume"
+            )
         saved = ckpt.read_json(run / "config.json")
         for name in ("model", "out_dir"):  # the run folder and its checkpoint fix both
             if name in given and given[name] != saved.get(name):
-                raise InputError(f"--{name} cannot change on --resume (the run continues from "
-                                 f"{run}/checkpoint): start a new run to change it")
+                raise InputError(
+                    f"--{name} cannot change on --resume (the run continues from "
+                    f"{run}/checkpoint): start a new run to change it"
+                )
         if args.preset != "default":
             raise InputError("--preset cannot be given with --resume (the run keeps its config)")
         values.update(checked_fields(saved, run / "config.json"))
@@ -224,18 +304,24 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     return Config(**values), args.resume
 
 
-
 # Seconds per unit of work of the offline default on 2 quiet CPU cores, measured from one plain
 # `python train.py`: the time estimate printed at the start of a run scales these.
-CPU_SECONDS = {"setup": 20, "eval_untrained": 1.7, "warmup": 2.0, "eval_formatted": 1.0,
-               "rollout": 3.85}
+CPU_SECONDS = {
+    "setup": 20,
+    "eval_untrained": 1.7,
+    "warmup": 2.0,
+    "eval_formatted": 1.0,
+    "rollout": 3.85,
+}
 
 
 def estimate_seconds(cfg: Config) -> float:
     """The run's wall-clock on 2 CPU cores with the default model, from CPU_SECONDS."""
     c, n = CPU_SECONDS, cfg.eval_questions
-    evals = n * (c["eval_untrained"] * cfg.eval_start
-                 + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0)))
+    evals = n * (
+        c["eval_untrained"] * cfg.eval_start
+        + c["eval_formatted"] * ((cfg.warmup_examples > 0) + (cfg.steps > 0))
+    )
     if cfg.eval_every:  # validation at step 0 (when this run made its start model), each K steps
         n_val = bool(cfg.eval_start or cfg.warmup_examples) + math.ceil(cfg.steps / cfg.eval_every)
         evals += n_val * cfg.val_questions * c["eval_formatted"]

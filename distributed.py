@@ -15,6 +15,7 @@ take different numbers of tokens do not wait on each other while sampling.
 
 Without WORLD_SIZE > 1 (a plain `python train.py`) every helper is the identity.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -82,7 +83,11 @@ def all_gather(items: list) -> list[list]:
 
 
 def _reduce_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -120,13 +125,18 @@ def shard_model(model: torch.nn.Module) -> None:
     final norm, head) over the ranks. The root keeps its parameters gathered after its forward (FSDP's
     default for the root): policy_logprobs applies the head to the returned hidden states outside it."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
+
     for layer in lm.decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     for m in model.modules():
-        if isinstance(m, FSDPModule):  # sum over ranks, not the mean: each rank's loss is already / global tokens
+        if isinstance(
+            m, FSDPModule
+        ):  # sum over ranks, not the mean: each rank's loss is already / global tokens
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+            m.set_force_sum_reduction_for_comms(
+                True
+            )  # a plain SUM (gloo has no pre-multiplied sum)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -144,7 +154,9 @@ def copy_full(sharded: torch.nn.Module, replica: torch.nn.Module) -> None:
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradients to a global norm of max_norm; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # sharded: a norm over all ranks
+    return float(
+        norm.full_tensor() if isinstance(norm, DTensor) else norm
+    )  # sharded: a norm over all ranks
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -152,12 +164,20 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     """Inverse of optimizer_state: a sharded model's ranks each keep their shard of the whole state."""
     if not is_sharded(model):
         return optimizer.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )

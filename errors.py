@@ -3,6 +3,7 @@
 Every entry point (train.py, evaluate.py, prepare.py, retriever.py) catches InputError in its main()
 and prints `error: <message>`; argparse mistakes go the same way through OneLineParser.
 """
+
 from __future__ import annotations
 
 import argparse

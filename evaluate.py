@@ -8,6 +8,7 @@ question and valid-answer rate, with an average row, and writes the results (con
 corpus and top-k stated) atomically to a JSON file. `--show N` prints N trajectories with the
 information gain of each search step against the gold answer.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,19 @@ from retriever import RetrieverError, make_search
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int = 16,
-             with_ig: bool = False, template: str = "igsearch", desc: str = "eval",
-             use_fast: bool = True, **rollout_kw) -> tuple[dict, list]:
+def evaluate(
+    model,
+    tokenizer,
+    questions: list[dict],
+    search,
+    *,
+    batch_size: int = 16,
+    with_ig: bool = False,
+    template: str = "igsearch",
+    desc: str = "eval",
+    use_fast: bool = True,
+    **rollout_kw,
+) -> tuple[dict, list]:
     """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs.
 
     with_ig: also the IG of every search step against the gold (counterfactuals from the same batch).
@@ -43,15 +54,30 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
     model.eval()
     pairs, em, f1 = [], [], []
     for k in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
-        batch = questions[k: k + batch_size]
+        batch = questions[k : k + batch_size]
         prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
-        trajs = ig.rollout(model, tokenizer, prompts, search, template=tpl, temperature=0.0,
-                           turn=fast.CachedTurns() if use_fast else lm.generate_turn, **rollout_kw)
+        trajs = ig.rollout(
+            model,
+            tokenizer,
+            prompts,
+            search,
+            template=tpl,
+            temperature=0.0,
+            turn=fast.CachedTurns() if use_fast else lm.generate_turn,
+            **rollout_kw,
+        )
         if with_ig:
             golds = [q["golden_answers"] for q in batch]
             draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
-            ig.information_gain(model, tokenizer, trajs, golds, draws, template=tpl,
-                                score=fast.answer_scores_shared_prefix if use_fast else ig.answer_scores)
+            ig.information_gain(
+                model,
+                tokenizer,
+                trajs,
+                golds,
+                draws,
+                template=tpl,
+                score=fast.answer_scores_shared_prefix if use_fast else ig.answer_scores,
+            )
         for q, t in zip(batch, trajs):
             pred = ig.extract_answer(t)
             em.append(ig.exact_match(pred, q["golden_answers"]))
@@ -59,14 +85,25 @@ def evaluate(model, tokenizer, questions: list[dict], search, *, batch_size: int
             pairs.append((q, t))
     model.train(was_training)
     n = len(pairs)
-    hits = [ig.documents_hold_answer(s.documents, q["golden_answers"]) for q, t in pairs for s in t.steps]
-    summary = {"n": n, "em": sum(em) / n, "f1": sum(f1) / n,
-               "searches": sum(len(t.steps) for _, t in pairs) / n,
-               "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
-               "hit": sum(hits) / max(len(hits), 1),  # share of search steps whose documents hold the gold
-               # share of questions whose first search finds the gold (no search: a miss)
-               "hit1": sum(bool(t.steps) and ig.documents_hold_answer(t.steps[0].documents, q["golden_answers"])
-                           for q, t in pairs) / n}
+    hits = [
+        ig.documents_hold_answer(s.documents, q["golden_answers"])
+        for q, t in pairs
+        for s in t.steps
+    ]
+    summary = {
+        "n": n,
+        "em": sum(em) / n,
+        "f1": sum(f1) / n,
+        "searches": sum(len(t.steps) for _, t in pairs) / n,
+        "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
+        "hit": sum(hits) / max(len(hits), 1),  # share of search steps whose documents hold the gold
+        # share of questions whose first search finds the gold (no search: a miss)
+        "hit1": sum(
+            bool(t.steps) and ig.documents_hold_answer(t.steps[0].documents, q["golden_answers"])
+            for q, t in pairs
+        )
+        / n,
+    }
     return summary, pairs
 
 
@@ -78,24 +115,30 @@ def format_table(rows: dict[str, dict], average: bool = True, first: str = "data
     rows = dict(rows)
     if average and len(rows) > 1:
         keys = ("em", "f1", "searches", "valid", "hit")
-        rows["average"] = {"n": sum(r["n"] for r in rows.values()),
-                           **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}}
+        rows["average"] = {
+            "n": sum(r["n"] for r in rows.values()),
+            **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys},
+        }
     for name, r in rows.items():
-        hit = f"{r['hit']:>8.2f}" if "hit" in r else f"{'-':>8}"  # tables written before hit was measured
-        lines.append(f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}{hit}")
+        hit = (
+            f"{r['hit']:>8.2f}" if "hit" in r else f"{'-':>8}"
+        )  # tables written before hit was measured
+        lines.append(
+            f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}{hit}"
+        )
     return "\n".join(lines)
 
 
 # Exact match of Qwen2.5-3B rows, quoted from the IG-Search paper (arXiv 2604.15148), in the order of
 # prepare.BENCHMARKS, then the average. None: a cell the paper's table does not give for that row.
 PAPER_EM = {
-    "Direct inference": (.106, .288, .108, .149, .244, .020, .024, .134),
-    "RAG": (.348, .544, .387, .255, .226, .047, .080, .270),
-    "Search-R1 base GRPO": (.421, .583, .413, .297, .274, .066, .128, .312),
-    "AutoRefine base": (.467, .620, .450, .405, .393, .157, .344, .405),
-    "MR-Search base": (.477, .635, .460, .419, .401, .165, .344, .414),
-    "GiGPO instruct": (.420, .595, .424, .369, .370, .126, .641, .421),
-    "IG-Search base": (None, None, None, None, None, None, .424, .430),
+    "Direct inference": (0.106, 0.288, 0.108, 0.149, 0.244, 0.020, 0.024, 0.134),
+    "RAG": (0.348, 0.544, 0.387, 0.255, 0.226, 0.047, 0.080, 0.270),
+    "Search-R1 base GRPO": (0.421, 0.583, 0.413, 0.297, 0.274, 0.066, 0.128, 0.312),
+    "AutoRefine base": (0.467, 0.620, 0.450, 0.405, 0.393, 0.157, 0.344, 0.405),
+    "MR-Search base": (0.477, 0.635, 0.460, 0.419, 0.401, 0.165, 0.344, 0.414),
+    "GiGPO instruct": (0.420, 0.595, 0.424, 0.369, 0.370, 0.126, 0.641, 0.421),
+    "IG-Search base": (None, None, None, None, None, None, 0.424, 0.430),
 }
 PAPER_COLUMNS = ("NQ", "TriviaQA", "PopQA", "HotpotQA", "2wiki", "MuSiQue", "Bamboogle", "avg")
 
@@ -113,13 +156,17 @@ def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> 
     done = [v for v in ours if v is not None]
     cell = lambda v: f"{'':>10}" if v is None else f"{v:>10.3f}"  # noqa: E731
     line = lambda label, values: f"{label[:24]:<24}" + "".join(cell(v) for v in values)  # noqa: E731
-    out = ["EM in the paper's layout: our row (this model, retriever and top-k), then rows quoted from the paper",
-           f"{'method':<24}" + "".join(f"{c:>10}" for c in PAPER_COLUMNS),
-           line(name, ours + [sum(done) / len(done)]) + ("" if len(done) == len(ours) else " *"),
-           "quoted from the paper (Qwen2.5-3B, E5 over wiki-18, top-3):"]
+    out = [
+        "EM in the paper's layout: our row (this model, retriever and top-k), then rows quoted from the paper",
+        f"{'method':<24}" + "".join(f"{c:>10}" for c in PAPER_COLUMNS),
+        line(name, ours + [sum(done) / len(done)]) + ("" if len(done) == len(ours) else " *"),
+        "quoted from the paper (Qwen2.5-3B, E5 over wiki-18, top-3):",
+    ]
     out += [line(method, list(values)) for method, values in PAPER_EM.items()]
     if len(done) < len(ours):
-        out.append(f"* our average is over the {len(done)} benchmarks evaluated; the paper's is over all 7")
+        out.append(
+            f"* our average is over the {len(done)} benchmarks evaluated; the paper's is over all 7"
+        )
     return "\n".join(out)
 
 
@@ -131,9 +178,12 @@ def ig_by_retrieval(pairs: list) -> str:
         for step in t.steps:
             if step.ig is not None:
                 found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
-    part = [f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
-            if v else f"{name} none" for name, v in (("gold in the documents", found[True]),
-                                                     ("gold not in them", found[False]))]
+    part = [
+        f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps ({sum(x > 0 for x in v) / len(v):.0%} > 0)"
+        if v
+        else f"{name} none"
+        for name, v in (("gold in the documents", found[True]), ("gold not in them", found[False]))
+    ]
     return "IG per search step: " + "; ".join(part)
 
 
@@ -154,12 +204,27 @@ def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="", help="HF model name or folder; empty = the offline default")
-    p.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
-    p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files; empty = offline test split")
-    p.add_argument("--task", default="plain", choices=TASKS, help="the offline test split: plain or noisy")
-    p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus")
-    p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)")
+    p.add_argument(
+        "--model", default="", help="HF model name or folder; empty = the offline default"
+    )
+    p.add_argument(
+        "--trust_remote_code", action="store_true", help="run Python code shipped with the model"
+    )
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="FlashRAG JSON-lines files; empty = offline test split",
+    )
+    p.add_argument(
+        "--task", default="plain", choices=TASKS, help="the offline test split: plain or noisy"
+    )
+    p.add_argument(
+        "--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus"
+    )
+    p.add_argument(
+        "--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)"
+    )
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--doc_words", type=int, default=30, help="words kept per passage (0 = all)")
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0 = all)")
@@ -168,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_turn_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
-    p.add_argument("--out", default="", help="results JSON (default: beside the model, or runs/eval.json)")
+    p.add_argument(
+        "--out", default="", help="results JSON (default: beside the model, or runs/eval.json)"
+    )
     try:
         args = p.parse_args(argv)
         for name in ("topk", "batch_size", "max_turn_tokens"):
@@ -181,15 +248,31 @@ def main(argv: list[str] | None = None) -> int:
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
         question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
-        out = args.out or (str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json")
+        out = args.out or (
+            str(Path(args.model) / "eval.json") if os.path.isdir(args.model) else "runs/eval.json"
+        )
         check_writable(out)  # before the evaluation, which may take an hour
-        search = make_search(args.corpus or data.get("corpus", ""), args.retriever_url, args.topk, args.doc_words or None)
+        search = make_search(
+            args.corpus or data.get("corpus", ""),
+            args.retriever_url,
+            args.topk,
+            args.doc_words or None,
+        )
         model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
         rows, shown, all_pairs = {}, [], []
         for path, questions in zip(files, question_sets):
-            summary, pairs = evaluate(model, tokenizer, questions, search, batch_size=args.batch_size,
-                                      with_ig=args.show > 0, template=args.template, max_searches=args.max_searches,
-                                      max_turn_tokens=args.max_turn_tokens, desc=Path(path).stem)
+            summary, pairs = evaluate(
+                model,
+                tokenizer,
+                questions,
+                search,
+                batch_size=args.batch_size,
+                with_ig=args.show > 0,
+                template=args.template,
+                max_searches=args.max_searches,
+                max_turn_tokens=args.max_turn_tokens,
+                desc=Path(path).stem,
+            )
             name = Path(path).stem
             rows[name if name not in rows else f"{name}_{len(rows) + 1}"] = summary
             shown += pairs[: max(0, args.show - len(shown))]
@@ -205,9 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     paper = format_paper_table(rows, Path(args.model).name or "offline default")
     if paper:
         print("\n" + paper)
-    write_json(out, {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "offline default",
-                     "retriever": args.retriever_url or f"BM25 over {args.corpus or data.get('corpus')}",
-                     "topk": args.topk, "doc_words": args.doc_words, "config": vars(args), "results": rows})
+    write_json(
+        out,
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "model": args.model or "offline default",
+            "retriever": args.retriever_url or f"BM25 over {args.corpus or data.get('corpus')}",
+            "topk": args.topk,
+            "doc_words": args.doc_words,
+            "config": vars(args),
+            "results": rows,
+        },
+    )
     print(f"results written to {out}")
     return 0
 

@@ -14,6 +14,7 @@ not to; tests/test_fast.py checks each against its plain twin.
 4. lean_backward and backward equal loss.backward() in train.update, with less memory: a tied
    embedding gets a sparse gradient, and the heap's freed blocks go back to the OS (glibc).
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,9 @@ class CachedTurns:
         """For each sequence, the previous row it extends (in order), or None if one does not."""
         rows, r = [], 0
         for s in seqs:
-            while r < len(self.seqs) and not (len(s) > len(self.seqs[r])
-                                              and s[: len(self.seqs[r])] == self.seqs[r]):
+            while r < len(self.seqs) and not (
+                len(s) > len(self.seqs[r]) and s[: len(self.seqs[r])] == self.seqs[r]
+            ):
                 r += 1
             if r == len(self.seqs):
                 return None
@@ -54,8 +56,16 @@ class CachedTurns:
         return rows
 
     @torch.no_grad()
-    def __call__(self, model, tokenizer, seqs: list[list[int]], max_new_tokens: int,
-                 temperature: float, generator, stop: tuple[str, ...]) -> list[list[int]]:
+    def __call__(
+        self,
+        model,
+        tokenizer,
+        seqs: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        generator,
+        stop: tuple[str, ...],
+    ) -> list[list[int]]:
         device = next(model.parameters()).device
         pad_id = lm.pad_token_id(tokenizer)
         rows = self.rows_continued(seqs) if self.past is not None else None
@@ -70,12 +80,19 @@ class CachedTurns:
             cached = self.mask.sum(-1).tolist()  # tokens of each row in the cache
             ids, added, _ = lm.left_pad([s[n:] for s, n in zip(seqs, cached)], pad_id, device)
             mask = torch.cat([self.mask, added], dim=1)  # (B, T+P)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (B, P) real tokens only
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # (B, P) real tokens only
             kv = {lm.cache_keyword(model): self.past}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    logits_to_keep=1, **kv)
-        new, self.past, self.mask = lm.sample_tokens(model, tokenizer, out, mask, pos,
-                                                     max_new_tokens, temperature, generator, stop)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **kv,
+        )
+        new, self.past, self.mask = lm.sample_tokens(
+            model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator, stop
+        )
         self.seqs = [s + n for s, n in zip(seqs, new)]  # the cache holds all but each last token
         return new
 
@@ -102,8 +119,9 @@ def rollout_groups(requests: list[ig.ScoreRequest], batch_size: int) -> list[int
     return sizes
 
 
-def trunk_shares(seqs: list[list[int]], answers: list[list[int]], group_sizes: list[int]
-                 ) -> list[tuple[list[int], list[int], list[int]]]:
+def trunk_shares(
+    seqs: list[list[int]], answers: list[list[int]], group_sizes: list[int]
+) -> list[tuple[list[int], list[int], list[int]]]:
     """Per group: its sequence indices, its trunk, and how many leading tokens each shares with it.
 
     group_sizes[g] consecutive sequences form group g. The trunk is the group's longest context (a
@@ -117,17 +135,25 @@ def trunk_shares(seqs: list[list[int]], answers: list[list[int]], group_sizes: l
         first += n
         trunk = max((seqs[i][: len(seqs[i]) - len(answers[i])] for i in idx), key=len)
         context_len = [len(seqs[i]) - len(answers[i]) for i in idx]
-        shares = [max(0, min(common_prefix_len([seqs[i], trunk]), n - 1))
-                  for i, n in zip(idx, context_len)]
+        shares = [
+            max(0, min(common_prefix_len([seqs[i], trunk]), n - 1))
+            for i, n in zip(idx, context_len)
+        ]
         out.append((idx, trunk[: max(shares)], shares))
     return out
 
 
 @torch.no_grad()
-def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: int,
-                                max_len: int, batch_size: int = 16, head_tokens: int = 3,
-                                head_weight: float = 3.0, group_sizes: list[int] | None = None
-                                ) -> list[list[float]]:
+def answer_scores_shared_prefix(
+    model,
+    requests: list[ig.ScoreRequest],
+    pad_id: int,
+    max_len: int,
+    batch_size: int = 16,
+    head_tokens: int = 3,
+    head_weight: float = 3.0,
+    group_sizes: list[int] | None = None,
+) -> list[list[float]]:
     """igsearch.answer_scores, with the tokens that a rollout's contexts share computed once.
 
     Step t's contexts are equal up to step t's documents and each holds the real blocks of every
@@ -142,8 +168,11 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
     device = next(model.parameters()).device
     cache_kw = lm.cache_keyword(model)
     answers = [r.answer_ids for r in requests for _ in r.context_ids]
-    seqs = [ig.truncate_left(c, r.answer_ids, max_len) + r.answer_ids
-            for r in requests for c in r.context_ids]
+    seqs = [
+        ig.truncate_left(c, r.answer_ids, max_len) + r.answer_ids
+        for r in requests
+        for c in r.context_ids
+    ]
     groups = trunk_shares(seqs, answers, group_sizes or rollout_groups(requests, batch_size))
     scores = [0.0] * len(seqs)
     loose = [i for idx, trunk, _ in groups if not trunk for i in idx]  # nothing shared: whole
@@ -154,20 +183,25 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
         batches[-1].append(g)
     for batch in batches:
         ids, attn, pos = lm.left_pad([trunk for _, trunk, _ in batch], pad_id, device)  # (G, P)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None:
-            return ig.answer_scores(model, requests, pad_id, max_len, batch_size, head_tokens,
-                                    head_weight)
+            return ig.answer_scores(
+                model, requests, pad_id, max_len, batch_size, head_tokens, head_weight
+            )
         start = ids.shape[1] - attn.sum(-1)  # (G,) where each trunk begins, after its padding
         rows = [(g, i, k) for g, (idx, _, ks) in enumerate(batch) for i, k in zip(idx, ks)]
         # A real context continues the trunk for a few tokens, a counterfactual for its documents;
         # an early step's rows read a short part of the trunk. Chunks by continuation length, then
         # by the length they read.
         conts = [len(seqs[i]) - k for _, i, k in rows]
-        chunks = [[c[j] for j in sub] for c in lm.length_chunks(conts, batch_size)
-                  for sub in lm.length_chunks([rows[r][2] + conts[r] for r in c], batch_size)]
+        chunks = [
+            [c[j] for j in sub]
+            for c in lm.length_chunks(conts, batch_size)
+            for sub in lm.length_chunks([rows[r][2] + conts[r] for r in c], batch_size)
+        ]
         for n, chunk in enumerate(chunks):
             part = [rows[r] for r in chunk]  # (group, sequence, share)
             kv = cache if n == len(chunks) - 1 else copy.deepcopy(cache)  # each chunk its own copy
@@ -181,25 +215,34 @@ def answer_scores_shared_prefix(model, requests: list[ig.ScoreRequest], pad_id: 
             if end < ids.shape[1]:
                 kv.crop(end - ids.shape[1])  # a negative count: drop that many positions at the end
                 seen = seen[:, :end]  # (rows, end)
-            cont_ids, cont_attn, cont_pos = lm.left_pad([seqs[i][k:] for _, i, k in part], pad_id,
-                                                        device)  # (rows, C)
+            cont_ids, cont_attn, cont_pos = lm.left_pad(
+                [seqs[i][k:] for _, i, k in part], pad_id, device
+            )  # (rows, C)
             L = max(len(answers[i]) for _, i, _ in part)
-            logits = model(input_ids=cont_ids, attention_mask=torch.cat([seen, cont_attn], 1),
-                           position_ids=cont_pos + shares[:, None],  # continue after the share
-                           logits_to_keep=L + 1, **{cache_kw: kv}).logits  # (rows, L+1, V)
+            logits = model(
+                input_ids=cont_ids,
+                attention_mask=torch.cat([seen, cont_attn], 1),
+                position_ids=cont_pos + shares[:, None],  # continue after the share
+                logits_to_keep=L + 1,
+                **{cache_kw: kv},
+            ).logits  # (rows, L+1, V)
             logp = ig.token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L)
             for row, (_, i, _) in enumerate(part):
-                answer_logp = logp[row, L - len(answers[i]):]  # (n,) the answer tokens in order
+                answer_logp = logp[row, L - len(answers[i]) :]  # (n,) the answer tokens in order
                 scores[i] = ig.answer_score(answer_logp, head_tokens, head_weight)
     if loose:  # scored whole, as single-context requests
-        singles = [ig.ScoreRequest(-1, -1, [seqs[i][: len(seqs[i]) - len(answers[i])]], answers[i])
-                   for i in loose]
-        for i, (s,) in zip(loose, ig.answer_scores(model, singles, pad_id, max_len, batch_size,
-                                                   head_tokens, head_weight)):
+        singles = [
+            ig.ScoreRequest(-1, -1, [seqs[i][: len(seqs[i]) - len(answers[i])]], answers[i])
+            for i in loose
+        ]
+        for i, (s,) in zip(
+            loose,
+            ig.answer_scores(model, singles, pad_id, max_len, batch_size, head_tokens, head_weight),
+        ):
             scores[i] = s
     out, k = [], 0
     for r in requests:
-        out.append(scores[k: k + len(r.context_ids)])
+        out.append(scores[k : k + len(r.context_ids)])
         k += len(r.context_ids)
     return out
 
@@ -214,10 +257,15 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """
     R = batch["targets"].shape[1]
     # the model's own forward (an FSDP root gathers its weights there), the head on 1 position
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1,
-                output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -R - 1:-1]  # (B, R, H), after the final norm
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=1,
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1][:, -R - 1 : -1]  # (B, R, H), after the final norm
     sel = batch["loss_mask"].bool()  # (B, R)
     logits = model.get_output_embeddings()(hidden[sel])  # (M, V), M = number of trained tokens
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -261,13 +309,17 @@ def lean_backward(model, trim_every: int = 5):
         hidden = out[0] if isinstance(out, tuple) else out
         if torch.is_grad_enabled() and hidden.requires_grad:
             hidden.register_hook(lambda grad: release_freed_memory())
-    hooks = [layer.register_forward_hook(trim_when_its_gradient_passes)
-             for layer in (lm.decoder_layers(model) if cpu else [])[::trim_every]]
+
+    hooks = [
+        layer.register_forward_hook(trim_when_its_gradient_passes)
+        for layer in (lm.decoder_layers(model) if cpu else [])[::trim_every]
+    ]
 
     def undo():
         emb.sparse = was_sparse
         for h in hooks:
             h.remove()
+
     return undo
 
 

@@ -26,6 +26,7 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 5. the empty-context baseline keeps step t's search block and empties its documents;
 6. a step with no counterfactual pool (no other step of the batch) gets no IG.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,8 +87,10 @@ def build_prompt(tokenizer, question: str, template: Template) -> str:
     instruction = template.instruction.removesuffix("Question: ").strip()
     question = question.strip()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": instruction},
-                    {"role": "user", "content": "Question: " + question}]
+        messages = [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": "Question: " + question},
+        ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{instruction}\nQuestion: {question}\n"
 
@@ -106,11 +109,13 @@ def observation_text(documents: str, template: Template) -> str:
     return f"\n\n<{template.doc_tag}>{documents}</{template.doc_tag}>\n\n"
 
 
-def fit_documents(tokenizer, documents: str, template: Template, room: int
-                  ) -> tuple[str, str, list[int], int]:
+def fit_documents(
+    tokenizer, documents: str, template: Template, room: int
+) -> tuple[str, str, list[int], int]:
     """(documents, observation text, its ids, tokens cut): the documents' tail is cut until the
     observation holds at most `room` tokens (or the documents are empty), so no retriever, however
     long its passages, grows a response past max_response_tokens."""
+
     def encode(text: str) -> list[int]:  # inserted text: special-token strings stay plain text
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
@@ -201,11 +206,20 @@ def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tupl
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], list[str]], *,
-            template: Template = TEMPLATES["igsearch"], max_searches: int = 5,
-            max_turn_tokens: int = 512, max_response_tokens: int = 4096, temperature: float = 1.0,
-            generator: torch.Generator | None = None, turn: Callable = generate_turn
-            ) -> list[Trajectory]:
+def rollout(
+    model,
+    tokenizer,
+    prompts: list[str],
+    search: Callable[[list[str]], list[str]],
+    *,
+    template: Template = TEMPLATES["igsearch"],
+    max_searches: int = 5,
+    max_turn_tokens: int = 512,
+    max_response_tokens: int = 4096,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    turn: Callable = generate_turn,
+) -> list[Trajectory]:
     """Multi-turn batched rollout. `search(queries) -> documents text` is called once per turn.
 
     At most max_searches searches; the turn after the last allowed search must answer. `turn`
@@ -217,8 +231,15 @@ def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], 
         active = [t for t in trajs if not t.done]
         if not active:
             break
-        new = turn(model, tokenizer, [t.prompt_ids + t.response_ids for t in active],
-                   max_turn_tokens, temperature, generator, ("</search>", "</answer>"))
+        new = turn(
+            model,
+            tokenizer,
+            [t.prompt_ids + t.response_ids for t in active],
+            max_turn_tokens,
+            temperature,
+            generator,
+            ("</search>", "</answer>"),
+        )
         searching: list[tuple[Trajectory, str, tuple[int, int]]] = []
         for traj, ids in zip(active, new):
             text = tokenizer.decode(ids)
@@ -244,8 +265,9 @@ def rollout(model, tokenizer, prompts: list[str], search: Callable[[list[str]], 
             for (traj, q, span), d in zip(searching, docs):
                 # the documents may fill the budget but leave room for one more turn
                 room = max_response_tokens - max_turn_tokens - len(traj.response_ids)
-                d, obs, obs_ids, cut = fit_documents(tokenizer, sanitize_documents(d, specials),
-                                                     template, room)
+                d, obs, obs_ids, cut = fit_documents(
+                    tokenizer, sanitize_documents(d, specials), template, room
+                )
                 traj.append(obs_ids, obs, generated=False)  # loss mask 0: the environment's tokens
                 traj.steps.append(Step(query=q, documents=d, query_span=span, cut=cut))
                 if len(obs_ids) > room:  # not even the empty documents block fits: no more turns
@@ -323,8 +345,9 @@ class Evidence(NamedTuple):
 Draws = list[list[list[Evidence]]]  # draws[i][t]: the counterfactuals of step t of rollout i
 
 
-def ig_context(traj: Trajectory, t: int, template: Template,
-               replace: Evidence | None = None) -> str:
+def ig_context(
+    traj: Trajectory, t: int, template: Template, replace: Evidence | None = None
+) -> str:
     """C_t: prefix, the (search, documents, refine) blocks of steps s <= t joined by "\\n", then
     "\\n<answer> ". Think blocks between steps and all steps after t are dropped. `replace` swaps
     step t's (documents, refine) pair for another one: the counterfactual C_t^rand. The blocks are
@@ -347,8 +370,9 @@ def step_pairs(traj: Trajectory) -> list[Evidence]:
     return [Evidence(s.documents, s.refine or "") for s in traj.steps]
 
 
-def draw_counterfactuals(own: Evidence, pool: list[Evidence], n: int,
-                         generator: torch.Generator) -> list[Evidence]:
+def draw_counterfactuals(
+    own: Evidence, pool: list[Evidence], n: int, generator: torch.Generator
+) -> list[Evidence]:
     """N (documents, refine) pairs from the batch pool, never equal to the step's own pair; without
     replacement unless fewer than N remain."""
     others = [p for p in pool if p != own]
@@ -361,9 +385,12 @@ def draw_counterfactuals(own: Evidence, pool: list[Evidence], n: int,
     return [others[i] for i in idx]
 
 
-def plan_counterfactuals(pairs: list[list[Evidence]], n_random: int = 3,
-                         baseline: str = "random", generator: torch.Generator | None = None
-                         ) -> Draws:
+def plan_counterfactuals(
+    pairs: list[list[Evidence]],
+    n_random: int = 3,
+    baseline: str = "random",
+    generator: torch.Generator | None = None,
+) -> Draws:
     """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = no IG).
 
     pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents
@@ -397,13 +424,19 @@ class ScoreRequest:
     answer_ids: list[int]
 
 
-def score_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]],
-                   draws: Draws, template: Template,
-                   all_golds: bool = False) -> list[ScoreRequest]:
+def score_requests(
+    tokenizer,
+    trajs: list[Trajectory],
+    golds: list[list[str]],
+    draws: Draws,
+    template: Template,
+    all_golds: bool = False,
+) -> list[ScoreRequest]:
     """One ScoreRequest per scored step and gold (only the first gold unless all_golds)."""
     requests, ids = [], {}  # ids: each distinct text tokenised once
     tokenize = lambda text: ids.setdefault(  # noqa: E731
-        text, tokenizer(text, add_special_tokens=False).input_ids)
+        text, tokenizer(text, add_special_tokens=False).input_ids
+    )
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
             step.ig = None
@@ -412,8 +445,9 @@ def score_requests(tokenizer, trajs: list[Trajectory], golds: list[list[str]],
             contexts = [ig_context(traj, t, template)]
             contexts += [ig_context(traj, t, template, pair) for pair in draws[i][t]]
             for gold in golds[i] if all_golds else golds[i][:1]:
-                requests.append(ScoreRequest(i, t, [tokenize(c) for c in contexts],
-                                             tokenize(gold.strip())))
+                requests.append(
+                    ScoreRequest(i, t, [tokenize(c) for c in contexts], tokenize(gold.strip()))
+                )
     return requests
 
 
@@ -443,45 +477,64 @@ def answer_score(logp: torch.Tensor, head_tokens: int = 3, head_weight: float = 
 
 def truncate_left(context: list[int], answer: list[int], max_len: int) -> list[int]:
     """The context cut from the left so that context + answer fit max_len tokens."""
-    return context[max(0, len(context) + len(answer) - max_len):]
+    return context[max(0, len(context) + len(answer) - max_len) :]
 
 
 @torch.no_grad()
-def answer_scores(model, requests: list[ScoreRequest], pad_id: int, max_len: int,
-                  batch_size: int = 16, head_tokens: int = 3, head_weight: float = 3.0
-                  ) -> list[list[float]]:
+def answer_scores(
+    model,
+    requests: list[ScoreRequest],
+    pad_id: int,
+    max_len: int,
+    batch_size: int = 16,
+    head_tokens: int = 3,
+    head_weight: float = 3.0,
+) -> list[list[float]]:
     """s(a* | C) for every context of every request: one list of 1 + N scores per request.
 
     Each (context, answer) runs whole, left-padded in mini-batches of similar length; the LM head
     runs only on the answer positions (logits_to_keep).
     """
     device = next(model.parameters()).device
-    seqs = [truncate_left(c, r.answer_ids, max_len) + r.answer_ids
-            for r in requests for c in r.context_ids]
+    seqs = [
+        truncate_left(c, r.answer_ids, max_len) + r.answer_ids
+        for r in requests
+        for c in r.context_ids
+    ]
     n_ans = [len(r.answer_ids) for r in requests for _ in r.context_ids]
     flat = [0.0] * len(seqs)
     for idx in length_chunks([len(s) for s in seqs], batch_size):
         ids, attn, pos = left_pad([seqs[i] for i in idx], pad_id, device)  # (b, T)
         L = max(n_ans[i] for i in idx)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                       logits_to_keep=L + 1).logits  # (b, L+1, V)
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1
+        ).logits  # (b, L+1, V)
         logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (b, L): position p predicts token p+1
         for row, i in enumerate(idx):
-            flat[i] = answer_score(logp[row, L - n_ans[i]:], head_tokens, head_weight)
+            flat[i] = answer_score(logp[row, L - n_ans[i] :], head_tokens, head_weight)
     out, k = [], 0
     for r in requests:
-        out.append(flat[k: k + len(r.context_ids)])
+        out.append(flat[k : k + len(r.context_ids)])
         k += len(r.context_ids)
     return out
 
 
 @torch.no_grad()
-def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list[str]],
-                     draws: Draws, *,
-                     template: Template = TEMPLATES["igsearch"], all_golds: bool = False,
-                     max_len: int = 2048, batch_size: int = 16, head_tokens: int = 3,
-                     head_weight: float = 3.0, score: Callable = answer_scores
-                     ) -> list[list[float | None]]:
+def information_gain(
+    model,
+    tokenizer,
+    trajs: list[Trajectory],
+    golds: list[list[str]],
+    draws: Draws,
+    *,
+    template: Template = TEMPLATES["igsearch"],
+    all_golds: bool = False,
+    max_len: int = 2048,
+    batch_size: int = 16,
+    head_tokens: int = 3,
+    head_weight: float = 3.0,
+    score: Callable = answer_scores,
+) -> list[list[float | None]]:
     """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig.
 
     draws: the counterfactuals of each step (plan_counterfactuals). `score` is answer_scores, or
@@ -490,8 +543,9 @@ def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list
     Returns, per trajectory, the raw IG of each step (None where a step gets no IG).
     """
     requests = score_requests(tokenizer, trajs, golds, draws, template, all_golds)
-    scores = score(model, requests, pad_token_id(tokenizer), max_len, batch_size, head_tokens,
-                   head_weight)
+    scores = score(
+        model, requests, pad_token_id(tokenizer), max_len, batch_size, head_tokens, head_weight
+    )
     best: dict[tuple[int, int], float] = {}  # (i, t) -> real score of the best gold so far
     for r, (real, *rand) in zip(requests, scores):
         if (r.traj, r.step) not in best or real > best[(r.traj, r.step)]:
@@ -503,8 +557,9 @@ def information_gain(model, tokenizer, trajs: list[Trajectory], golds: list[list
 # ----------------------------------------------------------------- 5. shaping and advantages
 
 
-def shape_ig(ig: float, dead_zone: float = 0.0, neg_scale: float = 1.0,
-             clip: float | None = None) -> float:
+def shape_ig(
+    ig: float, dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None
+) -> float:
     """IG~: 0 inside the dead zone |IG| < delta, eta * IG when negative, then clipped to [-c, c]."""
     if abs(ig) < dead_zone:
         return 0.0
@@ -522,14 +577,15 @@ def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[lis
     """
     out = []
     for g in range(0, len(igs), group_size):
-        scored = [v for row in igs[g: g + group_size] for v in row if v is not None]
+        scored = [v for row in igs[g : g + group_size] for v in row if v is not None]
         mean = sum(scored) / len(scored) if scored else 0.0
-        out += [[None if v is None else v - mean for v in row] for row in igs[g: g + group_size]]
+        out += [[None if v is None else v - mean for v in row] for row in igs[g : g + group_size]]
     return out
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """A_i = (R_i - mean_G R) / (std_G R + eps) over consecutive groups of G rollouts.
 
     (B,) -> (B,)."""
@@ -540,10 +596,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     return adv.reshape(-1)  # (B,)
 
 
-def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
-                     dead_zone: float = 0.0, neg_scale: float = 1.0, clip: float | None = None,
-                     center_groups: int = 0, step_values: list[list[float | None]] | None = None
-                     ) -> list[torch.Tensor]:
+def token_advantages(
+    trajs: list[Trajectory],
+    adv: torch.Tensor,
+    alpha: float,
+    dead_zone: float = 0.0,
+    neg_scale: float = 1.0,
+    clip: float | None = None,
+    center_groups: int = 0,
+    step_values: list[list[float | None]] | None = None,
+) -> list[torch.Tensor]:
     """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
 
     center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
@@ -568,8 +630,9 @@ def token_advantages(trajs: list[Trajectory], adv: torch.Tensor, alpha: float,
 # ------------------------------------------------------------------------------------- 6. loss
 
 
-def response_batch(trajs: list[Trajectory], pad_id: int, device=None,
-                   advantages: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def response_batch(
+    trajs: list[Trajectory], pad_id: int, device=None, advantages: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded prompt+response ids and the right-aligned response targets, loss mask and, when
     given, the per-token advantages A_{i,p} (one (R_i,) tensor per trajectory; 0 on padding).
 
@@ -579,11 +642,17 @@ def response_batch(trajs: list[Trajectory], pad_id: int, device=None,
     ids, attn, pos = left_pad(seqs, pad_id, device)  # (B, T)
     R = max(len(t.response_ids) for t in trajs)
     mask, _, _ = left_pad([t.loss_mask for t in trajs], 0, device)  # (B, R)
-    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "targets": ids[:, -R:],
-             "loss_mask": mask}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": pos,
+        "targets": ids[:, -R:],
+        "loss_mask": mask,
+    }
     if advantages is not None:
         batch["advantages"] = torch.stack(
-            [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]).to(device)  # (B, R)
+            [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]
+        ).to(device)  # (B, R)
     return batch
 
 
@@ -591,17 +660,26 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """log pi(y_p | y_<p) at the response positions, and the policy entropy there, both (B, R) and
     0 where the loss mask is 0; logp keeps its gradient, the entropy has none."""
     R = batch["targets"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False,
-                   logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V): p predicts token p + 1
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=R + 1,
+    ).logits[:, :-1]  # (B, R, V): p predicts token p + 1
     logp, entropy = token_logprobs(logits, batch["targets"], entropy=True)  # (B, R) each
     mask = batch["loss_mask"].to(logp.dtype)
     return logp * mask, entropy * mask
 
 
-def policy_loss(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                n_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    n_tokens: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE with a baseline: loss = - sum_p mask_p A_p log pi_p / sum_p mask_p (+ kl_coef KL).
 
     KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1, on the same tokens. All (B, R).

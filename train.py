@@ -8,12 +8,12 @@
 Each step: sample questions -> G rollouts each -> exact-match reward and IG per search step ->
 group advantages plus alpha * IG on query tokens -> one REINFORCE update -> one log line.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import random
 import resource
 import sys
@@ -33,11 +33,10 @@ import igsearch as ig
 import lm
 import prepare
 from config import Config, check_config, estimate_seconds, method_name, parse_config
-from errors import InputError, OneLineParser
+from errors import InputError
 from evaluate import evaluate, format_table
 from retriever import RetrieverError, make_search
 from warmup import warmup
-
 
 
 class TrainingError(RuntimeError):
@@ -54,18 +53,27 @@ def sample_questions(train_q: list[dict], cfg: Config, gen: torch.Generator) -> 
     return [train_q[i] for i in idx.tolist()[dd.shard(len(idx))] for _ in range(cfg.group_size)]
 
 
-def generate_rollouts(policy, tokenizer, questions: list[dict], search, cfg: Config, generator
-                      ) -> list[ig.Trajectory]:
+def generate_rollouts(
+    policy, tokenizer, questions: list[dict], search, cfg: Config, generator
+) -> list[ig.Trajectory]:
     """ig.rollout of every question, in chunks of at most cfg.rollout_batch (0 = all at once)."""
     tpl = ig.TEMPLATES[cfg.template]
     prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in questions]
     size, trajs = cfg.rollout_batch or len(prompts), []
     for k in range(0, len(prompts), size):
-        trajs += ig.rollout(policy, tokenizer, prompts[k: k + size], search, template=tpl,
-                            max_searches=cfg.max_searches, max_turn_tokens=cfg.max_turn_tokens,
-                            max_response_tokens=cfg.max_response_tokens,
-                            temperature=cfg.temperature, generator=generator,
-                            turn=fast.CachedTurns() if cfg.fast else lm.generate_turn)
+        trajs += ig.rollout(
+            policy,
+            tokenizer,
+            prompts[k : k + size],
+            search,
+            template=tpl,
+            max_searches=cfg.max_searches,
+            max_turn_tokens=cfg.max_turn_tokens,
+            max_response_tokens=cfg.max_response_tokens,
+            temperature=cfg.temperature,
+            generator=generator,
+            turn=fast.CachedTurns() if cfg.fast else lm.generate_turn,
+        )
     return trajs
 
 
@@ -74,43 +82,70 @@ def alpha_of(cfg: Config) -> float:
     return 0.0 if cfg.outcome_only else cfg.ig_alpha
 
 
-def counterfactual_draws(trajs: list[ig.Trajectory], cfg: Config, gen: torch.Generator
-                         ) -> ig.Draws:
+def counterfactual_draws(trajs: list[ig.Trajectory], cfg: Config, gen: torch.Generator) -> ig.Draws:
     """This rank's share of the IG baselines, drawn over every rank's steps in rank order: the same
     pool and draw as one process holding the whole batch."""
     parts = dd.all_gather([ig.step_pairs(t) for t in trajs])  # one list per rank
     first = sum(len(p) for p in parts[: dd.rank()])
-    draws = ig.plan_counterfactuals([x for p in parts for x in p], cfg.ig_n_random,
-                                    cfg.ig_baseline, gen)
-    return draws[first: first + len(trajs)]
+    draws = ig.plan_counterfactuals(
+        [x for p in parts for x in p], cfg.ig_n_random, cfg.ig_baseline, gen
+    )
+    return draws[first : first + len(trajs)]
 
 
-def step_values(policy, tokenizer, trajs: list[ig.Trajectory], golds: list[list[str]],
-                cfg: Config, gen: torch.Generator) -> list[list[float | None]] | None:
+def step_values(
+    policy,
+    tokenizer,
+    trajs: list[ig.Trajectory],
+    golds: list[list[str]],
+    cfg: Config,
+    gen: torch.Generator,
+) -> list[list[float | None]] | None:
     """What alpha weighs on each search step's query tokens: IG_t (the paper; also sets step.ig),
     or, for the hit-bonus baseline, 1 where the step's documents hold a gold answer and 0 where
     not. None when alpha is 0 (outcome-only): nothing is scored."""
     if alpha_of(cfg) == 0:
         return None
     if cfg.step_reward == "hit":
-        return [[float(ig.documents_hold_answer(st.documents, g)) for st in t.steps]
-                for t, g in zip(trajs, golds)]
+        return [
+            [float(ig.documents_hold_answer(st.documents, g)) for st in t.steps]
+            for t, g in zip(trajs, golds)
+        ]
     draws = counterfactual_draws(trajs, cfg, gen)
     return ig.information_gain(
-        policy, tokenizer, trajs, golds, draws, template=ig.TEMPLATES[cfg.template],
-        all_golds=cfg.ig_all_golds, max_len=cfg.ig_max_len, batch_size=cfg.ig_batch_size,
+        policy,
+        tokenizer,
+        trajs,
+        golds,
+        draws,
+        template=ig.TEMPLATES[cfg.template],
+        all_golds=cfg.ig_all_golds,
+        max_len=cfg.ig_max_len,
+        batch_size=cfg.ig_batch_size,
         head_weight=cfg.ig_head_weight,
-        score=fast.answer_scores_shared_prefix if cfg.fast else ig.answer_scores)
+        score=fast.answer_scores_shared_prefix if cfg.fast else ig.answer_scores,
+    )
 
 
-def advantages(trajs: list[ig.Trajectory], rewards: torch.Tensor,
-               values: list[list[float | None]] | None, cfg: Config) -> list[torch.Tensor]:
+def advantages(
+    trajs: list[ig.Trajectory],
+    rewards: torch.Tensor,
+    values: list[list[float | None]] | None,
+    cfg: Config,
+) -> list[torch.Tensor]:
     """A_{i,p} = A_i + alpha * v~_t / |Q_t| on the query tokens of step t, A_i elsewhere; A_i is the
     group baseline (GRPO) and v_t the step value (IG_t), shaped. One (R_i,) tensor per rollout."""
     adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
-    return ig.token_advantages(trajs, adv, alpha_of(cfg), cfg.ig_dead_zone, cfg.ig_neg_scale,
-                               cfg.ig_clip or None, cfg.group_size if cfg.ig_center else 0,
-                               values or [[None] * len(t.steps) for t in trajs])
+    return ig.token_advantages(
+        trajs,
+        adv,
+        alpha_of(cfg),
+        cfg.ig_dead_zone,
+        cfg.ig_neg_scale,
+        cfg.ig_clip or None,
+        cfg.group_size if cfg.ig_center else 0,
+        values or [[None] * len(t.steps) for t in trajs],
+    )
 
 
 def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) -> dict:
@@ -127,20 +162,22 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
     n_tokens = dd.all_sum([float(sum(sum(t.loss_mask) for t in trajs))])[0]  # sum_p mask_p, global
     loss_sum, kl_sum, entropies = 0.0, 0.0, []
     for k in range(0, len(trajs), cfg.micro_batch):
-        mb = trajs[k: k + cfg.micro_batch]
-        batch = ig.response_batch(mb, tokenizer.pad_token_id, model.device,
-                                  tok_adv[k: k + cfg.micro_batch])
+        mb = trajs[k : k + cfg.micro_batch]
+        batch = ig.response_batch(
+            mb, tokenizer.pad_token_id, model.device, tok_adv[k : k + cfg.micro_batch]
+        )
         with bf16(model.device):
             logp, entropy = logprobs(model, batch)  # (b, R)
             ref_logp = None
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logp, _ = logprobs(ref_model, batch)
-            loss, kl = ig.policy_loss(logp, batch["advantages"], batch["loss_mask"], ref_logp,
-                                      cfg.kl_coef, n_tokens)
+            loss, kl = ig.policy_loss(
+                logp, batch["advantages"], batch["loss_mask"], ref_logp, cfg.kl_coef, n_tokens
+            )
         fast.backward(loss) if cfg.fast else loss.backward()
         loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
-        entropies += [row[len(row) - len(t.response_ids):].cpu() for row, t in zip(entropy, mb)]
+        entropies += [row[len(row) - len(t.response_ids) :].cpu() for row, t in zip(entropy, mb)]
     dd.all_reduce_grads(model)
     loss_sum, kl_sum = dd.all_sum([loss_sum, kl_sum])
     grad_norm = dd.clip_grad_norm(model, cfg.grad_clip)
@@ -148,8 +185,13 @@ def update(model, ref_model, tokenizer, trajs, tok_adv, optimizer, cfg: Config) 
     if finite:
         optimizer.step()
     optimizer.zero_grad()
-    return {"loss": loss_sum, "kl": kl_sum, "grad_norm": grad_norm, "skipped": not finite,
-            "token_entropy": entropies}
+    return {
+        "loss": loss_sum,
+        "kl": kl_sum,
+        "grad_norm": grad_norm,
+        "skipped": not finite,
+        "token_entropy": entropies,
+    }
 
 
 class SearchStats(NamedTuple):
@@ -175,21 +217,38 @@ class RolloutStats:
     query: int  # its query tokens
 
 
-def rollout_stats(traj: ig.Trajectory, golds: list[str], reward: float,
-                  entropy: torch.Tensor) -> RolloutStats:
+def rollout_stats(
+    traj: ig.Trajectory, golds: list[str], reward: float, entropy: torch.Tensor
+) -> RolloutStats:
     """RolloutStats of one rollout; entropy (R,) is update's token entropy, 0 off the loss mask."""
     spans = [torch.arange(*s.query_span) for s in traj.steps]
     query = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
     return RolloutStats(
-        reward, [SearchStats(ig.documents_hold_answer(s.documents, golds), s.ig, s.cut > 0)
-                 for s in traj.steps],
-        len(traj.response_ids), ig.extract_answer(traj) is not None, traj.truncated,
-        float(entropy.sum()), sum(traj.loss_mask), float(entropy[query].sum()), len(query))
+        reward,
+        [
+            SearchStats(ig.documents_hold_answer(s.documents, golds), s.ig, s.cut > 0)
+            for s in traj.steps
+        ],
+        len(traj.response_ids),
+        ig.extract_answer(traj) is not None,
+        traj.truncated,
+        float(entropy.sum()),
+        sum(traj.loss_mask),
+        float(entropy[query].sum()),
+        len(query),
+    )
 
 
-def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
-                rewards: torch.Tensor, cfg: Config, stats: dict, times: list[float],
-                device: torch.device) -> dict:
+def step_record(
+    step: int,
+    trajs: list[ig.Trajectory],
+    golds: list[list[str]],
+    rewards: torch.Tensor,
+    cfg: Config,
+    stats: dict,
+    times: list[float],
+    device: torch.device,
+) -> dict:
     """The step's log line over the global batch: every rank's rollouts gathered (times: rank 0's).
 
     hit: share of search steps whose documents hold a gold answer; hit1: share of rollouts whose
@@ -198,8 +257,10 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
     search steps whose documents were cut to the response budget; query_entropy near 0: the
     queries are fixed and IG's gradient on them (~ 1 - p) vanishes.
     """
-    mine = [rollout_stats(t, g, r, e) for t, g, r, e in
-            zip(trajs, golds, rewards.tolist(), stats["token_entropy"])]
+    mine = [
+        rollout_stats(t, g, r, e)
+        for t, g, r, e in zip(trajs, golds, rewards.tolist(), stats["token_entropy"])
+    ]
     ranks = [part[0] for part in dd.all_gather([(peak_memory_gb(device), mine)])]  # in rank order
     rolls = [r for _, rank_rolls in ranks for r in rank_rolls]
     mem = max(gb for gb, _ in ranks)
@@ -209,30 +270,49 @@ def step_record(step: int, trajs: list[ig.Trajectory], golds: list[list[str]],
     total = lambda key: sum(getattr(r, key) for r in rolls)  # noqa: E731
     rewards_all = [r.reward for r in rolls]
     zero_adv = (torch.tensor(rewards_all).view(-1, cfg.group_size).std(-1) == 0).float().mean()
-    return {"step": step + 1, "reward": mean(rewards_all), "em": mean(rewards_all),
-            "ig_mean": mean(igs), "ig_pos": mean([v > 0 for v in igs]),
-            "hit": mean([s.hit for s in steps]),
-            "hit1": mean([bool(r.searches) and r.searches[0].hit for r in rolls]),
-            "ig_hit": mean([s.ig for s in steps if s.hit and s.ig is not None]),
-            "ig_miss": mean([s.ig for s in steps if not s.hit and s.ig is not None]),
-            "docs_cut": mean([s.cut for s in steps]),
-            "searches": mean([len(r.searches) for r in rolls]),
-            "length": mean([r.length for r in rolls]),
-            "zero_adv_groups": float(zero_adv), "valid": mean([r.valid for r in rolls]),
-            "truncated": mean([r.truncated for r in rolls]), "loss": stats["loss"],
-            "kl": stats["kl"], "entropy": total("entropy") / max(total("trained"), 1),
-            "query_entropy": total("query_entropy") / max(total("query"), 1),
-            "grad_norm": stats["grad_norm"], "skipped": stats["skipped"],
-            "t_rollout": times[1] - times[0], "t_ig": times[2] - times[1],
-            "t_update": times[3] - times[2], "mem_gb": mem}
+    return {
+        "step": step + 1,
+        "reward": mean(rewards_all),
+        "em": mean(rewards_all),
+        "ig_mean": mean(igs),
+        "ig_pos": mean([v > 0 for v in igs]),
+        "hit": mean([s.hit for s in steps]),
+        "hit1": mean([bool(r.searches) and r.searches[0].hit for r in rolls]),
+        "ig_hit": mean([s.ig for s in steps if s.hit and s.ig is not None]),
+        "ig_miss": mean([s.ig for s in steps if not s.hit and s.ig is not None]),
+        "docs_cut": mean([s.cut for s in steps]),
+        "searches": mean([len(r.searches) for r in rolls]),
+        "length": mean([r.length for r in rolls]),
+        "zero_adv_groups": float(zero_adv),
+        "valid": mean([r.valid for r in rolls]),
+        "truncated": mean([r.truncated for r in rolls]),
+        "loss": stats["loss"],
+        "kl": stats["kl"],
+        "entropy": total("entropy") / max(total("trained"), 1),
+        "query_entropy": total("query_entropy") / max(total("query"), 1),
+        "grad_norm": stats["grad_norm"],
+        "skipped": stats["skipped"],
+        "t_rollout": times[1] - times[0],
+        "t_ig": times[2] - times[1],
+        "t_update": times[3] - times[2],
+        "mem_gb": mem,
+    }
 
 
 def evaluate_on(s: Setup, questions: list[dict], desc: str) -> dict:
     """Greedy EM of the policy on held-out questions (rank 0 alone holds them)."""
     with bf16(s.device):
-        return evaluate(s.policy, s.tokenizer, questions, s.search, desc=desc,
-                        batch_size=s.cfg.eval_batch, template=s.cfg.template,
-                        max_searches=s.cfg.max_searches, max_turn_tokens=s.cfg.max_turn_tokens)[0]
+        return evaluate(
+            s.policy,
+            s.tokenizer,
+            questions,
+            s.search,
+            desc=desc,
+            batch_size=s.cfg.eval_batch,
+            template=s.cfg.template,
+            max_searches=s.cfg.max_searches,
+            max_turn_tokens=s.cfg.max_turn_tokens,
+        )[0]
 
 
 def validate(s: Setup, step: int) -> dict:
@@ -285,8 +365,16 @@ class Setup:
     step: int = 0
 
     def save(self, step: int) -> None:
-        ckpt.save_checkpoint(self.run, self.policy, self.tokenizer, self.model, self.optimizer,
-                             step, dataclasses.asdict(self.cfg), self.gens)
+        ckpt.save_checkpoint(
+            self.run,
+            self.policy,
+            self.tokenizer,
+            self.model,
+            self.optimizer,
+            step,
+            dataclasses.asdict(self.cfg),
+            self.gens,
+        )
 
     def sync_policy(self) -> None:
         """With FSDP, refresh the full copy that samples, scores and is saved (every rank)."""
@@ -301,9 +389,11 @@ def set_up(cfg: Config, resume: str) -> Setup:
     device, main = dd.setup(), dd.is_main()  # only rank 0 (main) prints and writes files
     check_config(cfg, dd.world_size())
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
-    gens = {"data": torch.Generator().manual_seed(cfg.seed),
-            "ig": torch.Generator().manual_seed(cfg.seed + 1),
-            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank())}
+    gens = {
+        "data": torch.Generator().manual_seed(cfg.seed),
+        "ig": torch.Generator().manual_seed(cfg.seed + 1),
+        "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * dd.rank()),
+    }
     run = Path(resume or cfg.out_dir)
     table = run / "table.json"  # a resumed run's rows so far, read before any work
     table = ckpt.read_json(table) if resume and table.exists() else {}
@@ -315,25 +405,37 @@ def set_up(cfg: Config, resume: str) -> Setup:
             raise InputError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         if device.type == "cpu" and not cfg.model:
-            print(f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
-                  f"rates, config.CPU_SECONDS); each phase's bar shows its own ETA")
+            print(
+                f"estimate: ~{estimate_seconds(cfg) / 60:.0f} min on 2 CPU cores (measured "
+                f"rates, config.CPU_SECONDS); each phase's bar shows its own ETA"
+            )
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
     data = {} if own_data else prepare.default_data(cfg.task)
     train_file = cfg.train_data or data["train"]
-    train_q, val_q = prepare.split_validation(prepare.load_questions(train_file),
-                                              cfg.val_questions if cfg.eval_every else 0)
+    train_q, val_q = prepare.split_validation(
+        prepare.load_questions(train_file), cfg.val_questions if cfg.eval_every else 0
+    )
     if not train_q:
-        raise InputError(f"config: val_questions={cfg.val_questions} leaves no training questions "
-                         f"in {train_file}")
+        raise InputError(
+            f"config: val_questions={cfg.val_questions} leaves no training questions "
+            f"in {train_file}"
+        )
     test_file = cfg.test_data or data.get("test", "")
     test_q = []
     if test_file and cfg.eval_questions:
         test_q = prepare.load_questions(test_file)[: cfg.eval_questions]
-    search = make_search(cfg.corpus or data.get("corpus", ""), cfg.retriever_url, cfg.topk,
-                         cfg.doc_words or None, cfg.retriever_timeout, cfg.retriever_retries)
+    search = make_search(
+        cfg.corpus or data.get("corpus", ""),
+        cfg.retriever_url,
+        cfg.topk,
+        cfg.doc_words or None,
+        cfg.retriever_timeout,
+        cfg.retriever_retries,
+    )
     start_model = str(ckpt.last_checkpoint(run)) if resume else cfg.model
-    model, tokenizer = prepare.load_model(start_model, device, cfg.trust_remote_code,
-                                          dtype=torch.float32)
+    model, tokenizer = prepare.load_model(
+        start_model, device, cfg.trust_remote_code, dtype=torch.float32
+    )
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
     policy = model
@@ -342,8 +444,20 @@ def set_up(cfg: Config, resume: str) -> Setup:
         dd.shard_model(model)
     elif cfg.fast:  # (FSDP's sharded gradients stay dense)
         fast.lean_backward(model)
-    s = Setup(cfg, run, device, model, policy, tokenizer, search, train_q,
-              val_q if main else [], test_q if main else [], gens, table=table)
+    s = Setup(
+        cfg,
+        run,
+        device,
+        model,
+        policy,
+        tokenizer,
+        search,
+        train_q,
+        val_q if main else [],
+        test_q if main else [],
+        gens,
+        table=table,
+    )
     s.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if resume:
         s.step = ckpt.load_state(run, model, s.optimizer, gens)
@@ -385,16 +499,18 @@ def train(cfg: Config, resume: str = "") -> dict:
     if cfg.kl_coef > 0:
         s.ref_model = frozen_copy(s.policy, s.device)
     bad_steps = 0
-    for step in tqdm(range(s.step, cfg.steps), desc="train", initial=s.step, total=cfg.steps,
-                     disable=not main):
+    for step in tqdm(
+        range(s.step, cfg.steps), desc="train", initial=s.step, total=cfg.steps, disable=not main
+    ):
         # ---- 1. rollouts: G of each of the step's questions
         t0 = time.time()
         qs = sample_questions(s.train_q, cfg, s.gens["data"])
         s.policy.eval()
         try:
             with bf16(s.device):
-                trajs = generate_rollouts(s.policy, s.tokenizer, qs, s.search, cfg,
-                                          s.gens["sample"])
+                trajs = generate_rollouts(
+                    s.policy, s.tokenizer, qs, s.search, cfg, s.gens["sample"]
+                )
         except RetrieverError:  # keep the work so far, then stop with the retriever's message
             if not cfg.fsdp:  # (FSDP's state gathering needs every rank, which may not be here)
                 s.save(step)
@@ -402,8 +518,9 @@ def train(cfg: Config, resume: str = "") -> dict:
         t1 = time.time()
         # ---- 2. rewards and IG: R_i = EM, and the value of every search step (IG_t)
         golds = [q["golden_answers"] for q in qs]
-        rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g)
-                                for t, g in zip(trajs, golds)])  # (B,)
+        rewards = torch.tensor(
+            [ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, golds)]
+        )  # (B,)
         with bf16(s.device):
             values = step_values(s.policy, s.tokenizer, trajs, golds, cfg, s.gens["ig"])
         t2 = time.time()
@@ -419,13 +536,18 @@ def train(cfg: Config, resume: str = "") -> dict:
             rec.update(validate(s, step + 1))
         if main:
             ckpt.append_record(s.run / "metrics.jsonl", rec)
-            tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in rec.items()))
+            tqdm.write(
+                " ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                )
+            )
         bad_steps = bad_steps + 1 if stats["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(f"{s.run}: {bad_steps} steps in a row had a non-finite loss or "
-                                f"gradient; stopped at step {step + 1}, the last good checkpoint "
-                                f"is {s.run / 'checkpoint'}")
+            raise TrainingError(
+                f"{s.run}: {bad_steps} steps in a row had a non-finite loss or "
+                f"gradient; stopped at step {step + 1}, the last good checkpoint "
+                f"is {s.run / 'checkpoint'}"
+            )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             s.save(step + 1)
     if cfg.steps == 0:  # a warm-up-only run: keep the warmed-up model as the run's checkpoint

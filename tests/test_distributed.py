@@ -5,6 +5,7 @@ The two ranks are launched as torchrun would launch them (RANK, WORLD_SIZE, MAST
 of the same code on the same global batch. Uneven shares on purpose: three groups over two ranks.
 With --fsdp (`fsdp_worker`) the shares are even, as FSDP requires: every rank runs the same forward passes.
 """
+
 import copy
 import dataclasses
 import json
@@ -20,17 +21,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
+
 import igsearch as ig  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 import warmup  # noqa: E402
 from igsearch import Step, Trajectory  # noqa: E402
-from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
 
 GROUP = 2  # rollouts per question; 3 questions -> rank 0 holds 1 group, rank 1 holds 2
-PASSAGES = [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is the capital of Germany."),
-            ("Rome", "Rome is the capital of Italy."), ("Hamlet", "Hamlet is a tragedy by Shakespeare."),
-            ("Nile", "The Nile is a long river in Africa."), ("Moon", "The Moon orbits the Earth.")]
+PASSAGES = [
+    ("Paris", "Paris is the capital of France."),
+    ("Berlin", "Berlin is the capital of Germany."),
+    ("Rome", "Rome is the capital of Italy."),
+    ("Hamlet", "Hamlet is a tragedy by Shakespeare."),
+    ("Nile", "The Nile is a long river in Africa."),
+    ("Moon", "The Moon orbits the Earth."),
+]
 
 
 def update_batch(tokenizer, groups: int = 3) -> tuple[list[Trajectory], list[torch.Tensor]]:
@@ -39,9 +46,14 @@ def update_batch(tokenizer, groups: int = 3) -> tuple[list[Trajectory], list[tor
     trajs, tok_adv = [], []
     for k in range(groups * GROUP):
         title, text = PASSAGES[k % len(PASSAGES)]
-        pieces = [(f"<search> {'which city ' * (k % 3)}{title} </search>", True),
-                  (ig.observation_text(f'Doc 1(Title: "{title}") {text}', ig.TEMPLATES["igsearch"]), False),
-                  (f"<answer> {title} </answer><|im_end|>", True)]
+        pieces = [
+            (f"<search> {'which city ' * (k % 3)}{title} </search>", True),
+            (
+                ig.observation_text(f'Doc 1(Title: "{title}") {text}', ig.TEMPLATES["igsearch"]),
+                False,
+            ),
+            (f"<answer> {title} </answer><|im_end|>", True),
+        ]
         t = warmup.supervised_trajectory(tokenizer, f"Question {k}: {text}?", pieces)
         trajs.append(t)
         tok_adv.append(torch.randn(len(t.response_ids), generator=gen))
@@ -54,8 +66,13 @@ def ig_batch() -> tuple[list[Trajectory], list[list[str]]]:
     for k in range(3 * GROUP):
         t = Trajectory([], f"Question {k}?")
         t.prefix_text = f"Question {k}?"
-        docs = [f'Doc 1(Title: "{PASSAGES[(k + j) % 6][0]}") {PASSAGES[(k + j) % 6][1]}' for j in range(k % 3)]
-        t.steps = [Step(f"q{k}{j}", d, (0, 0), f"refine {j}" if j else "") for j, d in enumerate(docs)]
+        docs = [
+            f'Doc 1(Title: "{PASSAGES[(k + j) % 6][0]}") {PASSAGES[(k + j) % 6][1]}'
+            for j in range(k % 3)
+        ]
+        t.steps = [
+            Step(f"q{k}{j}", d, (0, 0), f"refine {j}" if j else "") for j, d in enumerate(docs)
+        ]
         trajs.append(t)
     trajs[4].steps[0].documents = "  "  # no IG for this step
     trajs[5].steps[1].documents = "short"  # not in the counterfactual pool, still scored
@@ -65,28 +82,53 @@ def ig_batch() -> tuple[list[Trajectory], list[list[str]]]:
 def local_share(items: list) -> list:
     """This rank's whole groups, as train.py takes them."""
     import distributed as dd
-    groups = [items[g: g + GROUP] for g in range(0, len(items), GROUP)]
+
+    groups = [items[g : g + GROUP] for g in range(0, len(items), GROUP)]
     return [x for grp in groups[dd.shard(len(groups))] for x in grp]
 
 
 def train_config(files: dict, out_dir: str) -> train.Config:
-    return train.Config(model=files["model"], corpus=files["corpus"], train_data=files["qa"], questions_per_step=3,
-                        group_size=GROUP, max_searches=1, max_turn_tokens=6, temperature=0.0, steps=2, lr=1e-3,
-                        kl_coef=0.01, micro_batch=2, rollout_batch=3, warmup_examples=4, warmup_batch=2,
-                        eval_questions=0, save_every=1, out_dir=out_dir)
+    return train.Config(
+        model=files["model"],
+        corpus=files["corpus"],
+        train_data=files["qa"],
+        questions_per_step=3,
+        group_size=GROUP,
+        max_searches=1,
+        max_turn_tokens=6,
+        temperature=0.0,
+        steps=2,
+        lr=1e-3,
+        kl_coef=0.01,
+        micro_batch=2,
+        rollout_batch=3,
+        warmup_examples=4,
+        warmup_batch=2,
+        eval_questions=0,
+        save_every=1,
+        out_dir=out_dir,
+    )
 
 
 def worker(args_path: str) -> None:
     """One rank: an update on its share, its share of the IG draw and scores, then a short training run."""
     import distributed as dd
+
     args = json.loads(Path(args_path).read_text())
     dd.setup()
     out = Path(args["out"])
     model, tok = prepare.load_model(args["files"]["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train.update(model, copy.deepcopy(model), tok, local_share(trajs), local_share(tok_adv), opt,
-                         train.Config(micro_batch=2, kl_coef=0.1))
+    stats = train.update(
+        model,
+        copy.deepcopy(model),
+        tok,
+        local_share(trajs),
+        local_share(tok_adv),
+        opt,
+        train.Config(micro_batch=2, kl_coef=0.1),
+    )
     torch.save({"params": model.state_dict(), "stats": stats}, out / f"update{dd.rank()}.pt")
 
     trajs, golds = ig_batch()
@@ -95,7 +137,9 @@ def worker(args_path: str) -> None:
     igs = ig.information_gain(model, tok, mine, local_share(golds), draws, max_len=512)
     all_draws, all_igs = dd.all_gather(draws), dd.all_gather(igs)
     if dd.is_main():
-        (out / "ig.json").write_text(json.dumps({"draws": sum(all_draws, []), "igs": sum(all_igs, [])}))
+        (out / "ig.json").write_text(
+            json.dumps({"draws": sum(all_draws, []), "igs": sum(all_igs, [])})
+        )
 
     train.train(train_config(args["files"], str(out / "run")))
     dd.cleanup()
@@ -119,25 +163,42 @@ def fsdp_worker(args_path: str) -> None:
     """One rank with FSDP: an AdamW update of a sharded model, a training run, and the same run stopped
     after one step and resumed from its checkpoint."""
     import distributed as dd
+
     args = json.loads(Path(args_path).read_text())
     dd.setup()
     out = Path(args["out"])
     for tied in (True, False):
         model, tok = load_tiny(args["files"]["model"], tied)
-        trajs, tok_adv = update_batch(tok, groups=4)  # two micro-batches per rank: gradient accumulation
+        trajs, tok_adv = update_batch(
+            tok, groups=4
+        )  # two micro-batches per rank: gradient accumulation
         dd.shard_model(model)
         assert dd.is_sharded(model)
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-        stats = train.update(model, None, tok, local_share(trajs), local_share(tok_adv), opt,
-                             train.Config(micro_batch=2))
+        stats = train.update(
+            model,
+            None,
+            tok,
+            local_share(trajs),
+            local_share(tok_adv),
+            opt,
+            train.Config(micro_batch=2),
+        )
         full = {name: p.full_tensor() for name, p in model.named_parameters()}
-        local = sum(p.to_local().numel() for p in model.parameters())  # this rank's share of the weights
+        local = sum(
+            p.to_local().numel() for p in model.parameters()
+        )  # this rank's share of the weights
         if dd.is_main():
-            torch.save({"params": full, "stats": stats, "local": local}, out / f"fsdp_update_tied{tied}.pt")
+            torch.save(
+                {"params": full, "stats": stats, "local": local}, out / f"fsdp_update_tied{tied}.pt"
+            )
 
     train.train(fsdp_config(args["files"], str(out / "fsdp_run"), fsdp=True))
     train.train(fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True, steps=1))
-    train.train(fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True), resume=str(out / "fsdp_resumed"))
+    train.train(
+        fsdp_config(args["files"], str(out / "fsdp_resumed"), fsdp=True),
+        resume=str(out / "fsdp_resumed"),
+    )
     dd.cleanup()
 
 
@@ -150,20 +211,42 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def files(tiny_run_files):
     """The tiny model folder, ten-passage corpus and question file of test_train."""
-    return {"model": tiny_run_files["model"], "corpus": tiny_run_files["corpus"], "qa": tiny_run_files["train_data"]}
+    return {
+        "model": tiny_run_files["model"],
+        "corpus": tiny_run_files["corpus"],
+        "qa": tiny_run_files["train_data"],
+    }
 
 
 def launch(worker: str, files: dict, out: Path) -> list[str]:
     """Run test_distributed.<worker> on two gloo ranks, as torchrun would; returns each rank's stdout."""
     (out / "args.json").write_text(json.dumps({"files": files, "out": str(out)}))
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
-            f"import test_distributed as t; t.{worker}(sys.argv[1])")
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    logs = [(open(out / f"rank{r}.out", "w"), open(out / f"rank{r}.err", "w")) for r in range(2)]  # no pipe to fill
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(out / "args.json")], cwd=ROOT, text=True,
-                              stdout=logs[r][0], stderr=logs[r][1], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    code = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
+        f"import test_distributed as t; t.{worker}(sys.argv[1])"
+    )
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    logs = [
+        (open(out / f"rank{r}.out", "w"), open(out / f"rank{r}.err", "w")) for r in range(2)
+    ]  # no pipe to fill
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(out / "args.json")],
+            cwd=ROOT,
+            text=True,
+            stdout=logs[r][0],
+            stderr=logs[r][1],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     try:
         for r, p in enumerate(procs):
             p.wait(timeout=300)
@@ -198,6 +281,7 @@ def metrics(run: Path) -> list[dict]:
 
 def weights(run: Path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(run / "checkpoint" / "model.safetensors")
 
 
@@ -205,8 +289,15 @@ def test_one_update_equals_the_single_process_update(files, two_ranks):
     out, _ = two_ranks
     model, tok = prepare.load_model(files["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
-    stats = train.update(model, copy.deepcopy(model), tok, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
-                         train.Config(micro_batch=2, kl_coef=0.1))
+    stats = train.update(
+        model,
+        copy.deepcopy(model),
+        tok,
+        trajs,
+        tok_adv,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        train.Config(micro_batch=2, kl_coef=0.1),
+    )
     ranks = [torch.load(out / f"update{r}.pt", weights_only=True) for r in range(2)]
     for r, saved in enumerate(ranks):
         for name, p in model.state_dict().items():
@@ -222,7 +313,9 @@ def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ran
     out, _ = two_ranks
     got = json.loads((out / "ig.json").read_text())
     trajs, golds = ig_batch()
-    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 3, "random", torch.Generator().manual_seed(5))
+    draws = ig.plan_counterfactuals(
+        [ig.step_pairs(t) for t in trajs], 3, "random", torch.Generator().manual_seed(5)
+    )
     assert got["draws"] == [[[list(p) for p in step] for step in row] for row in draws]
     model, tok = prepare.load_model(files["model"], "cpu")
     # the workers scored with the model after their update: score with the same weights here
@@ -230,7 +323,8 @@ def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ran
     igs = ig.information_gain(model, tok, trajs, golds, draws, max_len=512)
     assert [v is None for row in got["igs"] for v in row] == [v is None for row in igs for v in row]
     assert [v for row in got["igs"] for v in row if v is not None] == pytest.approx(
-        [v for row in igs for v in row if v is not None], abs=1e-5)
+        [v for row in igs for v in row if v is not None], abs=1e-5
+    )
 
 
 def test_training_run_on_two_ranks_equals_one_process(files, two_ranks, tmp_path):
@@ -256,16 +350,22 @@ def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks, 
     trajs, tok_adv = update_batch(tok, groups=4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
     stats = train.update(model, None, tok, trajs, tok_adv, opt, train.Config(micro_batch=2))
-    assert saved["local"] < 0.6 * sum(p.numel() for p in model.parameters())  # about half each, not a replica
+    assert saved["local"] < 0.6 * sum(
+        p.numel() for p in model.parameters()
+    )  # about half each, not a replica
     start = dict(load_tiny(files["model"], tied)[0].named_parameters())
     assert ("lm_head.weight" in start) != tied  # named_parameters lists a tied head once
     for name, p in model.named_parameters():
         assert torch.allclose(saved["params"][name], p, atol=1e-6), name
-    assert max((p - start[name]).abs().max().item() for name, p in model.named_parameters()) > 1e-3  # it moved
+    assert (
+        max((p - start[name]).abs().max().item() for name, p in model.named_parameters()) > 1e-3
+    )  # it moved
     for k in ("loss", "grad_norm"):
         assert saved["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
     mine = saved["stats"]["token_entropy"]  # rank 0's share: the first rollouts of the batch
-    assert torch.allclose(torch.cat(mine), torch.cat(stats["token_entropy"][: len(mine)]), atol=1e-6)
+    assert torch.allclose(
+        torch.cat(mine), torch.cat(stats["token_entropy"][: len(mine)]), atol=1e-6
+    )
 
 
 def test_fsdp_training_run_equals_one_process_and_resumes(files, two_sharded_ranks, tmp_path):

@@ -1,4 +1,5 @@
 """fast.py against its plain twins: each speed-up gives what the plain function gives."""
+
 import copy
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import igsearch as ig
 import lm
 import train
 import warmup
-from igsearch import ScoreRequest, Step, TEMPLATES, Trajectory
+from igsearch import TEMPLATES, ScoreRequest, Step, Trajectory
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,13 @@ def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, tiny_mode
     seqs = [tokenizer(t).input_ids for t in texts]
     probe = lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, ())
     words = [tokenizer.decode([t]) for t in probe[0][:-1]]  # row 0 stops early, the others run on
-    stop = (next(w for w in words if w.strip().isalpha()
-                 and all(w not in tokenizer.decode(p) for p in probe[1:])),)
+    stop = (
+        next(
+            w
+            for w in words
+            if w.strip().isalpha() and all(w not in tokenizer.decode(p) for p in probe[1:])
+        ),
+    )
     turns = fast.CachedTurns()
     new = turns(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
     assert new == lm.generate_turn(tiny_model, tokenizer, seqs, 8, 0.0, None, stop)
@@ -52,8 +58,19 @@ def test_cached_turns_continue_exactly_like_a_fresh_prefill(tokenizer, tiny_mode
 def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer, tiny_model):
     prompts = [ig.build_prompt(tokenizer, q, TPL) for q in ("Who?", "What city?", "Where is it?")]
     search = lambda queries: ['Doc 1(Title: "Paris") Paris is the capital.'] * len(queries)  # noqa: E731
-    runs = [ig.rollout(tiny_model, tokenizer, prompts, search, max_searches=2, max_turn_tokens=10,
-                       temperature=0.0, turn=turn) for turn in (lm.generate_turn, fast.CachedTurns())]
+    runs = [
+        ig.rollout(
+            tiny_model,
+            tokenizer,
+            prompts,
+            search,
+            max_searches=2,
+            max_turn_tokens=10,
+            temperature=0.0,
+            turn=turn,
+        )
+        for turn in (lm.generate_turn, fast.CachedTurns())
+    ]
     assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
     assert [t.loss_mask for t in runs[0]] == [t.loss_mask for t in runs[1]]
 
@@ -64,16 +81,33 @@ def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer
 def test_shared_prefix_scores_equal_full_contexts(tokenizer, tiny_model):
     """The prefix computed once and its cache repeated (left-padded prefixes and continuations of
     different lengths, answers of different lengths) gives the scores of each full context."""
-    prefixes = ["PROMPT What is the capital of France? <search> capital </search>",
-                "Who wrote Hamlet? <search> a </search>"]
-    docs = ["<documents> Doc 1 Paris is the capital of France </documents>", "<documents> x </documents>",
-            "<documents> Berlin is in Germany, the largest city </documents> <refine> Berlin </refine>"]
-    requests = [ScoreRequest(k, 0, [tokenizer(p + d + "\n<answer> ").input_ids for d in docs],
-                             tokenizer(ans).input_ids)
-                for k, (p, ans) in enumerate(zip(prefixes, ["Paris", "William Shakespeare the writer"]))]
-    requests.append(ScoreRequest(2, 0, [tokenizer("alone <answer> ").input_ids], tokenizer("x").input_ids))
+    prefixes = [
+        "PROMPT What is the capital of France? <search> capital </search>",
+        "Who wrote Hamlet? <search> a </search>",
+    ]
+    docs = [
+        "<documents> Doc 1 Paris is the capital of France </documents>",
+        "<documents> x </documents>",
+        "<documents> Berlin is in Germany, the largest city </documents> <refine> Berlin </refine>",
+    ]
+    requests = [
+        ScoreRequest(
+            k,
+            0,
+            [tokenizer(p + d + "\n<answer> ").input_ids for d in docs],
+            tokenizer(ans).input_ids,
+        )
+        for k, (p, ans) in enumerate(zip(prefixes, ["Paris", "William Shakespeare the writer"]))
+    ]
+    requests.append(
+        ScoreRequest(2, 0, [tokenizer("alone <answer> ").input_ids], tokenizer("x").input_ids)
+    )
     pad = tokenizer.pad_token_id
-    for max_len, batch_size in [(512, 16), (512, 3), (20, 16)]:  # 20: left truncation, nothing shared
+    for max_len, batch_size in [
+        (512, 16),
+        (512, 3),
+        (20, 16),
+    ]:  # 20: left truncation, nothing shared
         full = ig.answer_scores(tiny_model, requests, pad, max_len, batch_size=1)
         shared = fast.answer_scores_shared_prefix(tiny_model, requests, pad, max_len, batch_size)
         assert [len(s) for s in shared] == [3, 3, 1]
@@ -84,18 +118,26 @@ def test_trunk_shares_nest_the_steps_of_a_rollout():
     """A rollout's step-2 contexts hold step 1's real blocks: the group's trunk (its longest context)
     is shared by each request up to where it departs, less one token kept to predict the first answer
     token; a request that shares nothing gets 0, and the trunk is cut to the longest share."""
-    contexts = [[1, 2, 3, 10, 11, 50], [1, 2, 3, 20, 50],  # step 1: real documents 10 11, random 20
-                [1, 2, 3, 10, 11, 4, 12, 13, 50], [1, 2, 3, 10, 11, 4, 21, 22, 23, 50],  # step 2
-                [9, 50]]  # shares nothing
+    contexts = [
+        [1, 2, 3, 10, 11, 50],
+        [1, 2, 3, 20, 50],  # step 1: real documents 10 11, random 20
+        [1, 2, 3, 10, 11, 4, 12, 13, 50],
+        [1, 2, 3, 10, 11, 4, 21, 22, 23, 50],  # step 2
+        [9, 50],
+    ]  # shares nothing
     answers = [[7]] * 5
     seqs = [c + a for c, a in zip(contexts, answers)]
     [(idx, trunk, shares)] = fast.trunk_shares(seqs, answers, [5])
     assert idx == [0, 1, 2, 3, 4] and shares == [5, 3, 6, 9, 0]
     assert trunk == [1, 2, 3, 10, 11, 4, 21, 22, 23]
-    split = fast.trunk_shares(seqs, answers, [2, 3])  # one group per step: step 1's blocks run twice
+    split = fast.trunk_shares(
+        seqs, answers, [2, 3]
+    )  # one group per step: step 1's blocks run twice
     assert [g[1] for g in split] == [[1, 2, 3, 10, 11], trunk]
     assert [g[2] for g in split] == [[5, 3], [6, 9, 0]]
-    requests = [ScoreRequest(i, t, [[1]] * 4, [7]) for i, t in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2))]
+    requests = [
+        ScoreRequest(i, t, [[1]] * 4, [7]) for i, t in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2))
+    ]
     assert fast.rollout_groups(requests, 8) == [8, 8, 4]  # a rollout's steps, up to 8 rows a group
 
 
@@ -103,19 +145,27 @@ def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, tin
     """One group over two search steps, a stranger that shares nothing and a row per gold: each row
     attends to its own share of the trunk, with its own positions, and scores as its full context."""
     s1 = "PROMPT Who? <search> a </search>\n<documents> Doc 1 Paris is the capital </documents>"
-    texts = [s1, "PROMPT Who? <search> a </search>\n<documents> x </documents>",
-             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Lyon is a city </documents>",
-             s1 + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Berlin, Germany </documents>",
-             "unrelated"]
+    texts = [
+        s1,
+        "PROMPT Who? <search> a </search>\n<documents> x </documents>",
+        s1
+        + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Lyon is a city </documents>",
+        s1
+        + "\n<refine> Paris </refine>\n<search> b </search>\n<documents> Berlin, Germany </documents>",
+        "unrelated",
+    ]
     ctxs = [tokenizer(t + "\n<answer> ").input_ids for t in texts]
-    answers = [tokenizer(a).input_ids for a in ["Paris", "Paris", "Paris France", "Paris France", "x"]]
+    answers = [
+        tokenizer(a).input_ids for a in ["Paris", "Paris", "Paris France", "Paris France", "x"]
+    ]
     ctxs.append(ctxs[0])  # a second gold of step 1
     answers.append(tokenizer("the city of Paris").input_ids)
     pad, requests = tokenizer.pad_token_id, requests_of(ctxs, answers)
     for max_len, batch_size in [(512, 16), (512, 2), (24, 16)]:  # 24: contexts truncated unequally
         full = ig.answer_scores(tiny_model, requests, pad, max_len, batch_size=1)
-        shared = fast.answer_scores_shared_prefix(tiny_model, requests, pad, max_len, batch_size,
-                                                  group_sizes=[6])
+        shared = fast.answer_scores_shared_prefix(
+            tiny_model, requests, pad, max_len, batch_size, group_sizes=[6]
+        )
         assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
 
@@ -124,16 +174,21 @@ def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, tin
     for k, has in enumerate([True, False, False, True, False]):
         t = Trajectory([], f"Question {k}?")
         t.prefix_text = f"Question {k}?"
-        docs = 'Doc 1(Title: "Paris") Paris is the capital' if has else f'Doc 1(Title: "Berlin") {k}'
-        t.steps = [Step("capital", docs, (0, 0), ""),  # a second step: the prefix holds a whole step
-                   Step("second", f'Doc 1(Title: "Rome") Rome is in Italy {k}', (0, 0), "Rome")]
+        docs = (
+            'Doc 1(Title: "Paris") Paris is the capital' if has else f'Doc 1(Title: "Berlin") {k}'
+        )
+        t.steps = [
+            Step("capital", docs, (0, 0), ""),  # a second step: the prefix holds a whole step
+            Step("second", f'Doc 1(Title: "Rome") Rome is in Italy {k}', (0, 0), "Rome"),
+        ]
         trajs.append(t)
     golds = [["Paris"], ["Paris"], ["Berlin Germany"], ["Paris"], ["Rome"]]
     draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
     kw = dict(template=TPL, max_len=512, batch_size=8)
     full = ig.information_gain(tiny_model, tokenizer, trajs, golds, draws, **kw)
-    shared = ig.information_gain(tiny_model, tokenizer, trajs, golds, draws,
-                                 score=fast.answer_scores_shared_prefix, **kw)
+    shared = ig.information_gain(
+        tiny_model, tokenizer, trajs, golds, draws, score=fast.answer_scores_shared_prefix, **kw
+    )
     assert sum(v is not None for row in full for v in row) == 10
     assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
@@ -143,7 +198,10 @@ def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, tin
 
 def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, tiny_model):
     trajs = []
-    for q, a in [("Question?", "<answer> a </answer>"), ("A much longer question?", "<answer> Paris </answer>")]:
+    for q, a in [
+        ("Question?", "<answer> a </answer>"),
+        ("A much longer question?", "<answer> Paris </answer>"),
+    ]:
         t = Trajectory(tokenizer(q).input_ids, q)
         t.append(tokenizer("<search> q </search>").input_ids, "", True)
         t.append(tokenizer("<documents> d </documents>").input_ids, "", False)
@@ -153,7 +211,9 @@ def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, ti
     plain_logp, plain_ent = ig.policy_logprobs(tiny_model, batch)
     logp, ent = fast.policy_logprobs(tiny_model, batch)
     assert torch.allclose(logp, plain_logp, atol=1e-5) and torch.allclose(ent, plain_ent, atol=1e-5)
-    assert torch.all(logp[batch["loss_mask"] == 0] == 0) and torch.all(ent[batch["loss_mask"] == 1] > 0)
+    assert torch.all(logp[batch["loss_mask"] == 0] == 0) and torch.all(
+        ent[batch["loss_mask"] == 1] > 0
+    )
 
 
 # ------------------------------------------------------ 4. lean_backward: the same update, leaner
@@ -161,8 +221,12 @@ def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, ti
 
 def answer_trajectories(tokenizer):
     """Four supervised answer trajectories of different lengths and per-token advantages for them."""
-    trajs = [warmup.supervised_trajectory(tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)])
-             for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])]
+    trajs = [
+        warmup.supervised_trajectory(
+            tokenizer, f"Question {k}?", [(f"<answer> {a} </answer>", True)]
+        )
+        for k, a in enumerate(["Paris", "Berlin Germany", "Rome", "x"])
+    ]
     return trajs, [torch.linspace(-1, 1, len(t.response_ids)) for t in trajs]
 
 
@@ -176,8 +240,15 @@ def updated_weights(model, tokenizer, setup=None, **cfg) -> torch.Tensor:
     if setup:
         setup(model)
     trajs, tok_adv = answer_trajectories(tokenizer)
-    train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.SGD(model.parameters(), lr=0.1),
-                 Config(micro_batch=2, **cfg))
+    train.update(
+        model,
+        None,
+        tokenizer,
+        trajs,
+        tok_adv,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        Config(micro_batch=2, **cfg),
+    )
     return flat(model)
 
 
@@ -187,21 +258,27 @@ def test_the_fast_update_equals_the_plain_one(tokenizer, tiny_model):
     assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
 
 
-def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(tokenizer, tiny_model, monkeypatch):
+def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(
+    tokenizer, tiny_model, monkeypatch
+):
     """lean_backward: a tied embedding's sparse gradient gives the same update as the dense one (over
     two micro-batches, so it also adds into an existing .grad); an untied model keeps a dense
     embedding gradient (AdamW takes no sparse one); the heap is trimmed once per `trim_every` layers
     a backward pass goes through."""
     from transformers import LlamaForCausalLM
+
     trajs, tok_adv = answer_trajectories(tokenizer)
-    plain, lean = (updated_weights(tiny_model, tokenizer, setup) for setup in (None, fast.lean_backward))
+    plain, lean = (
+        updated_weights(tiny_model, tokenizer, setup) for setup in (None, fast.lean_backward)
+    )
     assert torch.allclose(plain, lean, atol=1e-6) and not torch.equal(plain, flat(tiny_model))
     config = {**tiny_model.config.to_dict(), "tie_word_embeddings": False}
     untied = LlamaForCausalLM(tiny_model.config.__class__(**config))
     fast.lean_backward(untied)
     assert not untied.get_input_embeddings().sparse
-    stats = train.update(untied, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(untied.parameters()),
-                         Config())
+    stats = train.update(
+        untied, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(untied.parameters()), Config()
+    )
     assert not stats["skipped"]
     for every, expected in ((1, 2), (2, 1)):  # the tiny model has 2 decoder layers
         model, trims = copy.deepcopy(tiny_model), []
@@ -237,8 +314,16 @@ print(rss() - base)
 @pytest.mark.skipif(fast.LIBC is None or not hasattr(fast.LIBC, "malloc_trim"), reason="glibc only")
 def test_freed_tensors_go_back_to_the_os():
     """release_freed_memory: 300 MiB of freed tensors held between live ones leave the process."""
-    held = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode, str(ROOT)],
-                                       capture_output=True, text=True, check=True).stdout)
-            for mode in ("keep", "release")}
+    held = {
+        mode: float(
+            subprocess.run(
+                [sys.executable, "-c", HEAP_PROBE, mode, str(ROOT)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for mode in ("keep", "release")
+    }
     assert held["keep"] > 0.2  # glibc keeps them: the behaviour the call exists for
     assert held["release"] < 0.05

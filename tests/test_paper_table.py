@@ -1,4 +1,5 @@
 """evaluate.format_paper_table: our EM beside the paper's published Qwen2.5-3B rows, on fake rows."""
+
 import pytest
 
 import evaluate
@@ -6,7 +7,10 @@ import prepare
 
 
 def fake_rows(names):
-    return {name: {"n": 10, "em": 0.1 * (i + 1), "f1": 0.0, "searches": 1.0, "valid": 1.0} for i, name in enumerate(names)}
+    return {
+        name: {"n": 10, "em": 0.1 * (i + 1), "f1": 0.0, "searches": 1.0, "valid": 1.0}
+        for i, name in enumerate(names)
+    }
 
 
 def test_seven_benchmarks_print_in_the_paper_layout_beside_the_quoted_rows():
@@ -14,10 +18,21 @@ def test_seven_benchmarks_print_in_the_paper_layout_beside_the_quoted_rows():
     lines = table.splitlines()
     assert lines[1].split() == ["method", *evaluate.PAPER_COLUMNS]
     ours = lines[2].split()
-    assert ours[0] == "my-checkpoint" and [float(v) for v in ours[1:]] == pytest.approx([.1, .2, .3, .4, .5, .6, .7, .4])
+    assert ours[0] == "my-checkpoint" and [float(v) for v in ours[1:]] == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.4]
+    )
     assert "quoted from the paper" in lines[3]
     quoted = {line[:24].strip(): line[24:].split() for line in lines[4:]}
-    assert quoted["Search-R1 base GRPO"] == ["0.421", "0.583", "0.413", "0.297", "0.274", "0.066", "0.128", "0.312"]
+    assert quoted["Search-R1 base GRPO"] == [
+        "0.421",
+        "0.583",
+        "0.413",
+        "0.297",
+        "0.274",
+        "0.066",
+        "0.128",
+        "0.312",
+    ]
     assert quoted["IG-Search base"] == ["0.424", "0.430"]  # the cells the paper's table gives
     assert set(quoted) == set(evaluate.PAPER_EM)
     assert all(len(v) == 8 for v in evaluate.PAPER_EM.values())

@@ -4,6 +4,7 @@ a policy that never closes a tag, a load test of the server, remote code, odd qu
 Subprocesses and in-process runs use one torch thread: on a shared 2-core machine more threads make the
 tiny model's steps ten times slower, not faster.
 """
+
 import copy
 import json
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_retriever import post
+from test_train import PASSAGES, read_metrics, strip_times, tiny_run_files  # noqa: F401 (a fixture)
 
 import checkpoint
 import evaluate
@@ -25,8 +28,6 @@ import igsearch as ig
 import prepare
 import train
 from retriever import BM25Retriever, InputError, load_corpus, make_server
-from test_retriever import post
-from test_train import PASSAGES, read_metrics, strip_times, tiny_run_files  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,9 +43,20 @@ def one_torch_thread():
 
 def train_args(files: dict, run: Path, steps: int, **extra) -> list[str]:
     """The command line of a tiny run: a random 2-layer model, 2 x 2 rollouts a step, a checkpoint every step."""
-    args = dict(model=files["model"], corpus=files["corpus"], train_data=files["train_data"], eval_questions=0,
-                warmup_examples=0, questions_per_step=2, group_size=2, max_searches=1, max_turn_tokens=6,
-                steps=steps, save_every=1, out_dir=str(run))
+    args = dict(
+        model=files["model"],
+        corpus=files["corpus"],
+        train_data=files["train_data"],
+        eval_questions=0,
+        warmup_examples=0,
+        questions_per_step=2,
+        group_size=2,
+        max_searches=1,
+        max_turn_tokens=6,
+        steps=steps,
+        save_every=1,
+        out_dir=str(run),
+    )
     args.update(extra)
     return [s for k, v in args.items() for s in (f"--{k}", str(v))]
 
@@ -95,26 +107,38 @@ def kill_after_new_record(cmd: list[str], run: Path, rng: random.Random, log: Pa
     try:
         deadline = time.monotonic() + 60
         while count() <= max(before, 1) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)  # the first run waits for step 2, so that a checkpoint of step 1 exists
+            time.sleep(
+                0.002
+            )  # the first run waits for step 2, so that a checkpoint of step 1 exists
         time.sleep(rng.uniform(0.0, 0.06))
         proc.kill()
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{log.read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended before the kill:\n{log.read_text()[-2000:]}"
+    )
     return count()
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_keeps_a_checkpoint_that_resumes(tiny_run_files, reference_run, tmp_path):  # noqa: F811
+def test_sigkill_at_random_moments_keeps_a_checkpoint_that_resumes(
+    tiny_run_files, reference_run, tmp_path
+):  # noqa: F811
     """SIGKILL `python train.py` twice, each time just after a step is logged (its checkpoint is being
     written): a whole checkpoint is always on disk, and `--resume` ends with the uninterrupted run's metrics."""
     run, rng = tmp_path / "run", random.Random(5)
-    kill_after_new_record([sys.executable, "train.py", *train_args(tiny_run_files, run, 6)], run, rng,
-                          tmp_path / "first.log")
+    kill_after_new_record(
+        [sys.executable, "train.py", *train_args(tiny_run_files, run, 6)],
+        run,
+        rng,
+        tmp_path / "first.log",
+    )
     first = resumable_step(run)
     assert first >= 1
-    kill_after_new_record([sys.executable, "train.py", "--resume", str(run)], run, rng, tmp_path / "second.log")
+    kill_after_new_record(
+        [sys.executable, "train.py", "--resume", str(run)], run, rng, tmp_path / "second.log"
+    )
     assert resumable_step(run) >= first
     finish_and_compare(run, 6, reference_run)
 
@@ -149,15 +173,28 @@ sys.exit(train.main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, expected_step", [("writing checkpoint.tmp", 1), ("between the renames", 1),
-                                                  ("removing checkpoint.old", 2)])
-def test_sigkill_at_each_point_of_save_checkpoint_resumes(point, expected_step, tiny_run_files, reference_run,  # noqa: F811
-                                                          tmp_path):
+@pytest.mark.parametrize(
+    "point, expected_step",
+    [("writing checkpoint.tmp", 1), ("between the renames", 1), ("removing checkpoint.old", 2)],
+)
+def test_sigkill_at_each_point_of_save_checkpoint_resumes(
+    point,
+    expected_step,
+    tiny_run_files,
+    reference_run,  # noqa: F811
+    tmp_path,
+):
     """Pins a bug: killed between the two renames, only checkpoint.old and a complete checkpoint.tmp were
     left, and `--resume` stopped with 'checkpoint: model folder not found' instead of using checkpoint.old."""
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-c", KILL_DRIVER, point, *train_args(tiny_run_files, run, 6)],
-                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_DRIVER, point, *train_args(tiny_run_files, run, 6)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert resumable_step(run) == expected_step
     finish_and_compare(run, 6, reference_run)
@@ -167,13 +204,18 @@ def test_sigkill_at_each_point_of_save_checkpoint_resumes(point, expected_step, 
 
 
 def serve(server) -> str:
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     return f"http://127.0.0.1:{server.server_address[1]}/retrieve"
 
 
-@pytest.mark.parametrize("fault, message", [("server shut down", "refused"), ("HTTP 500", "HTTP 500")])
+@pytest.mark.parametrize(
+    "fault, message", [("server shut down", "refused"), ("HTTP 500", "HTTP 500")]
+)
 def test_retriever_going_down_mid_run_stops_with_the_url_and_keeps_the_work(
-        fault, message, tiny_run_files, tmp_path, monkeypatch, scripted, capsys):  # noqa: F811
+    fault, message, tiny_run_files, tmp_path, monkeypatch, scripted, capsys
+):  # noqa: F811
     """A scripted policy searches once per step through a loopback BM25 server that fails after step 1.
     The run exits 2 with one line naming the URL and the last error, after retriever_retries tries; the
     checkpoint of step 1 (save_every is 10: only the failure saves it) resumes once a server is back."""
@@ -193,11 +235,16 @@ def test_retriever_going_down_mid_run_stops_with_the_url_and_keeps_the_work(
     server.RequestHandlerClass = FailsAfterOne
     url = serve(server)
     tok = AutoTokenizer.from_pretrained(tiny_run_files["model"])
-    scripts = {p[1].split()[-1]: [f"<search> {p[0]} </search>", f"<answer> {p[0]} </answer>"] for p in PASSAGES}
+    scripts = {
+        p[1].split()[-1]: [f"<search> {p[0]} </search>", f"<answer> {p[0]} </answer>"]
+        for p in PASSAGES
+    }
     real_rollout, rollouts = ig.rollout, [0]
 
     def scripted_rollout(model, tokenizer, prompts, search, **kw):
-        trajs = real_rollout(scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0})
+        trajs = real_rollout(
+            scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
+        )
         rollouts[0] += 1
         if fault == "server shut down" and rollouts[0] == 1:
             server.shutdown()
@@ -206,13 +253,26 @@ def test_retriever_going_down_mid_run_stops_with_the_url_and_keeps_the_work(
 
     monkeypatch.setattr(ig, "rollout", scripted_rollout)
     run = tmp_path / "run"
-    args = train_args(tiny_run_files, run, 3, max_turn_tokens=24, save_every=10, retriever_url=url,
-                      retriever_retries=2, retriever_timeout=2)
+    args = train_args(
+        tiny_run_files,
+        run,
+        3,
+        max_turn_tokens=24,
+        save_every=10,
+        retriever_url=url,
+        retriever_retries=2,
+        retriever_timeout=2,
+    )
     capsys.readouterr()
     assert train.main(args) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and url in errors[0] and message in errors[0] and "after 2 tries" in errors[0]
+    assert (
+        len(errors) == 1
+        and url in errors[0]
+        and message in errors[0]
+        and "after 2 tries" in errors[0]
+    )
     assert "Traceback" not in err
     assert [r["step"] for r in read_metrics(run)] == [1] and read_metrics(run)[0]["searches"] == 1.0
     assert resumable_step(run) == 1
@@ -243,63 +303,128 @@ BAD_POLICIES = {
 GOOD_POLICY = {"Q-good": ["<answer> Paris </answer>"]}
 
 
-@pytest.mark.parametrize("max_response_tokens", [400, 40], ids=["turn budget binds", "response budget binds"])
-def test_a_policy_that_never_closes_a_tag_ends_within_budget_with_reward_0(tokenizer, tiny_model, scripted,
-                                                                            max_response_tokens):
+@pytest.mark.parametrize(
+    "max_response_tokens", [400, 40], ids=["turn budget binds", "response budget binds"]
+)
+def test_a_policy_that_never_closes_a_tag_ends_within_budget_with_reward_0(
+    tokenizer, tiny_model, scripted, max_response_tokens
+):
     """Each row of one batch misbehaves differently every turn: the rollout still ends, each row within
     max_searches + 1 turns and its response budget plus one turn, reward 0 (the good row: 1), and
     information gain, advantages and an update run on the batch with a finite loss."""
     max_searches, max_turn_tokens = 2, 10
     scripts = {**BAD_POLICIES, **GOOD_POLICY}
     prompts = [ig.build_prompt(tokenizer, key, ig.TEMPLATES["igsearch"]) for key in scripts]
-    search = lambda queries: [f'Doc 1(Title: "{q}") Paris is the capital of France.' for q in queries]  # noqa: E731
-    trajs = ig.rollout(scripted(tokenizer, scripts), tokenizer, prompts, search, max_searches=max_searches,
-                       max_turn_tokens=max_turn_tokens, max_response_tokens=max_response_tokens, temperature=0.0)
+    search = lambda queries: [
+        f'Doc 1(Title: "{q}") Paris is the capital of France.' for q in queries
+    ]  # noqa: E731
+    trajs = ig.rollout(
+        scripted(tokenizer, scripts),
+        tokenizer,
+        prompts,
+        search,
+        max_searches=max_searches,
+        max_turn_tokens=max_turn_tokens,
+        max_response_tokens=max_response_tokens,
+        temperature=0.0,
+    )
     golds = [["Paris"]] * len(trajs)
     rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, golds)])
     assert rewards.tolist() == [0.0] * len(BAD_POLICIES) + [1.0]
     for key, traj in zip(scripts, trajs):
         turns = [seg for seg in traj.segments if seg[2]]
         assert traj.done and 1 <= len(turns) <= max_searches + 1, key
-        assert len(traj.steps) <= max_searches and all(e - s <= max_turn_tokens for s, e, _, _ in turns), key
+        assert len(traj.steps) <= max_searches and all(
+            e - s <= max_turn_tokens for s, e, _, _ in turns
+        ), key
         assert turns[-1][0] < max_response_tokens, key  # a turn starts only inside the budget
         longest_observation = max([e - s for s, e, gen, _ in traj.segments if not gen], default=0)
-        assert len(traj.response_ids) <= max_response_tokens + max_turn_tokens + longest_observation, key
-        assert traj.loss_mask == [int(gen) for s, e, gen, _ in traj.segments for _ in range(e - s)], key
+        assert (
+            len(traj.response_ids) <= max_response_tokens + max_turn_tokens + longest_observation
+        ), key
+        assert traj.loss_mask == [
+            int(gen) for s, e, gen, _ in traj.segments for _ in range(e - s)
+        ], key
     rambler = trajs[list(scripts).index("Q-rambles")]
     assert all(e - s == max_turn_tokens for s, e, gen, _ in rambler.segments if gen)
     assert rambler.truncated == (max_response_tokens == 40)
-    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 2, "random", torch.Generator().manual_seed(0))
+    draws = ig.plan_counterfactuals(
+        [ig.step_pairs(t) for t in trajs], 2, "random", torch.Generator().manual_seed(0)
+    )
     ig.information_gain(tiny_model, tokenizer, trajs, golds, draws)
     tok_adv = ig.token_advantages(trajs, ig.group_advantages(rewards, len(trajs)), alpha=0.3)
     model = copy.deepcopy(tiny_model)
-    stats = train.update(model, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(model.parameters(), lr=1e-3),
-                         train.Config(micro_batch=3))
+    stats = train.update(
+        model,
+        None,
+        tokenizer,
+        trajs,
+        tok_adv,
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        train.Config(micro_batch=3),
+    )
     assert not stats["skipped"] and torch.isfinite(torch.tensor(stats["loss"]))
 
 
 # ----------------------------------------------------------------------------- 4. the server under load
 
-LOAD_QUERIES = ["capital of France", "Shakespeare tragedy", "highest mountain", "long river Africa", "",
-                "chemical element", "programming language", "Earth orbit moon", "capital", "zzz"]
-MALFORMED = [(b"not json", "not JSON"), (b'{"queries": "one string"}', "queries"),
-             (b'{"queries": ["a", 3]}', "queries"), (b'{"queries": ["a", "b", "c", "d", "e"]}', "too many"),
-             (b'{"queries": ["a"], "topk": 0}', "topk"), (json.dumps({"queries": ["x" * 300]}).encode(), "longer")]
+LOAD_QUERIES = [
+    "capital of France",
+    "Shakespeare tragedy",
+    "highest mountain",
+    "long river Africa",
+    "",
+    "chemical element",
+    "programming language",
+    "Earth orbit moon",
+    "capital",
+    "zzz",
+]
+MALFORMED = [
+    (b"not json", "not JSON"),
+    (b'{"queries": "one string"}', "queries"),
+    (b'{"queries": ["a", 3]}', "queries"),
+    (b'{"queries": ["a", "b", "c", "d", "e"]}', "too many"),
+    (b'{"queries": ["a"], "topk": 0}', "topk"),
+    (json.dumps({"queries": ["x" * 300]}).encode(), "longer"),
+]
 
 
-def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(tiny_run_files, capsys):  # noqa: F811
+def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
+    tiny_run_files, capsys
+):  # noqa: F811
     """`python retriever.py serve` on its default host: 8 clients x 25 requests at once, one in five
     malformed. Every good request gets the in-memory BM25 answer, every malformed one a 400 with its
     reason; then SIGINT stops the server cleanly. Prints p50/p99 latency."""
     corpus = tiny_run_files["corpus"]
     bm25 = BM25Retriever(corpus)
-    proc = subprocess.Popen([sys.executable, "retriever.py", "serve", "--corpus", corpus, "--port", "0",
-                             "--max_queries", "4", "--max_query_chars", "200", "--max_topk", "5"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "retriever.py",
+            "serve",
+            "--corpus",
+            corpus,
+            "--port",
+            "0",
+            "--max_queries",
+            "4",
+            "--max_query_chars",
+            "200",
+            "--max_topk",
+            "5",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert select.select([proc.stdout], [], [], 30)[0], "the server did not start in 30 s"
         line = proc.stdout.readline()
-        assert line.startswith("serving 10 passages on http://127.0.0.1:"), line + proc.stderr.read()
+        assert line.startswith("serving 10 passages on http://127.0.0.1:"), (
+            line + proc.stderr.read()
+        )
         url = line.split()[-1]
         latencies, failures, lock = [], [], threading.Lock()
 
@@ -313,12 +438,21 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(ti
                 else:
                     queries, topk = rng.sample(LOAD_QUERIES, rng.randint(1, 4)), rng.randint(1, 5)
                     start = time.perf_counter()
-                    status, answer = post(url, json.dumps({"queries": queries, "topk": topk,
-                                                           "return_scores": True}).encode())
+                    status, answer = post(
+                        url,
+                        json.dumps(
+                            {"queries": queries, "topk": topk, "return_scores": True}
+                        ).encode(),
+                    )
                     elapsed = time.perf_counter() - start
-                    want = [[(p.id, f'"{p.title}"\n{p.text}') for p in hits] for hits in bm25.search(queries, topk)]
-                    got = [[(h["document"]["id"], h["document"]["contents"]) for h in hits]
-                           for hits in answer.get("result", [])]
+                    want = [
+                        [(p.id, f'"{p.title}"\n{p.text}') for p in hits]
+                        for hits in bm25.search(queries, topk)
+                    ]
+                    got = [
+                        [(h["document"]["id"], h["document"]["contents"]) for h in hits]
+                        for hits in answer.get("result", [])
+                    ]
                     ok = status == 200 and got == want
                     with lock:
                         latencies.append(elapsed)
@@ -338,8 +472,10 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(ti
         latencies.sort()
         p50, p99 = latencies[len(latencies) // 2], latencies[int(0.99 * (len(latencies) - 1))]
         with capsys.disabled():
-            print(f"\nretriever.py serve, 8 clients x 25 requests (40 malformed) on loopback: p50 {1000 * p50:.1f} ms, "
-                  f"p99 {1000 * p99:.1f} ms, {200 / wall:.0f} requests/s")
+            print(
+                f"\nretriever.py serve, 8 clients x 25 requests (40 malformed) on loopback: p50 {1000 * p50:.1f} ms, "
+                f"p99 {1000 * p99:.1f} ms, {200 / wall:.0f} requests/s"
+            )
         assert p99 < 10.0  # a sanity bound only: timing on a shared machine is not a test
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
@@ -361,9 +497,11 @@ def test_model_code_runs_only_when_asked(tiny_run_files, tmp_path, monkeypatch):
 
     calls = []
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+
         def spy(*args, _real=cls.from_pretrained, _name=cls.__name__, **kw):
             calls.append((_name, kw.get("trust_remote_code", "not passed")))
             return _real(*args, **kw)
+
         monkeypatch.setattr(cls, "from_pretrained", spy)
     prepare.load_model(tiny_run_files["model"], "cpu")
     assert calls == [("AutoTokenizer", False), ("AutoModelForCausalLM", False)]
@@ -378,11 +516,29 @@ def test_model_code_runs_only_when_asked(tiny_run_files, tmp_path, monkeypatch):
         raise InputError("stop here")
 
     monkeypatch.setattr(prepare, "load_model", stop)
-    files = ["--corpus", tiny_run_files["corpus"], "--train_data", tiny_run_files["train_data"], "--eval_questions", "0"]
+    files = [
+        "--corpus",
+        tiny_run_files["corpus"],
+        "--train_data",
+        tiny_run_files["train_data"],
+        "--eval_questions",
+        "0",
+    ]
     out = ["--out_dir", str(tmp_path / "run")]
     for extra in ([], ["--trust_remote_code"]):
         assert train.main([*files, *out, *extra]) == 2
-        assert evaluate.main(["--corpus", tiny_run_files["corpus"], "--data", tiny_run_files["test_data"], *extra]) == 2
+        assert (
+            evaluate.main(
+                [
+                    "--corpus",
+                    tiny_run_files["corpus"],
+                    "--data",
+                    tiny_run_files["test_data"],
+                    *extra,
+                ]
+            )
+            == 2
+        )
     assert asked == [False, False, True, True]
 
 
@@ -402,7 +558,9 @@ class Tampered:
 def test_a_tampered_state_file_is_refused_not_run(tmp_path):
     """state.pt is read with torch.load(weights_only=True): a pickle that calls a function is refused."""
     (tmp_path / "checkpoint").mkdir()
-    torch.save({"step": 1, "optimizer": Tampered(), "rng": {}}, tmp_path / "checkpoint" / "state.pt")
+    torch.save(
+        {"step": 1, "optimizer": Tampered(), "rng": {}}, tmp_path / "checkpoint" / "state.pt"
+    )
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(train.InputError, match="state.pt: refused"):
@@ -422,19 +580,26 @@ BOM = b"\xef\xbb\xbf"
 GOOD_Q = b'{"question": "Who?", "golden_answers": ["X"]}'
 
 
-@pytest.mark.parametrize("data, where, problem", [
-    (b"", "", "no questions"),
-    (BOM, "", "no questions"),
-    (BOM + b"\r\n  \r\n", "", "no questions"),
-    (GOOD_Q + b'\n{"question": "Caf\xe9?", "golden_answers": ["X"]}\n', ":2", "not UTF-8"),  # Latin-1
-    (BOM + GOOD_Q + b'\r\n{"question": "Who?", "golden_answers": [3]}\r\n', ":2", "holds 3"),
-    (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [null]}\n', ":2", "holds None"),
-    (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [""]}\n', ":2", "golden_answers"),
-    (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [["X"]]}\n', ":2", "holds ['X']"),
-    (GOOD_Q + b'\n{"question": "Who?", "golden_answers": {"X": 1}}\n', ":2", "golden_answers"),
-    (GOOD_Q + b'\n{"question": 42, "golden_answers": ["X"]}\n', ":2", "question"),
-    (GOOD_Q + b'\n{"question": "Who?", "golden_answers": ["X"], "id": 1.5}\n', ":2", "'id'"),
-])
+@pytest.mark.parametrize(
+    "data, where, problem",
+    [
+        (b"", "", "no questions"),
+        (BOM, "", "no questions"),
+        (BOM + b"\r\n  \r\n", "", "no questions"),
+        (
+            GOOD_Q + b'\n{"question": "Caf\xe9?", "golden_answers": ["X"]}\n',
+            ":2",
+            "not UTF-8",
+        ),  # Latin-1
+        (BOM + GOOD_Q + b'\r\n{"question": "Who?", "golden_answers": [3]}\r\n', ":2", "holds 3"),
+        (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [null]}\n', ":2", "holds None"),
+        (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [""]}\n', ":2", "golden_answers"),
+        (GOOD_Q + b'\n{"question": "Who?", "golden_answers": [["X"]]}\n', ":2", "holds ['X']"),
+        (GOOD_Q + b'\n{"question": "Who?", "golden_answers": {"X": 1}}\n', ":2", "golden_answers"),
+        (GOOD_Q + b'\n{"question": 42, "golden_answers": ["X"]}\n', ":2", "question"),
+        (GOOD_Q + b'\n{"question": "Who?", "golden_answers": ["X"], "id": 1.5}\n', ":2", "'id'"),
+    ],
+)
 def test_odd_question_files_get_one_line_naming_file_and_line(tmp_path, data, where, problem):
     """Cases test_prepare.py does not try: a 0-byte or BOM-only file, bytes that are not UTF-8, BOM + CRLF
     before a bad row (line numbers must not shift), answers that are null, empty, nested or not a list."""
@@ -451,15 +616,25 @@ def test_a_directory_as_question_file_is_one_line(tmp_path):
         prepare.load_questions(str(tmp_path))
 
 
-@pytest.mark.parametrize("data, line, problem", [
-    (b'{"id": "0", "contents": "a"}\n{"id": "1", "contents": "caf\xe9"}\n', 2, "not UTF-8"),
-    (BOM + b'{"id": "0", "contents": "a"}\r\n\r\n{"id": "1", "contents": "b"}\r\n{"id": "0", "contents": "c"}\r\n',
-     4, "duplicate id '0' (first on line 1)"),
-    (b'{"id": "0", "contents": "a"}\n{"contents": "b"}\n{"id": "1", "contents": "c"}\n', 3,
-     "duplicate id '1' (first on line 2)"),  # a missing id is the row index: it can collide too
-    (b'{"id": 1.5, "contents": "a"}\n', 1, "'id'"),
-    (b'{"id": true, "contents": "a"}\n', 1, "'id'"),
-])
+@pytest.mark.parametrize(
+    "data, line, problem",
+    [
+        (b'{"id": "0", "contents": "a"}\n{"id": "1", "contents": "caf\xe9"}\n', 2, "not UTF-8"),
+        (
+            BOM
+            + b'{"id": "0", "contents": "a"}\r\n\r\n{"id": "1", "contents": "b"}\r\n{"id": "0", "contents": "c"}\r\n',
+            4,
+            "duplicate id '0' (first on line 1)",
+        ),
+        (
+            b'{"id": "0", "contents": "a"}\n{"contents": "b"}\n{"id": "1", "contents": "c"}\n',
+            3,
+            "duplicate id '1' (first on line 2)",
+        ),  # a missing id is the row index: it can collide too
+        (b'{"id": 1.5, "contents": "a"}\n', 1, "'id'"),
+        (b'{"id": true, "contents": "a"}\n', 1, "'id'"),
+    ],
+)
 def test_odd_corpus_files_get_one_line_naming_file_and_line(tmp_path, data, line, problem):
     path = tmp_path / "c.jsonl"
     path.write_bytes(data)
