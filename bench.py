@@ -10,11 +10,15 @@ floor or comparison from the same run: medians of --repeats runs, in alternated 
 """
 
 import dataclasses
+import json
 import math
 import multiprocessing
+import os
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from types import SimpleNamespace
@@ -32,13 +36,23 @@ from errors import InputError, OneLineParser
 from retriever import (
     BM25Retriever,
     RemoteRetriever,
+    iter_corpus,
     load_corpus,
     make_search,
     make_server,
+    parse_contents,
     tokenize,
 )
 
-SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval")  # in the order they run
+SECTIONS = (
+    "step",
+    "update",
+    "memory",
+    "ig",
+    "rollout",
+    "retrieval",
+    "bm25",
+)  # in the order they run
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
 
 
@@ -502,51 +516,156 @@ def bench_rollout(b) -> None:
     )
 
 
-def bm25_child(n: int, corpus: str, queries: list[str], out) -> None:
-    """In a fresh process: n synthetic passages (a 2-word title, 100 words) drawn from the corpus's
-    word stream. Puts the BM25 build time and index memory (RSS delta), then the median latency of
-    a query batch."""
-    words = [w for line in open(corpus, encoding="utf-8") for w in tokenize(line)]
-    rng, rows = np.random.default_rng(0), []
-    for k in range(0, n, 10_000):
-        for p in rng.integers(len(words), size=(min(10_000, n - k), 102)):
-            rows.append(
-                {
-                    "id": str(len(rows)),
-                    "contents": f'"{words[p[0]]} {words[p[1]]}"\n'
-                    + " ".join(words[j] for j in p[2:]),
-                }
-            )
+def synthetic_corpus(n: int, corpus: str, path: str) -> None:
+    """n synthetic passages (a 2-word title, 100 words) drawn from the corpus's word stream, to
+    path."""
+    words = np.array([w for line in open(corpus, encoding="utf-8") for w in tokenize(line)])
+    rng = np.random.default_rng(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(0, n, 10_000):
+            for i, p in enumerate(rng.integers(len(words), size=(min(10_000, n - k), 102)), k):
+                f.write(
+                    json.dumps(
+                        {
+                            "id": str(i),
+                            "contents": f'"{words[p[0]]} {words[p[1]]}"\n'
+                            + " ".join(words[p[2:]].tolist()),
+                        }
+                    )
+                    + "\n"
+                )
+
+
+def bm25_child(kind: str, path: str, queries: list[str], out) -> None:
+    """In a fresh process (its RSS delta is the index's): build or load one BM25 retriever of the
+    corpus file, then time query batches of 16 and 1,024. Puts (name, value) pairs as they come."""
     before, start = proc_gb("VmRSS"), time.perf_counter()
-    index = BM25Retriever(rows)
-    out.put((time.perf_counter() - start, proc_gb("VmRSS") - before))
-    out.put(med([measure(torch.device("cpu"), index.search, queries) for _ in range(3)]))
+    if kind == "tokenize":  # reading and tokenising alone: the part of a build that is pure Python
+        for _, row in iter_corpus(path):
+            tokenize(" ".join(parse_contents(row["contents"])))
+        out.put(("tokenize s", time.perf_counter() - start))
+        return
+    if kind == "folder":  # the index built into a folder (then mapped): the path for big corpora
+        BM25Retriever(path, index=path + ".index")
+        out.put(("build s", time.perf_counter() - start))
+        out.put(("disk GiB", sum(e.stat().st_size for e in os.scandir(path + ".index")) / 2**30))
+        return
+    local = (
+        BM25Retriever(path, index=path + ".index")
+        if kind == "mapped"
+        else BM25Retriever(load_corpus(path), backend=kind)
+    )
+    out.put(("load s" if kind == "mapped" else "build s", time.perf_counter() - start))
+    out.put(("GiB", proc_gb("VmRSS") - before))
+    for batch in (16, 1024):
+        if batch > len(queries):
+            break
+        runs = [
+            measure(torch.device("cpu"), local.search, queries[:batch])
+            for _ in range(3 if batch == 16 else 1)
+        ]
+        out.put((f"ms/q {batch}", 1000 * statistics.median(r[1] for r in runs) / batch))
+        out.put((f"top3 {batch}", [[p.id for p in hits[:3]] for hits in runs[0][0]]))
+    out.put(("RSS GiB after", proc_gb("VmRSS")))
+
+
+def bench_bm25(args) -> None:
+    """rank_bm25 against the inverted index (in memory, and saved then memory-mapped) on synthetic
+    corpora."""
+    data = prepare.default_data()
+    queries = [q["question"] for q in prepare.load_questions(data["train"])[:1024]]
+    ctx, rows, notes, work = (
+        multiprocessing.get_context("spawn"),
+        [],
+        [],
+        tempfile.mkdtemp(prefix="bench-bm25-"),
+    )
+    for n in args.retrieval_sizes:
+        path, got = os.path.join(work, f"{n}.jsonl"), {}
+        synthetic_corpus(n, data["corpus"], path)
+        kinds = (["rank_bm25"] if n <= args.rank_bm25_max else []) + (
+            ["index"] if n <= 100_000 else []
+        )
+        for kind in kinds + ["tokenize", "folder", "mapped"]:
+            qs = (
+                queries if kind != "rank_bm25" or n <= 10_000 else queries[:16]
+            )  # 1,024 would take minutes
+            out, got[kind] = ctx.Queue(), {}
+            child = ctx.Process(target=bm25_child, args=(kind, path, qs, out))
+            child.start()
+            deadline = time.time() + args.retrieval_timeout
+            while child.is_alive() or not out.empty():
+                try:  # a child too slow (or killed for memory) leaves its row incomplete
+                    key, value = out.get(timeout=max(0.1, min(5.0, deadline - time.time())))
+                    got[kind][key] = value
+                except Exception:
+                    if time.time() > deadline:
+                        notes.append(f"{kind} at {n}: stopped after {args.retrieval_timeout} s")
+                        break
+            child.kill()
+            child.join()
+        ref = got.get("rank_bm25", {})
+        for kind in kinds + ["mapped"]:
+            g = got[kind]
+            same = [
+                g.get(f"top3 {b}") == ref.get(f"top3 {b}") for b in (16, 1024) if f"top3 {b}" in ref
+            ]
+            rows.append(
+                [
+                    n,
+                    kind,
+                    g.get("build s", g.get("load s", "-")),
+                    g.get("GiB", "-"),
+                    g.get("ms/q 16", "-"),
+                    g.get("ms/q 1024", "-"),
+                    f"{ref['ms/q 16'] / g['ms/q 16']:.0f}x"
+                    if "ms/q 16" in ref and "ms/q 16" in g
+                    else "-",
+                    ("yes" if all(same) else "NO") if same and kind != "rank_bm25" else "-",
+                ]
+            )
+        f = got["folder"]
+        notes.append(
+            f"{n}: folder build {f.get('build s', float('nan')):.1f} s (of which reading and "
+            f"tokenising {got['tokenize'].get('tokenize s', float('nan')):.1f} s), "
+            f"{f.get('disk GiB', float('nan')):.3f} GiB on disk; mapped: RSS "
+            f"{got['mapped'].get('RSS GiB after', float('nan')):.2f} GiB after the queries"
+        )
+        os.remove(path)
+    table(
+        "9. BM25 on synthetic passages (100 words): rank_bm25 against the index of bm25.py; "
+        "ms/query in batches of 16 and 1,024 train questions",
+        [
+            "passages",
+            "retriever",
+            "build/load s",
+            "index GiB",
+            "ms/q @16",
+            "ms/q @1024",
+            "speed-up",
+            "same top-3 as rank_bm25",
+        ],
+        rows,
+    )
+    for line in notes:
+        print(f"  {line}")
+    n, f, m = args.retrieval_sizes[-1], got["folder"], got["mapped"]
+    if (
+        "build s" in f and "ms/q 1024" in m
+    ):  # linear in N: every chunk and postings list grows with N
+        x = 21_000_000 / n
+        print(
+            f"  wiki-18 (21 M passages), linear from {n}: build {f['build s']:.0f} s x {x:.0f} = "
+            f"{f['build s'] * x / 60:.0f} min, disk {f['disk GiB']:.2f} x {x:.0f} = "
+            f"{f['disk GiB'] * x:.0f} GiB, {m['ms/q 1024']:.1f} ms/query x {x:.0f} = "
+            f"{m['ms/q 1024'] * x:.0f} ms/query"
+        )
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_retrieval(args, corpus: str, queries: list[str], topk: int) -> None:
-    """In-memory BM25 on synthetic passages; a remote retriever beside the same index in process."""
-    rows, cpu = [], torch.device("cpu")
-    ctx = multiprocessing.get_context("spawn")  # a process per size: its RSS delta is the index
-    for n in args.retrieval_sizes:
-        out = ctx.Queue()
-        child = ctx.Process(target=bm25_child, args=(n, corpus, queries, out))
-        child.start()
-        row, late = [n], f"> {args.retrieval_timeout} s"
-        deadline = time.time() + args.retrieval_timeout
-        try:  # queue.Empty: not done in time (or killed for memory)
-            row += [*out.get(timeout=args.retrieval_timeout)]
-            batch = out.get(timeout=max(1.0, deadline - time.time()))
-            row += [batch, 1000 * batch / len(queries)]
-        except Exception:
-            row += [late] + ["-"] * (4 - len(row))
-        rows.append(row)
-        child.kill()
-        child.join()
-    table(
-        f"8. in-memory BM25 (rank_bm25) on synthetic passages, {len(queries)} queries a batch",
-        ["passages", "build s", "index GiB", "batch s", "ms/query"],
-        rows,
-    )
+    """A remote retriever on loopback beside the same index in process (the HTTP overhead)."""
+    cpu = torch.device("cpu")
     local = BM25Retriever(load_corpus(corpus)[:1000])  # small: the search hides no overhead
     server = make_server(local, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -582,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (median)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes")
-    p.add_argument("--retrieval_timeout", type=int, default=120, help="seconds allowed per size")
+    p.add_argument("--retrieval_timeout", type=int, default=600, help="seconds allowed per size")
+    p.add_argument(
+        "--rank_bm25_max", type=int, default=100_000, help="largest corpus for rank_bm25"
+    )
     try:
         args = p.parse_args(argv)
         if set(args.only.split(",")) - set(SECTIONS):
@@ -591,7 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    start, b, only = time.time(), set_up(args), args.only.split(",")
+    start, only = time.time(), args.only.split(",")
+    if only == ["bm25"]:  # the retriever alone: no model
+        bench_bm25(args)
+        print(f"\nbench wall time {time.time() - start:.0f} s")
+        return 0
+    b = set_up(args)
     c, amp = b.cfg, ", bf16 autocast" if b.device.type == "cuda" else ""
     fields = (
         "max_searches",
@@ -619,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "ig": lambda: bench_ig(b),
         "rollout": lambda: bench_rollout(b),
         "retrieval": lambda: bench_retrieval(args, b.data["corpus"], queries, c.topk),
+        "bm25": lambda: bench_bm25(args),
     }
     for name in (s for s in SECTIONS if s in only):
         sections[name]()

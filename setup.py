@@ -10,6 +10,8 @@ setup(
         "igsearch",
         "fast",
         "retriever",
+        "bm25",
+        "credit",
         "prepare",
         "train",
         "warmup",

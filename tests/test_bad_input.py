@@ -311,7 +311,9 @@ def test_a_broken_run_file_on_resume_is_one_line(
     else:
         path.write_text(text)
     before = snapshot(run)
-    monkeypatch.setattr(train, "generate_rollouts", lambda *a, **k: pytest.fail("worked before refusing"))
+    monkeypatch.setattr(
+        train, "generate_rollouts", lambda *a, **k: pytest.fail("worked before refusing")
+    )
     code = train.main(["--resume", str(run), "--steps", "2"])
     assert f"{run}/{problem}" in one_line_error(capsys, code)
     assert snapshot(run) == before

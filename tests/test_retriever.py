@@ -11,8 +11,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import bm25 as inverted  # "bm25" names the fixture below
+import prepare
 import retriever
 from retriever import (
     BM25Retriever,
@@ -444,3 +447,181 @@ def test_client_speaks_search_r1_schema_and_renders_as_search_r1():
     assert (
         format_passages(hits[1]) == search_r1.strip()
     )  # Search-R1 strips the block before inserting it
+
+
+# The inverted index (bm25.py): BM25Retriever's default, held equal to rank_bm25, its readable twin.
+
+
+def offline_data() -> dict:
+    try:
+        return prepare.default_data()
+    except InputError as e:  # the data package is missing: nothing to compare on
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_index_equals_rank_bm25_on_the_offline_default():
+    """Every committed result used rank_bm25: on the offline corpus the index must give the same
+    top-k, in the same order with the same scores, for all 751 test and the first 1,000 train
+    questions, and the same score for every passage (bitwise) on 200 of them."""
+    data = offline_data()
+    rows = load_corpus(data["corpus"])
+    fast, twin = BM25Retriever(rows), BM25Retriever(rows, backend="rank_bm25")
+    questions = [q["question"] for q in prepare.load_questions(data["test"])]
+    questions += [q["question"] for q in prepare.load_questions(data["train"])[:1000]]
+    assert len(questions) == 1751
+    assert fast.search(questions, topk=5) == twin.search(questions, topk=5)
+    for q in questions[::9]:
+        words = retriever.tokenize(q)[: retriever.MAX_QUERY_WORDS]
+        assert np.array_equal(fast.bm25.get_scores(words), twin.bm25.get_scores(words)), q
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        # "common" in 5 of 6 passages: a negative idf, floored to epsilon * mean idf; equal passages
+        # tie
+        [
+            "common rare one",
+            "common two",
+            "common two",
+            "common three three",
+            "common",
+            "other words here",
+        ],
+        # most words in most passages: the mean idf, and so the floor, is negative; a passage
+        # without the
+        # query's words (score 0) then ranks above those with them (negative scores)
+        ["x y v", "x y v", "x y v z", "w", "x y v"],
+    ],
+)
+def test_index_equals_rank_bm25_with_negative_idf_ties_and_repeated_words(texts: list[str]):
+    rows = [{"id": str(i), "contents": t} for i, t in enumerate(texts)]
+    fast, twin = BM25Retriever(rows), BM25Retriever(rows, backend="rank_bm25")
+    queries = [
+        "common",
+        "common common rare",
+        "two three",
+        "x",
+        "x x y",
+        "y z",
+        "unknown",
+        "",
+        "w x",
+        "rare " * 40 + "two",
+    ]  # the first 32 words only: "two" is not scored
+    for q in queries:
+        words = retriever.tokenize(q)[: retriever.MAX_QUERY_WORDS]
+        assert np.array_equal(fast.bm25.get_scores(words), twin.bm25.get_scores(words)), q
+        for k in range(1, len(rows) + 2):
+            assert fast.search([q], topk=k) == twin.search([q], topk=k), (q, k)
+    if texts[0] == "x y v":  # the floor is negative: "w" (no x) first, then the longest passage
+        assert fast.bm25.idf[fast.bm25.term_ids["x"]] < 0 and [
+            p.id for p in fast.search(["x"], 2)[0]
+        ] == ["3", "2"]
+
+
+def test_top_k_is_the_stable_argsort_with_ties_zeros_and_negatives():
+    """bm25.top_k skips sorting all N (a sampled bound, then the candidates above it): it must still
+    pick exactly np.argsort(-scores, kind="stable")[:k], ties in corpus order."""
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 5000))
+        scores = rng.integers(-2, 4, n).astype(float) * rng.choice(
+            [1.0, 0.5]
+        )  # few values: many ties
+        if trial % 3 == 0:
+            scores[rng.random(n) < 0.9] = 0.0  # mostly untouched passages
+        for k in (1, 3, 50, n - 1, n, n + 5):
+            if k >= 1:
+                assert np.array_equal(
+                    inverted.top_k(scores, k), np.argsort(-scores, kind="stable")[:k]
+                ), (n, k)
+
+
+def test_build_in_chunks_and_into_a_folder_gives_the_same_index(tmp_path: Path):
+    """The build merges per-chunk postings; three passages a chunk give the one-chunk arrays."""
+    tokens = [retriever.tokenize(f"{t} {x}") for t, x in PASSAGES] * 3
+    one = inverted.build(tokens)
+    for index in (inverted.build(tokens, chunk=3), inverted.build(tokens, str(tmp_path), chunk=3)):
+        assert index.words == one.words
+        for name in inverted.ARRAYS:
+            assert np.array_equal(getattr(index, name), getattr(one, name)), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{name}.npy" for name in inverted.ARRAYS
+    )
+
+
+def test_saved_index_is_memory_mapped_and_answers_as_the_in_memory_one(tmp_path: Path):
+    path = (
+        tmp_path / "win.jsonl"
+    )  # a BOM, CRLF, a blank line, a missing id: read back from the file
+    path.write_bytes(
+        b'\xef\xbb\xbf{"id": "x", "contents": "\\"A\\"\\nfirst words"}\r\n\r\n'
+        + "".join(json.dumps({"contents": f'"{t}"\n{x}'}) + "\r\n" for t, x in PASSAGES).encode()
+    )
+    folder = str(tmp_path / "index")
+    built = BM25Retriever(str(path), index=folder)
+    loaded = BM25Retriever(str(path), index=folder)  # the second time: loaded, not built
+    assert isinstance(loaded.bm25.doc_ids, np.memmap) and isinstance(
+        loaded.passages, retriever.CorpusFile
+    )
+    memory = BM25Retriever(str(path))
+    for k in (1, 3, 11, 20):
+        assert (
+            built.search(QUERIES + ["first"], k)
+            == loaded.search(QUERIES + ["first"], k)
+            == memory.search(QUERIES + ["first"], k)
+        )
+    assert [loaded.passages[i].id for i in (0, 1, 10)] == ["x", "1", "10"]
+    assert loaded.passages[0].title == "A" and loaded.passages[3].text == PASSAGES[2][1]
+
+
+def test_saved_index_of_another_corpus_or_damaged_is_refused_in_one_line(
+    tmp_path: Path, corpus_file: str
+):
+    folder = tmp_path / "index"
+    BM25Retriever(corpus_file, index=str(folder))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "0", "contents": "another corpus"}\n', encoding="utf-8")
+    cases = []
+    with pytest.raises(InputError) as err:
+        BM25Retriever(str(other), index=str(folder))
+    cases.append((err, "meta.json: corpus_bytes"))
+    (folder / "words.txt").write_text("too\nfew", encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        BM25Retriever(corpus_file, index=str(folder))
+    cases.append((err, "words.txt: 2 entries"))
+    doc_ids = folder / "doc_ids.npy"
+    doc_ids.write_bytes(doc_ids.read_bytes()[:-8])  # truncated
+    with pytest.raises(InputError) as err:
+        BM25Retriever(corpus_file, index=str(folder))
+    cases.append((err, "doc_ids.npy: unreadable saved index"))
+    (folder / "meta.json").unlink()
+    with pytest.raises(InputError) as err:  # a folder with files but no index: not overwritten
+        BM25Retriever(corpus_file, index=str(folder))
+    cases.append((err, "neither a saved index"))
+    with pytest.raises(InputError) as err:
+        BM25Retriever(corpus_file, index=corpus_file)
+    cases.append((err, "not a folder"))
+    for err, problem in cases:
+        assert problem in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert (folder / "doc_ids.npy").exists()  # nothing deleted
+
+
+def test_cli_search_and_serve_with_an_index_folder(tmp_path: Path, corpus_file: str):
+    folder = str(tmp_path / "index")
+    for _ in range(2):  # built, then loaded
+        done = run_cli(
+            "search", "--corpus", corpus_file, "--index", folder, "--topk", "1", "Shakespeare"
+        )
+        assert done.returncode == 0, done.stderr
+        assert 'Doc 1(Title: "Hamlet")' in done.stdout and "Doc 2(" not in done.stdout
+    for args in (
+        ["search", "--url", "http://127.0.0.1:9/retrieve", "--index", folder, "x"],
+        ["search", "--corpus", corpus_file, "--index", "", "x"],
+        ["serve", "--corpus", corpus_file, "--index", corpus_file],
+    ):
+        done = run_cli(*args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
