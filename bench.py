@@ -682,7 +682,7 @@ def bench_retrieval(args, corpus: str, queries: list[str], topk: int) -> None:
     server.server_close()
     lo, hi = med(t["local"]), med(t["remote"])
     table(
-        f"8b. remote retriever on loopback ({len(local)} passages, {len(queries)} queries a batch)",
+        f"8. remote retriever on loopback ({len(local)} passages, {len(queries)} queries a batch)",
         ["", "ms"],
         [
             ["in process", 1000 * lo],
