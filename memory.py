@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, rest = p.parse_known_args(argv)
     try:
-        cfg, _ = train.parse_config(rest)
+        cfg = train.parse_config(rest)[0]
         name = args.model_config or cfg.model or prepare.default_model()
         if name.lower() in NAMED:
             shape = model_shape(NAMED[name.lower()])

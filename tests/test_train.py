@@ -414,7 +414,7 @@ def test_bad_config_gets_one_line_and_exit_2(args, needle, tiny_run_files, tmp_p
 
 def test_bad_question_file_names_file_and_line(tiny_run_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "golden_answers": ["a"]}\n{"question": "q2"}\n')
+    bad.write_text('{"question": "q", "golden_answers": ["Paris"]}\n{"question": "q2"}\n')
     r = run_cli(
         "evaluate.py",
         "--model",
@@ -668,6 +668,7 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
 
     def update(model, ref, tok, batch, adv, opt, cfg):
         targets.extend(tok.decode(t.response_ids) for t in batch)
+        return {"loss": 0.0, "grad_norm": 0.0, "skipped": False, "token_entropy": []}
 
     for mode in ("question", "varied"):
         asked.clear()
