@@ -118,14 +118,14 @@ def release_run(run: Path | None = None) -> None:
             os.close(fd)  # closing the file releases its flock
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically: a temporary file, then rename. A failed write (a full disk) leaves
-    the old file and no temporary one, and says so in one line."""
+def write_text(path: str | Path, text: str) -> None:
+    """Replace a file atomically: a temporary file, then rename. A failed write (a full disk)
+    leaves the old file and no temporary one, and says so in one line."""
     tmp = Path(f"{path}.tmp")
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -134,6 +134,11 @@ def write_json(path: str | Path, obj) -> None:
         raise InputError(
             f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
         ) from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    """A JSON object, written atomically (write_text)."""
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def check_writable(path: str | Path) -> None:
@@ -165,16 +170,8 @@ def read_json(path: str | Path) -> dict:
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    """Replace a text file atomically (a failed write keeps the old file, as write_json)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(
-            f"{path}: cannot be written ({e.strerror or e}); the old file is kept"
-        ) from None
+    """A text file of lines, written atomically (write_text)."""
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def append_record(path: Path, record: dict) -> None:
