@@ -44,15 +44,8 @@ from retriever import (
     tokenize,
 )
 
-SECTIONS = (
-    "step",
-    "update",
-    "memory",
-    "ig",
-    "rollout",
-    "retrieval",
-    "bm25",
-)  # in the order they run
+# in the order they run
+SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval", "bm25")
 PHASES = ("rollout", "retrieval", "IG", "reward", "update")
 
 
@@ -184,6 +177,7 @@ def set_up(args) -> SimpleNamespace:
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
     backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
+    # the weights stay
     b = SimpleNamespace(
         args=args,
         cfg=cfg,
@@ -200,7 +194,7 @@ def set_up(args) -> SimpleNamespace:
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
         ref=train.frozen_copy(model, model.device) if cfg.kl_coef > 0 else None,
         opt=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0),
-    )  # the weights stay
+    )
 
     def search(queries: list[str]) -> list[str]:  # the retriever, its time counted
         start = time.perf_counter()
@@ -466,11 +460,12 @@ def bench_ig(b) -> None:
 
 def bench_rollout(b) -> None:
     """train.generate_rollouts' tokens/s beside one model.generate call of as many new tokens."""
+    # (B, T)
     ids, mask, _ = lm.left_pad(
         [b.tok(p, add_special_tokens=False).input_ids for p in b.prompts],
         b.tok.pad_token_id,
         b.device,
-    )  # (B, T)
+    )
     per_row = math.ceil(sum(sum(t.loss_mask) for t in b.trajs) / len(b.prompts))
     sample = {"do_sample": True, "temperature": b.cfg.temperature, "top_k": None, "top_p": None}
     with train.bf16(b.device):
@@ -587,9 +582,8 @@ def bench_bm25(args) -> None:
             ["index"] if n <= 100_000 else []
         )
         for kind in kinds + ["tokenize", "folder", "mapped"]:
-            qs = (
-                queries if kind != "rank_bm25" or n <= 10_000 else queries[:16]
-            )  # 1,024 would take minutes
+            # 1,024 would take minutes
+            qs = queries if kind != "rank_bm25" or n <= 10_000 else queries[:16]
             out, got[kind] = ctx.Queue(), {}
             child = ctx.Process(target=bm25_child, args=(kind, path, qs, out))
             child.start()
@@ -650,9 +644,8 @@ def bench_bm25(args) -> None:
     for line in notes:
         print(f"  {line}")
     n, f, m = args.retrieval_sizes[-1], got["folder"], got["mapped"]
-    if (
-        "build s" in f and "ms/q 1024" in m
-    ):  # linear in N: every chunk and postings list grows with N
+    # linear in N: every chunk and postings list grows with N
+    if "build s" in f and "ms/q 1024" in m:
         x = 21_000_000 / n
         print(
             f"  wiki-18 (21 M passages), linear from {n}: build {f['build s']:.0f} s x {x:.0f} = "

@@ -35,9 +35,8 @@ from errors import InputError
 K1, B, EPSILON = 1.5, 0.75, 0.25  # rank_bm25.BM25Okapi's defaults
 FORMAT = "igsearch-bm25-1"  # written into meta.json; any other value is refused at load
 ARRAYS = ("offsets", "doc_ids", "tfs", "doc_len")
-CACHE_BYTES = (
-    1 << 30
-)  # kept term weights of common words (recomputing them is most of a query's work)
+# kept term weights of common words (recomputing them is most of a query's work)
+CACHE_BYTES = 1 << 30
 
 
 class BM25Index:
@@ -70,9 +69,8 @@ class BM25Index:
         idf = np.array([logs[d] for d in df.tolist()], dtype=np.float64)  # (V,)
         average_idf = float(np.cumsum(idf)[-1]) / len(idf) if len(idf) else 0.0
         self.idf = np.where(idf < 0, EPSILON * average_idf, idf)  # (V,)
-        self.norm = K1 * (
-            1 - B + B * doc_len.astype(np.int64) / self.avgdl
-        )  # (N,) k1 (1 - b + b |d| / avgdl)
+        # (N,) k1 (1 - b + b |d| / avgdl)
+        self.norm = K1 * (1 - B + B * doc_len.astype(np.int64) / self.avgdl)
         self.cache, self.cache_left, self.lock = {}, cache_bytes, threading.Lock()
 
     def __len__(self) -> int:
@@ -108,9 +106,8 @@ class BM25Index:
             if docs is None:
                 scores += w
             else:
-                np.add.at(
-                    scores, docs, w
-                )  # each document at most once per word: same sums as rank_bm25
+                # each document at most once per word: same sums as rank_bm25
+                np.add.at(scores, docs, w)
         return scores
 
 
@@ -118,9 +115,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """np.argsort(-scores, kind="stable")[:k] (ties in corpus order) without sorting all N."""
     if k >= len(scores):
         return np.argsort(-scores, kind="stable")
-    sample = scores[
-        :: max(1, len(scores) // 1024)
-    ]  # a subset: its k-th best is <= the k-th best of all
+    # a subset: its k-th best is <= the k-th best of all
+    sample = scores[:: max(1, len(scores) // 1024)]
     bound = np.partition(sample, len(sample) - k)[len(sample) - k] if len(sample) >= k else -np.inf
     cand = np.flatnonzero(scores >= bound)  # (C,) ascending; holds the top k and all its ties
     s = scores[cand]  # (C,)
@@ -159,21 +155,18 @@ def build(
     postings and the index's arrays live there (then call save_meta) and memory holds only the
     words."""
     term_ids = _Numbering()
-    parts, lengths, n = (
-        [],
-        [],
-        0,
-    )  # per chunk: df of each word, postings sorted by word then document
+    # per chunk: df of each word, postings sorted by word then document
+    parts, lengths, n = ([], [], 0)
     it = iter(token_lists)
     while batch := list(islice(it, chunk)):
         lens = np.fromiter(map(len, batch), np.int64, len(batch))  # (n_c,)
+        # (tokens,) word ids
         ids = np.fromiter(
             map(term_ids.__getitem__, chain.from_iterable(batch)), np.int64, int(lens.sum())
-        )  # (tokens,) word ids
+        )
         docs = np.repeat(np.arange(n, n + len(batch), dtype=np.int64), lens)  # (tokens,)
-        keys, tf = np.unique(
-            ids << 32 | docs, return_counts=True
-        )  # one key per (word, doc), sorted
+        # one key per (word, doc), sorted
+        keys, tf = np.unique(ids << 32 | docs, return_counts=True)
         docs_c, tf_c = (keys & 0xFFFFFFFF).astype(np.int32), tf.astype(np.uint32)  # (P_c,)
         if folder is not None:  # to disk: a wiki-18 build holds ~1.5 G postings
             docs_c, tf_c = (
@@ -190,9 +183,8 @@ def build(
     big = max((int(tf.max()) for _, _, tf in parts if len(tf)), default=0) > np.iinfo(np.uint16).max
     doc_ids = _array(folder, "doc_ids", offsets[-1], np.int32)  # (P,)
     tfs = _array(folder, "tfs", offsets[-1], np.uint32 if big else np.uint16)  # (P,)
-    cursor = offsets[
-        :-1
-    ].copy()  # (V,) where each word's next postings go: chunks come in doc order
+    # (V,) where each word's next postings go: chunks come in doc order
+    cursor = offsets[:-1].copy()
     for c, (df_c, docs, tf) in enumerate(parts):
         terms = np.repeat(np.arange(len(df_c)), df_c)  # (P_c,) the word of each posting
         pos = cursor[terms] + np.arange(len(docs)) - (np.cumsum(df_c) - df_c)[terms]  # (P_c,)
@@ -249,12 +241,8 @@ def load(folder: str, expect: dict, extra: tuple[str, ...] = ()) -> tuple[BM25In
         with open(path, encoding="utf-8") as f:
             words = f.read().split("\n") if meta["words"] else []
         n, v, p = meta["passages"], meta["words"], meta["postings"]
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-    ) as e:  # missing, truncated, not JSON, not .npy
+    # missing, truncated, not JSON, not .npy
+    except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(

@@ -305,9 +305,8 @@ def save_checkpoint(
         )
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_weights(
-            policy, tmp
-        )  # a plain model folder (a LoRA adapter merged, and beside it)
+        # a plain model folder (a LoRA adapter merged, and beside it)
+        lora.save_weights(policy, tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
         (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))

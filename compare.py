@@ -291,6 +291,7 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
     Training metrics are noisy (16 rollouts a step): each run's are a trailing 5-step mean. A run
     without RL steps (the shared warm-up) gives every method its step-0 validation point."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    # the warm-up of each task
     start = {
         run.task: {
             k: v
@@ -300,7 +301,7 @@ def learning_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, list[float
         }
         for run in runs
         if not run.rl_steps
-    }  # the warm-up of each task
+    }
     labels, _ = run_labels([r for r in runs if r.rl_steps])
     for run in (r for r in runs if r.rl_steps):
         per_key = curves.setdefault(labels[id(run)], {})

@@ -131,13 +131,11 @@ def shard_model(model: torch.nn.Module) -> None:
         fully_shard(layer)
     fully_shard(model)
     for m in model.modules():
-        if isinstance(
-            m, FSDPModule
-        ):  # sum over ranks, not the mean: each rank's loss is already / global tokens
+        # sum over ranks, not the mean: each rank's loss is already / global tokens
+        if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(
-                True
-            )  # a plain SUM (gloo has no pre-multiplied sum)
+            # a plain SUM (gloo has no pre-multiplied sum)
+            m.set_force_sum_reduction_for_comms(True)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -156,9 +154,8 @@ def copy_full(sharded: torch.nn.Module, replica: torch.nn.Module) -> None:
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradients to a global norm of max_norm; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return float(
-        norm.full_tensor() if isinstance(norm, DTensor) else norm
-    )  # sharded: a norm over all ranks
+    # sharded: a norm over all ranks
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

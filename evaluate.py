@@ -132,9 +132,8 @@ def format_table(rows: dict[str, dict], average: bool = True, first: str = "data
             **{k: sum(r[k] for r in rows.values()) / len(rows) for k in keys},
         }
     for name, r in rows.items():
-        hit = (
-            f"{r['hit']:>8.2f}" if "hit" in r else f"{'-':>8}"
-        )  # tables written before hit was measured
+        # tables written before hit was measured
+        hit = f"{r['hit']:>8.2f}" if "hit" in r else f"{'-':>8}"
         lines.append(
             f"{name:<24}{r['n']:>6}{r['em']:>8.3f}{r['f1']:>8.3f}{r['searches']:>10.2f}{r['valid']:>8.2f}{hit}"
         )

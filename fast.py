@@ -215,17 +215,19 @@ def answer_scores_shared_prefix(
             if end < ids.shape[1]:
                 kv.crop(end - ids.shape[1])  # a negative count: drop that many positions at the end
                 seen = seen[:, :end]  # (rows, end)
+            # (rows, C)
             cont_ids, cont_attn, cont_pos = lm.left_pad(
                 [seqs[i][k:] for _, i, k in part], pad_id, device
-            )  # (rows, C)
+            )
             L = max(len(answers[i]) for _, i, _ in part)
+            # (rows, L+1, V)
             logits = model(
                 input_ids=cont_ids,
                 attention_mask=torch.cat([seen, cont_attn], 1),
                 position_ids=cont_pos + shares[:, None],  # continue after the share
                 logits_to_keep=L + 1,
                 **{cache_kw: kv},
-            ).logits  # (rows, L+1, V)
+            ).logits
             logp = ig.token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L)
             for row, (_, i, _) in enumerate(part):
                 answer_logp = logp[row, L - len(answers[i]) :]  # (n,) the answer tokens in order

@@ -526,9 +526,10 @@ def answer_scores(
     for idx in length_chunks([len(s) for s in seqs], batch_size):
         ids, attn, pos = left_pad([seqs[i] for i in idx], pad_id, device)  # (b, T)
         L = max(n_ans[i] for i in idx)
+        # (b, L+1, V)
         logits = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1
-        ).logits  # (b, L+1, V)
+        ).logits
         logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (b, L): position p predicts token p+1
         for row, i in enumerate(idx):
             flat[i] = answer_score(logp[row, L - n_ans[i] :], head_tokens, head_weight)
@@ -672,9 +673,10 @@ def response_batch(
         "loss_mask": mask,
     }
     if advantages is not None:
+        # (B, R)
         batch["advantages"] = torch.stack(
             [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]
-        ).to(device)  # (B, R)
+        ).to(device)
     return batch
 
 
@@ -682,13 +684,14 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """log pi(y_p | y_<p) at the response positions, and the policy entropy there, both (B, R) and
     0 where the loss mask is 0; logp keeps its gradient, the entropy has none."""
     R = batch["targets"].shape[1]
+    # (B, R, V): p predicts token p + 1
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
         logits_to_keep=R + 1,
-    ).logits[:, :-1]  # (B, R, V): p predicts token p + 1
+    ).logits[:, :-1]
     logp, entropy = token_logprobs(logits, batch["targets"], entropy=True)  # (B, R) each
     mask = batch["loss_mask"].to(logp.dtype)
     return logp * mask, entropy * mask

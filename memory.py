@@ -25,9 +25,8 @@ GiB = 2**30
 PROMPT_TOKENS = 100  # instruction + question (86 with the default template and tokenizer)
 TOKENS_PER_WORD = 1.3
 PASSAGE_WORDS = 100  # a wiki-18 passage, when doc_words = 0 keeps whole passages
-CPU_RUNTIME = (
-    0.43 * GiB
-)  # Python, torch, tokenizer, questions, BM25 index: measured, offline default
+# Python, torch, tokenizer, questions, BM25 index: measured, offline default
+CPU_RUNTIME = 0.43 * GiB
 CUDA_RUNTIME = 0.5 * GiB  # CUDA context and allocator slack (assumed, not measured here)
 
 # Qwen2.5-3B's published architecture (its config.json), so its table prints offline.
@@ -85,9 +84,8 @@ def model_shape(config) -> Shape:
     d = c.get("head_dim") or H // heads
     inter = c.get("intermediate_size") or 4 * H
     bias = (heads + 2 * kv) * d if c.get("attention_bias") or c.get("model_type") == "qwen2" else 0
-    layer = (
-        H * heads * d * 2 + 2 * H * kv * d + bias + 3 * H * inter + 2 * H
-    )  # attention, MLP, norms
+    # attention, MLP, norms
+    layer = H * heads * d * 2 + 2 * H * kv * d + bias + 3 * H * inter + 2 * H
     embed = V * H * (1 if c.get("tie_word_embeddings", False) else 2)
     return Shape(L * layer + embed + H, L, H, heads, kv, d, inter, V)
 
@@ -122,11 +120,12 @@ def estimate(cfg, shape: Shape, device_type: str, world_size: int = 1) -> dict[s
     T, generated, inserted = lengths(cfg)
     adapter = lora_params(s, cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else 0
     trained = adapter or s.params
+    # fp32 weights, two moments
     fixed = {
         "runtime": CUDA_RUNTIME if device_type == "cuda" else CPU_RUNTIME,
         "weights": 4 * s.params,
         "AdamW state": 8 * trained,
-    }  # fp32 weights, two moments
+    }
     if adapter:
         fixed["LoRA adapter"] = 4 * adapter
     elif device_type == "cuda":  # autocast keeps a bf16 copy of every weight that trains
@@ -153,11 +152,12 @@ def estimate(cfg, shape: Shape, device_type: str, world_size: int = 1) -> dict[s
     else:
         acts = s.layers * (N * saved + mask)
     head_tokens = mb * (generated if cfg.fast else T - PROMPT_TOKENS)  # fast: trained tokens only
+    # logits, log-softmax, p, grad
     update = {
         "gradients": 4 * trained,
         "update activations": acts,
         "LM-head logits": head_tokens * s.vocab * (act + 12),
-    }  # logits, log-softmax, p, grad
+    }
     return {"rollout": {**fixed, **rollout}, "IG": {**fixed, **ig}, "update": {**fixed, **update}}
 
 

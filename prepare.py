@@ -132,9 +132,8 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
             "Search-augmented reasoning with <search> tags.", return_tensors="pt"
         ).input_ids
         with torch.no_grad():
-            diff = (
-                (gguf_model(input_ids).logits - reloaded(input_ids).logits).abs().max().item()
-            )  # over (1, T, V)
+            # over (1, T, V)
+            diff = (gguf_model(input_ids).logits - reloaded(input_ids).logits).abs().max().item()
         if diff >= 1e-4:
             raise RuntimeError(
                 f"{tmp}: converted model's logits differ from the GGUF model's by {diff:.2e}"
@@ -163,9 +162,8 @@ def make_question(entry: dict) -> dict | None:
         return None
     who = "Who" if entry.get("topic") == "People" else "What"
     question = f"{who} is this: {description}?"
-    if normalize_answer(title) in normalize_answer(
-        question
-    ):  # a substring test: "Polio" leaks from "poliovirus"
+    # a substring test: "Polio" leaks from "poliovirus"
+    if normalize_answer(title) in normalize_answer(question):
         return None
     return {"question": question, "golden_answers": [title]}
 
@@ -182,10 +180,11 @@ def split_validation(questions: list[dict], n: int) -> tuple[list[dict], list[di
     Fixed by the data alone (not by the seed), so every run of an experiment trains on the same
     questions and is validated on the same held-out ones; file order is kept within each part.
     """
+    # a noisy question is carved as its plain twin
     digest = [
         hashlib.sha1(q.get("plain_question", q["question"]).encode("utf-8")).hexdigest()
         for q in questions
-    ]  # a noisy question is carved as its plain twin
+    ]
     val = set(sorted(range(len(questions)), key=digest.__getitem__)[:n])
     return (
         [q for i, q in enumerate(questions) if i not in val],
@@ -326,9 +325,8 @@ def load_model(
             f"{path}: cannot load the model ({str(e).strip().splitlines()[0][:300]})"
         ) from None
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = (
-            tokenizer.eos_token
-        )  # padding is masked by position, so any id will do
+        # padding is masked by position, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -396,9 +394,8 @@ def _load_parquet(path: str) -> list[dict]:
     for i, rec in enumerate(records):
         question, answers = rec.get("question"), rec.get("golden_answers")
         if question is None:
-            prompt = rec.get(
-                "prompt"
-            )  # [{"role": "user", "content": instruction + "Question: q"}] or text
+            # [{"role": "user", "content": instruction + "Question: q"}] or text
+            prompt = rec.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
                 prompt = prompt[-1].get("content")
             question = (
@@ -489,9 +486,8 @@ def _hub(what: str, call):
     failed."""
     try:
         return call()
-    except (
-        Exception
-    ) as e:  # the Hub libraries raise many types: ConnectionError, OSError, HTTP errors, ...
+    # the Hub libraries raise many types: ConnectionError, OSError, HTTP errors, ...
+    except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise InputError(
             f"{what}: cannot fetch it from the Hugging Face Hub ({type(e).__name__}: {first}); "

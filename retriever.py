@@ -54,9 +54,8 @@ def parse_contents(contents: str) -> tuple[str, str]:
     if not newline:
         return "", contents
     title = title.strip()
-    if (
-        len(title) >= 2 and title[0] == title[-1] == '"'
-    ):  # remove one pair only: titles may hold quotes
+    # remove one pair only: titles may hold quotes
+    if len(title) >= 2 and title[0] == title[-1] == '"':
         title = title[1:-1]
     return title, text
 
@@ -301,9 +300,8 @@ def _parse_result(payload: object, n_queries: int, topk: int) -> list[list[Passa
         for item in hits[:topk]:  # a server that ignores topk must not inflate the context
             if isinstance(item, dict) and isinstance(item.get("document"), dict):
                 doc, score = item["document"], item.get("score", 0.0)
-            elif (
-                isinstance(item, dict) and "contents" in item
-            ):  # return_scores=false servers: bare documents
+            # return_scores=false servers: bare documents
+            elif isinstance(item, dict) and "contents" in item:
                 doc, score = item, 0.0
             else:
                 raise ValueError("a result item is neither {document, score} nor a document")
@@ -529,9 +527,8 @@ def make_server(
             self.watchdog.cancel()
             super().finish()
 
-        def log_message(
-            self, format: str, *args: object
-        ) -> None:  # one stderr line per request is noise
+        # one stderr line per request is noise
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
         def reply(self, code: int, payload: dict) -> None:
@@ -555,9 +552,8 @@ def make_server(
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self.reply(400, {"error": "missing or bad Content-Length"})
-            if (
-                not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024
-            ):  # '\\uXXXX': 6 bytes a char
+            # '\\uXXXX': 6 bytes a char
+            if not 0 <= length <= max_queries * (6 * max_query_chars + 16) + 1024:
                 return self.reply(413, {"error": "request body too large"})
             try:
                 body = self.rfile.read(length)

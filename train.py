@@ -531,9 +531,10 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
         t1 = time.time()
         # ---- 2. rewards and IG: R_i = EM, and the value of every search step (IG_t)
         golds = [q["golden_answers"] for q in qs]
+        # (B,)
         rewards = torch.tensor(
             [ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, golds)]
-        )  # (B,)
+        )
         with bf16(s.device):
             values = step_values(s.policy, s.tokenizer, trajs, golds, cfg, s.gens["ig"])
         t2 = time.time()

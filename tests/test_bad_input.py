@@ -891,13 +891,7 @@ def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted
     cfg = train.Config(warmup_examples=1, warmup_batch=1, warmup_lr=1e-9)
     seen = []
     update = lambda model, ref, tok, batch, adv, opt, cfg: (
-        seen.extend(batch)
-        or {
-            "loss": 1.0,
-            "skipped": False,
-            "entropy": 1.0,
-            "grad_norm": 1.0,
-        }
+        seen.extend(batch) or {"loss": 1.0, "skipped": False, "entropy": 1.0, "grad_norm": 1.0}
     )
     warmup.warmup(
         tiny_model,
