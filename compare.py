@@ -162,8 +162,9 @@ def held_out_table(runs: list[Run]) -> list[str]:
 def per_run(runs: list[Run]) -> list[str]:
     """One line per run: folder, method, seed, wall time, test EM and hit of its first table row,
     and validation EM at every validated step."""
+    w = max([14] + [len(run.path.name) + 2 for run in runs])  # a long folder name keeps a gap
     lines = [
-        f"{'run':<14}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
+        f"{'run':<{w}}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
         "  validation EM by step"
     ]
     for run in runs:
@@ -173,7 +174,7 @@ def per_run(runs: list[Run]) -> list[str]:
             f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None
         )
         lines.append(
-            f"{run.path.name:<14}{run.method:<38}{run.config.get('seed', '-'):>5}"
+            f"{run.path.name:<{w}}{run.method:<38}{run.config.get('seed', '-'):>5}"
             f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}"
         )
     return lines
