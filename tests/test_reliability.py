@@ -494,7 +494,8 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
             )
         assert p99 < 10.0  # a sanity bound only: timing on a shared machine is not a test
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        # a generous bound: on a loaded machine the interpreter's exit alone can take seconds
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
