@@ -406,13 +406,14 @@ MALFORMED = [
 
 
 def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
-    tiny_run_files, capsys
+    tiny_run_files, capsys, tmp_path
 ):  # noqa: F811
     """`python retriever.py serve` on its default host: 8 clients x 25 requests at once, one in five
     malformed. Every good request gets the in-memory BM25 answer, every malformed one a 400 with its
     reason; then SIGINT stops the server cleanly. Prints p50/p99 latency."""
     corpus = tiny_run_files["corpus"]
     bm25 = BM25Retriever(corpus)
+    err = open(tmp_path / "serve.err", "w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -431,14 +432,15 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        # a file, not a pipe: a full pipe nobody reads would block the server's request log
+        stderr=err,
         text=True,
     )
     try:
         assert select.select([proc.stdout], [], [], 30)[0], "the server did not start in 30 s"
         line = proc.stdout.readline()
         assert line.startswith("serving 10 passages on http://127.0.0.1:"), (
-            line + proc.stderr.read()
+            line + (tmp_path / "serve.err").read_text()
         )
         url = line.split()[-1]
         latencies, failures, lock = [], [], threading.Lock()
@@ -501,7 +503,7 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
             proc.kill()
         proc.wait()
         proc.stdout.close()
-        proc.stderr.close()
+        err.close()
 
 
 # ----------------------------------------------------------------------------- 5. loading: no code
