@@ -435,6 +435,8 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
         # a file, not a pipe: a full pipe nobody reads would block the server's request log
         stderr=err,
         text=True,
+        # a shell that starts pytest in the background ignores SIGINT; the child would inherit it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert select.select([proc.stdout], [], [], 30)[0], "the server did not start in 30 s"
