@@ -177,7 +177,6 @@ def set_up(args) -> SimpleNamespace:
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
     backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
-    # the weights stay
     b = SimpleNamespace(
         args=args,
         cfg=cfg,
@@ -193,7 +192,7 @@ def set_up(args) -> SimpleNamespace:
         policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
         ref=train.frozen_copy(model, model.device) if cfg.kl_coef > 0 else None,
-        opt=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0),
+        opt=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0),  # the weights stay
     )
 
     def search(queries: list[str]) -> list[str]:  # the retriever, its time counted

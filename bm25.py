@@ -156,7 +156,7 @@ def build(
     words."""
     term_ids = _Numbering()
     # per chunk: df of each word, postings sorted by word then document
-    parts, lengths, n = ([], [], 0)
+    parts, lengths, n = [], [], 0
     it = iter(token_lists)
     while batch := list(islice(it, chunk)):
         lens = np.fromiter(map(len, batch), np.int64, len(batch))  # (n_c,)

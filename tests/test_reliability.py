@@ -406,14 +406,13 @@ MALFORMED = [
 
 
 def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
-    tiny_run_files, capsys, tmp_path
+    tiny_run_files, capsys
 ):  # noqa: F811
     """`python retriever.py serve` on its default host: 8 clients x 25 requests at once, one in five
     malformed. Every good request gets the in-memory BM25 answer, every malformed one a 400 with its
     reason; then SIGINT stops the server cleanly. Prints p50/p99 latency."""
     corpus = tiny_run_files["corpus"]
     bm25 = BM25Retriever(corpus)
-    err = open(tmp_path / "serve.err", "w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -432,8 +431,7 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
-        # a file, not a pipe: a full pipe nobody reads would block the server's request log
-        stderr=err,
+        stderr=subprocess.PIPE,
         text=True,
         # a shell that starts pytest in the background ignores SIGINT; the child would inherit it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -442,7 +440,7 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
         assert select.select([proc.stdout], [], [], 30)[0], "the server did not start in 30 s"
         line = proc.stdout.readline()
         assert line.startswith("serving 10 passages on http://127.0.0.1:"), (
-            line + (tmp_path / "serve.err").read_text()
+            line + proc.stderr.read()
         )
         url = line.split()[-1]
         latencies, failures, lock = [], [], threading.Lock()
@@ -498,14 +496,13 @@ def test_serve_under_concurrent_load_answers_everything_and_rejects_malformed(
             )
         assert p99 < 10.0  # a sanity bound only: timing on a shared machine is not a test
         proc.send_signal(signal.SIGINT)
-        # a generous bound: on a loaded machine the interpreter's exit alone can take seconds
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         proc.stdout.close()
-        err.close()
+        proc.stderr.close()
 
 
 # ----------------------------------------------------------------------------- 5. loading: no code
