@@ -71,10 +71,10 @@ class Run:
 
     @property
     def method(self) -> str:
-        """The method of an RL run; a run without RL steps is named by its table row (e.g. after
-        warm-up). A task other than the plain one is part of the name: runs of two tasks are
+        """The method of an RL run; a run without RL steps is named by its last table row (e.g.
+        after warm-up: the model it produced). A task other than the plain one is part of the name: runs of two tasks are
         never averaged."""
-        name = method_name(self.config) if self.rl_steps else next(iter(self.table), "-")
+        name = method_name(self.config) if self.rl_steps else next(reversed(self.table), "-")
         return name + (f" [{self.task}]" if self.task != "plain" else "")
 
     @property
@@ -160,15 +160,16 @@ def held_out_table(runs: list[Run]) -> list[str]:
 
 
 def per_run(runs: list[Run]) -> list[str]:
-    """One line per run: folder, method, seed, wall time, test EM and hit of its first table row,
-    and validation EM at every validated step."""
+    """One line per run: folder, method, seed, wall time, test EM and hit of its last table row
+    (the trained model's; the rows before it are the start and the warm-up), and validation EM at
+    every validated step."""
     w = max([14] + [len(run.path.name) + 2 for run in runs])  # a long folder name keeps a gap
     lines = [
         f"{'run':<{w}}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
         "  validation EM by step"
     ]
     for run in runs:
-        row = next(iter(run.table.values()), {})
+        row = next(reversed(run.table.values()), {})
         em, hit = (f"{row[k]:.3f}" if k in row else "-" for k in ("em", "hit"))
         val = " ".join(
             f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None

@@ -535,6 +535,11 @@ def test_compare_runs_mean_and_spread(tmp_path):
     ]  # no wall.json, no hit
     (tmp_path / "run1" / "wall.json").write_text(json.dumps({"wall_seconds": 1234}))
     assert "1234" in compare.per_run(read("run1"))[1]
+    start = {**row, "em": 0.0}
+    (tmp_path / "run1" / "table.json").write_text(
+        json.dumps({"start model": start, "IG-Search": row})
+    )
+    assert compare.per_run(read("run1"))[1].split()[4] == "0.600"  # the trained model's row
     (tmp_path / "run1").rename(tmp_path / "sel-outcome-s0-lr5e-6")  # longer than the column
     line = compare.per_run(read("sel-outcome-s0-lr5e-6"))[1]
     assert line.split()[:2] == ["sel-outcome-s0-lr5e-6", "IG-Search"]
