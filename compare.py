@@ -187,6 +187,8 @@ TRAIN_KEYS = (
     ("hit1", "rollouts whose first search hits"),
     ("searches", "searches per rollout"),
     ("query_entropy", "query entropy"),
+    ("query_tokens", "tokens per query"),
+    ("bonus_share", "step bonus's share on query tokens"),
     ("zero_adv_groups", "groups with zero outcome advantage"),
     ("ig_pos", "share of search steps with IG > 0"),
     ("ig_hit", "mean IG of steps that hit"),

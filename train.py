@@ -213,12 +213,20 @@ class RolloutStats:
     trained: int  # its trained tokens
     query_entropy: float  # sum of the entropy over its query tokens
     query: int  # its query tokens
+    query_bonus: float  # sum over its query tokens of |alpha * IG~_t / |Q_t||: IG's part
+    query_adv: float  # |A_i| * its query tokens (the outcome's part)
 
 
 def rollout_stats(
-    traj: ig.Trajectory, golds: list[str], reward: float, entropy: torch.Tensor
+    traj: ig.Trajectory,
+    golds: list[str],
+    reward: float,
+    entropy: torch.Tensor,
+    tok_adv: torch.Tensor,
+    a_i: float,
 ) -> RolloutStats:
-    """RolloutStats of one rollout; entropy (R,) is update's token entropy, 0 off the loss mask."""
+    """RolloutStats of one rollout; entropy (R,) is update's token entropy, 0 off the loss mask;
+    tok_adv (R,) its A_{i,p}, a_i its A_i."""
     spans = [torch.arange(*s.query_span) for s in traj.steps]
     query = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
     return RolloutStats(
@@ -234,6 +242,8 @@ def rollout_stats(
         sum(traj.loss_mask),
         float(entropy[query].sum()),
         len(query),
+        float((tok_adv[query] - a_i).abs().sum()),
+        abs(a_i) * len(query),
     )
 
 
@@ -242,6 +252,7 @@ def step_record(
     trajs: list[ig.Trajectory],
     golds: list[list[str]],
     rewards: torch.Tensor,
+    tok_adv: list[torch.Tensor],
     cfg: Config,
     stats: dict,
     times: list[float],
@@ -253,11 +264,16 @@ def step_record(
     first search does (none counts as a miss); ig_hit / ig_miss: mean IG of those steps and of the
     others (does IG tell a query that found the answer from one that did not?); docs_cut: share of
     search steps whose documents were cut to the response budget; query_entropy near 0: the
-    queries are fixed and IG's gradient on them (~ 1 - p) vanishes.
+    queries are fixed and IG's gradient on them (~ 1 - p) vanishes. query_tokens: mean |Q_t|;
+    bonus_share: the step bonus's (IG's) share of the push on query tokens, sum |alpha IG~_t/|Q_t||
+    over sum (|A_i| + |alpha IG~_t/|Q_t||) (the bonus is spread over |Q_t| tokens, A_i is not).
     """
+    adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std).tolist()  # A_i
     mine = [
-        rollout_stats(t, g, r, e)
-        for t, g, r, e in zip(trajs, golds, rewards.tolist(), stats["token_entropy"])
+        rollout_stats(t, g, r, e, ta, a)
+        for t, g, r, e, ta, a in zip(
+            trajs, golds, rewards.tolist(), stats["token_entropy"], tok_adv, adv
+        )
     ]
     ranks = [part[0] for part in dd.all_gather([(peak_memory_gb(device), mine)])]  # in rank order
     rolls = [r for _, rank_rolls in ranks for r in rank_rolls]
@@ -288,6 +304,8 @@ def step_record(
         "kl": stats["kl"],
         "entropy": total("entropy") / max(total("trained"), 1),
         "query_entropy": total("query_entropy") / max(total("query"), 1),
+        "query_tokens": total("query") / max(len(steps), 1),
+        "bonus_share": total("query_bonus") / max(total("query_bonus") + total("query_adv"), 1e-9),
         "grad_norm": stats["grad_norm"],
         "skipped": stats["skipped"],
         "t_rollout": times[1] - times[0],
@@ -545,7 +563,9 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
         s.sync_policy()
         t3 = time.time()
         # ---- 5. log (over the global batch), validate, checkpoint
-        rec = step_record(step, trajs, golds, rewards, cfg, stats, [t0, t1, t2, t3], s.device)
+        rec = step_record(
+            step, trajs, golds, rewards, tok_adv, cfg, stats, [t0, t1, t2, t3], s.device
+        )
         if s.val_q and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec.update(validate(s, step + 1))
         if main:

@@ -274,7 +274,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
     assert not stats["skipped"] and after[0] > before[0] and after[1] < before[1]
 
 
-def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_model):
+def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, tiny_model):
     """The health metric that shows whether IG has anything to act on: entropy on the query tokens
     only."""
     model = copy.deepcopy(tiny_model)
@@ -315,11 +315,18 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
         opt,
         Config(micro_batch=1),
     )
+    rewards = torch.tensor([1.0, 0.0])
+    a = ig.group_advantages(rewards, 2)  # (2,) A_i = +-0.707
+    tok_adv = [torch.full((len(t.response_ids),), float(a[b])) for b, t in enumerate(trajs)]
+    for b, t in enumerate(trajs):  # a bonus of 0.5 over each query: 0.5 / |Q_t| a token
+        lo, hi = t.steps[0].query_span
+        tok_adv[b][lo:hi] += 0.5 / (hi - lo)
     rec = train.step_record(
         0,
         trajs,
         [["x"], ["x"]],
-        torch.zeros(2),
+        rewards,
+        tok_adv,
         Config(group_size=2),
         stats,
         [0.0] * 4,
@@ -329,6 +336,9 @@ def test_query_entropy_is_the_mean_entropy_over_query_tokens(tokenizer, tiny_mod
         (expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4
     )
     assert rec["query_entropy"] != pytest.approx(rec["entropy"], rel=1e-3)  # not the all-token mean
+    # IG's share of the query tokens' push: the bonus is spread over |Q_t|, A_i counts per token
+    assert rec["query_tokens"] == sum(n) / 2
+    assert rec["bonus_share"] == pytest.approx(1.0 / (1.0 + float(a.abs()[0]) * sum(n)), rel=1e-5)
 
 
 from test_fast import flat, updated_weights  # noqa: E402
