@@ -227,10 +227,11 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
                 )
     if not per:
         return []
+    widths = [max(26, len(m) + 2) for m in per]  # a column fits its method's name
     lines = [
         f"training means over each run's RL steps (first {window} -> last {window}, all), "
         "mean over runs:",
-        f"{'quantity':<38}" + "".join(f"{m:>26}" for m in per),
+        f"{'quantity':<38}" + "".join(f"{m:>{w}}" for m, w in zip(per, widths)),
     ]
     for key, title in TRAIN_KEYS:
         cells = []
@@ -238,7 +239,7 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
             got = stats.get(key)
             mean = [sum(x[i] for x in got) / len(got) for i in range(3)] if got else None
             cells.append(f"{mean[0]:.2f} -> {mean[1]:.2f} ({mean[2]:.2f})" if mean else "-")
-        lines.append(f"{title:<38}" + "".join(f"{c:>26}" for c in cells))
+        lines.append(f"{title:<38}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     return lines + notes
 
 

@@ -608,6 +608,10 @@ def test_compare_runs_prints_training_means_per_method(tmp_path):
         "-",
     ]  # None left out; no IG for outcome-only
     assert compare.training_means([run("warm", [])]) == []  # no RL steps: no block
+    # a method's name longer than a column still stands apart from its neighbours
+    long = [runs[2], run("a3", [0.5] * 3, ig_center=True, ig_alpha=3.0, task="noisy")]
+    head = compare.training_means(long, window=3)[1]
+    assert head.endswith(" IG-Search (centred, alpha 3) [noisy]") and "outcome-only " in head
 
 
 def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path, capsys):
