@@ -252,6 +252,7 @@ def first_search_hits(runs: list[Run]) -> list[str]:
         return []
     means = {m: {s: sum(v) / len(v) for s, v in sorted(c.items())} for m, c in curves.items()}
     lines = ["validation: questions whose first search finds the gold, by step (mean over runs)"]
+    width = max(38, *(len(m) + 2 for m in means))  # a name longer than the column stays apart
     for method, curve in means.items():
         task = method[method.find(" [") :] if " [" in method else ""
         ref = means.get("outcome-only" + task)
@@ -261,7 +262,7 @@ def first_search_hits(runs: list[Run]) -> list[str]:
             step = next((s for s, v in curve.items() if v >= level), None)
             reach = f"   outcome-only's final {level:.3f} reached at step {step}"
         points = " ".join(f"{s}:{v:.3f}" for s, v in curve.items())
-        lines.append(f"{method:<38}{points}{reach}")
+        lines.append(f"{method:<{width}}{points}{reach}")
     return lines
 
 
