@@ -252,6 +252,7 @@ def step_record(
     trajs: list[ig.Trajectory],
     golds: list[list[str]],
     rewards: torch.Tensor,
+    adv: torch.Tensor,
     tok_adv: list[torch.Tensor],
     cfg: Config,
     stats: dict,
@@ -267,12 +268,12 @@ def step_record(
     queries are fixed and IG's gradient on them (~ 1 - p) vanishes. query_tokens: mean |Q_t|;
     bonus_share: the step bonus's (IG's) share of the push on query tokens, sum |alpha IG~_t/|Q_t||
     over sum (|A_i| + |alpha IG~_t/|Q_t||) (the bonus is spread over |Q_t| tokens, A_i is not).
+    adv (B,) is A_i, tok_adv the A_{i,p} (one (R_i,) tensor per rollout).
     """
-    adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std).tolist()  # A_i
     mine = [
         rollout_stats(t, g, r, e, ta, a)
         for t, g, r, e, ta, a in zip(
-            trajs, golds, rewards.tolist(), stats["token_entropy"], tok_adv, adv
+            trajs, golds, rewards.tolist(), stats["token_entropy"], tok_adv, adv.tolist()
         )
     ]
     ranks = [part[0] for part in dd.all_gather([(peak_memory_gb(device), mine)])]  # in rank order
@@ -557,6 +558,7 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
             values = step_values(s.policy, s.tokenizer, trajs, golds, cfg, s.gens["ig"])
         t2 = time.time()
         # ---- 3. advantages: the group baseline, plus alpha * IG~_t / |Q_t| on the query tokens
+        adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,) A_i, logged
         tok_adv = advantages(trajs, rewards, values, cfg)
         # ---- 4. one on-policy REINFORCE update
         stats = update(s.model, s.ref_model, s.tokenizer, trajs, tok_adv, s.optimizer, cfg)
@@ -564,7 +566,7 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
         t3 = time.time()
         # ---- 5. log (over the global batch), validate, checkpoint
         rec = step_record(
-            step, trajs, golds, rewards, tok_adv, cfg, stats, [t0, t1, t2, t3], s.device
+            step, trajs, golds, rewards, adv, tok_adv, cfg, stats, [t0, t1, t2, t3], s.device
         )
         if s.val_q and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec.update(validate(s, step + 1))
@@ -576,7 +578,6 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
                 )
             )
             if cfg.html_every and ((step + 1) % cfg.html_every == 0 or step + 1 == cfg.steps):
-                adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,) A_i
                 page = s.run / "steps" / f"step-{step + 1:04d}.html"
                 title = f"{s.run}: step {step + 1}" + (", rank 0's share" * (dd.world_size() > 1))
                 credit.write_step_page(

@@ -326,6 +326,7 @@ def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, ti
         trajs,
         [["x"], ["x"]],
         rewards,
+        a,
         tok_adv,
         Config(group_size=2),
         stats,
