@@ -260,7 +260,8 @@ def first_search_hits(runs: list[Run]) -> list[str]:
         if ref and not method.startswith("outcome-only"):
             level = ref[max(ref)]
             step = next((s for s, v in curve.items() if v >= level), None)
-            reach = f"   outcome-only's final {level:.3f} reached at step {step}"
+            at = f"reached at step {step}" if step is not None else "not reached"
+            reach = f"   outcome-only's final {level:.3f} {at}"
         points = " ".join(f"{s}:{v:.3f}" for s, v in curve.items())
         lines.append(f"{method:<{width}}{points}{reach}")
     return lines

@@ -860,6 +860,7 @@ def test_compare_reports_first_search_hits_per_task_and_when_they_reach_outcome_
         ),
         run("ig", {"IG-Search": row}, curve([(10, 0.6), (20, 0.7)]), task="noisy"),
         run("plain", {"IG-Search": {**row, "hit1": 0.75}}, curve([(10, 0.1), (20, 0.2)])),
+        run("hit", {"x": row}, curve([(10, 0.3), (20, 0.4)]), task="noisy", step_reward="hit"),
     ]
     table = compare.held_out_table(runs)
     assert any(line.startswith("IG-Search [noisy]") and line.endswith("0.25") for line in table)
@@ -867,6 +868,8 @@ def test_compare_reports_first_search_hits_per_task_and_when_they_reach_outcome_
     lines = compare.first_search_hits(runs)
     ig_line = next(line for line in lines if line.startswith("IG-Search [noisy]"))
     assert "0:0.200 10:0.600 20:0.700" in ig_line and "final 0.500 reached at step 10" in ig_line
+    low = next(line for line in lines if "0:0.200 10:0.300 20:0.400" in line)
+    assert low.endswith("outcome-only's final 0.500 not reached")  # never a bare "step None"
     plain = next(line for line in lines if line.startswith("IG-Search ") and "[" not in line)
     assert (
         "reached" not in plain and "0:0.200" not in plain.split()
