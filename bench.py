@@ -242,7 +242,7 @@ def step(b, with_ig: bool) -> dict:
     b.t_search, (trajs, seconds, rec["mem rollout"]) = 0.0, measure(b.device, rollouts, b, cfg)
     rec["retrieval"], rec["rollout"] = b.t_search, seconds - b.t_search
     values, rec["IG"], rec["mem IG"] = measure(b.device, step_values, b, trajs, cfg)
-    tok_adv, rec["reward"], _ = measure(
+    (_, tok_adv), rec["reward"], _ = measure(
         b.device,
         lambda: train.advantages(
             trajs,

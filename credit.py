@@ -341,8 +341,7 @@ def question_page(
         trajs = train.generate_rollouts(model, tokenizer, questions, search, cfg, gen_sample)
         rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), golds) for t in trajs])  # (G,)
         values = train.step_values(model, tokenizer, trajs, [golds] * G, cfg, gen_ig)
-    adv = ig.group_advantages(rewards, G, cfg.normalize_std)  # (G,)
-    tok_adv = train.advantages(trajs, rewards, values, cfg)
+    adv, tok_adv = train.advantages(trajs, rewards, values, cfg)  # (G,) A_i and the A_{i,p}
     title = (
         f"{G} rollouts of one question, {model_name or 'the offline default model'} "
         f"(settings: {source})"

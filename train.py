@@ -130,11 +130,12 @@ def advantages(
     rewards: torch.Tensor,
     values: list[list[float | None]] | None,
     cfg: Config,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A_{i,p} = A_i + alpha * v~_t / |Q_t| on the query tokens of step t, A_i elsewhere; A_i is the
-    group baseline (GRPO) and v_t the step value (IG_t), shaped. One (R_i,) tensor per rollout."""
+    group baseline (GRPO) and v_t the step value (IG_t), shaped. Returns A_i (B,) (the log and the
+    step page show it) and A_{i,p}, one (R_i,) tensor per rollout."""
     adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,)
-    return ig.token_advantages(
+    return adv, ig.token_advantages(
         trajs,
         adv,
         alpha_of(cfg),
@@ -558,8 +559,7 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
             values = step_values(s.policy, s.tokenizer, trajs, golds, cfg, s.gens["ig"])
         t2 = time.time()
         # ---- 3. advantages: the group baseline, plus alpha * IG~_t / |Q_t| on the query tokens
-        adv = ig.group_advantages(rewards, cfg.group_size, cfg.normalize_std)  # (B,) A_i, logged
-        tok_adv = advantages(trajs, rewards, values, cfg)
+        adv, tok_adv = advantages(trajs, rewards, values, cfg)  # (B,) A_i and the A_{i,p}
         # ---- 4. one on-policy REINFORCE update
         stats = update(s.model, s.ref_model, s.tokenizer, trajs, tok_adv, s.optimizer, cfg)
         s.sync_policy()
