@@ -29,6 +29,8 @@ import torch
 import fast
 import igsearch as ig
 import lm
+import lora
+import memory
 import prepare
 import train
 from config import PRESETS, Config
@@ -166,9 +168,12 @@ def set_up(args) -> SimpleNamespace:
             "group_size": group,
             "questions_per_step": args.batch // group,
             "normalize_std": group > 1,
+            "lora_rank": getattr(args, "lora_rank", 0),
         }
     )
     model, tok = prepare.load_model(args.model, args.device, dtype=torch.float32)
+    if cfg.lora_rank:  # as train.set_up: the base frozen, the adapter trains
+        lora.add_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.grad_checkpointing:
         train.enable_checkpointing(model)
     data = prepare.default_data(cfg.task)
@@ -191,8 +196,14 @@ def set_up(args) -> SimpleNamespace:
         trajs=None,
         policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
-        ref=train.frozen_copy(model, model.device) if cfg.kl_coef > 0 else None,
-        opt=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0),  # the weights stay
+        ref=None
+        if cfg.kl_coef == 0  # as train.set_up: LoRA's reference is the adapter off
+        else lora.AdapterOff(model)
+        if cfg.lora_rank
+        else train.frozen_copy(model, model.device),
+        opt=torch.optim.AdamW(  # lr 0: the weights stay
+            [w for w in model.parameters() if w.requires_grad], lr=0.0, weight_decay=0.0
+        ),
     )
 
     def search(queries: list[str]) -> list[str]:  # the retriever, its time counted
@@ -321,16 +332,28 @@ def bench_update(b, steps: dict[str, list[dict]]) -> None:
 
 
 def bench_memory(b, steps: dict[str, list[dict]]) -> None:
-    """The peak memory of each phase; the update with fast.lean_backward beside it without."""
-    rows = [
-        [f"{k} (median of the IG steps)", statistics.median(s[f"mem {k}"] for s in steps["IG"])]
-        for k in ("rollout", "IG", "update")
-    ]
+    """The peak memory of each phase beside memory.py's estimate of it (train.py's check before a
+    run); the update with fast.lean_backward beside it without."""
+    cfg = dataclasses.replace(b.cfg, eval_questions=0, eval_every=0)  # bench evaluates nothing
+    est = memory.estimate(cfg, memory.model_shape(b.model.config), b.device.type)
+    rows = []
+    for k in ("rollout", "IG", "update"):
+        got, want = statistics.median(s[f"mem {k}"] for s in steps["IG"]), sum(est[k].values())
+        rows.append(
+            [f"{k} (median of the IG steps)", got, want / memory.GiB, got * memory.GiB / want]
+        )
     cpu_default = b.device.type == "cpu" and b.args.shape == "default"
+    what = "process RSS" if b.device.type == "cpu" else "CUDA allocated"
     table(
-        f"4. peak memory per phase (GiB, {'process RSS' if cpu_default else 'CUDA allocated'})",
-        ["", "GiB"],
+        f"4. peak memory per phase (GiB, {what}"
+        f"{f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''})",
+        ["", "GiB", "estimate", "measured / estimate"],
         rows,
+        "estimate: memory.estimate, sequences at full budget as the scripted policy makes them"
+        + (
+            "; CUDA allocated leaves out the CUDA context that its runtime term holds"
+            * (b.device.type == "cuda")
+        ),
         *[target("<= 3 GiB for the default run on CPU", max(r[1] for r in rows) <= 3)]
         * cpu_default,
     )
@@ -691,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--shape", default="default", choices=("default", "paper"), help="train preset")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (median)")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (lora.py)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--retrieval_sizes", default="10000,100000", help="synthetic corpus sizes")
     p.add_argument("--retrieval_timeout", type=int, default=600, help="seconds allowed per size")

@@ -1,5 +1,7 @@
 """bench.py's floor: the least work IG scoring needs, counted on a hand-made case."""
 
+import pytest
+
 from bench import floor_rows
 
 
@@ -55,16 +57,13 @@ def test_floor_after_left_truncation_and_with_nothing_shared():
     ]  # the trunk's own context still shares
 
 
-def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, tokenizer, tiny_model):
-    """bench.step times train.py's own phase functions in train.train's order, with the step's
-    config (the old bench re-built the step and left out ig_center); the scripted policy makes
-    every rollout use the whole search budget."""
+def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
+    """bench.set_up on a four-city corpus and the tiny model (args: bench's command line)."""
     import copy
     import json
     from types import SimpleNamespace
 
     import bench
-    import train
 
     titles = ["Paris", "Berlin", "Rome", "Madrid"]
     corpus, qa = tmp_path / "corpus.jsonl", tmp_path / "qa.jsonl"
@@ -86,6 +85,17 @@ def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, token
     monkeypatch.setattr(
         bench.prepare, "default_data", lambda task: {"train": str(qa), "corpus": str(corpus)}
     )
+    argv = dict(model="", batch=4, device="cpu", shape="default", repeats=1, lora_rank=0)
+    return bench.set_up(SimpleNamespace(**{**argv, **args}))
+
+
+def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, tokenizer, tiny_model):
+    """bench.step times train.py's own phase functions in train.train's order, with the step's
+    config (the old bench re-built the step and left out ig_center); the scripted policy makes
+    every rollout use the whole search budget."""
+    import bench
+    import train
+
     calls = []
     for name in ("generate_rollouts", "step_values", "advantages", "update"):
 
@@ -94,7 +104,7 @@ def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, token
             return _real(*args)
 
         monkeypatch.setattr(train, name, spy)
-    b = bench.set_up(SimpleNamespace(model="", batch=4, device="cpu", shape="default", repeats=1))
+    b = scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model)
     b.cfg = b.policy.cfg = bench.dataclasses.replace(b.cfg, ig_center=True)
     for with_ig in (True, False):
         calls.clear()
@@ -105,3 +115,35 @@ def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, token
         assert [len(t.steps) for t in b.trajs] == [b.cfg.max_searches] * 4  # the whole budget
         igs = [s.ig for t in b.trajs for s in t.steps]
         assert any(v is not None for v in igs) if with_ig else all(v is None for v in igs)
+
+
+def test_bench_with_lora_trains_the_adapter_and_prints_the_estimate(
+    monkeypatch, tmp_path, tokenizer, tiny_model, capsys
+):
+    """--lora_rank: as train.py, the optimizer holds the adapter alone and the KL reference is the
+    adapter switched off (no copy); the memory table puts memory.estimate beside each phase."""
+    pytest.importorskip("peft")
+    import bench
+    import lora
+    import memory
+
+    monkeypatch.setitem(bench.PRESETS, "default", {"kl_coef": 0.01})
+    b = scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, lora_rank=4)
+    trained = {id(w) for g in b.opt.param_groups for w in g["params"]}
+    adapter = {id(w) for n, w in b.model.named_parameters() if "lora_" in n}
+    assert adapter and trained == adapter
+    assert isinstance(b.ref, lora.AdapterOff)
+    steps = {"IG": [bench.step(b, True)]}
+    capsys.readouterr()
+    bench.bench_memory(b, steps)
+    out = capsys.readouterr().out
+    assert "LoRA rank 4" in out
+    est = memory.estimate(
+        bench.dataclasses.replace(b.cfg, eval_questions=0, eval_every=0),
+        memory.model_shape(b.model.config),
+        "cpu",
+    )
+    assert est["update"]["LoRA adapter"] > 0 and "reference model" not in est["update"]
+    row = next(line for line in out.splitlines() if line.startswith("update (median"))
+    printed = float(row.split()[-2])  # the estimate column, GiB
+    assert printed == pytest.approx(sum(est["update"].values()) / memory.GiB, rel=2e-3)
