@@ -104,9 +104,11 @@ PRESETS = {
         out_dir="runs/learn",
     ),
     # the query task's experiment: the same protocol on the noisy questions, with turns long enough
-    # to copy a noisy question into a query
+    # to copy a noisy question into a query; IG centred in its group (chosen on validation,
+    # docs/experiments.md)
     "query": dict(
         task="noisy",
+        ig_center=True,
         steps=40,
         lr=2e-5,
         eval_questions=751,
