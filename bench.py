@@ -734,7 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_bm25(args)
         print(f"\nbench wall time {time.time() - start:.0f} s")
         return 0
-    b = set_up(args)
+    try:
+        b = set_up(args)
+    except InputError as e:  # a model folder or data file that is not there, a bad --lora_rank
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     c, amp = b.cfg, ", bf16 autocast" if b.device.type == "cuda" else ""
     fields = (
         "max_searches",

@@ -952,3 +952,12 @@ def test_compare_averages_as_seeds_only_runs_of_one_setting(tmp_path, capsys):
     assert compare.main(seeds) == 0  # seeds alone: one row, no note
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:3] == ["IG-Search", "2", "0.600"] and "not averaged" not in "".join(out)
+
+
+def test_bench_with_a_model_folder_that_is_not_there_is_one_line(tmp_path, capsys):
+    """bench.py stopped with a traceback when --model named no folder (seen on a GPU machine)."""
+    import bench
+
+    code = bench.main(["--model", str(tmp_path / "nowhere"), "--only", "step", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nowhere: model folder not found" in err
