@@ -249,11 +249,9 @@ def method_name(config: dict) -> str:
     that departs from the paper's formulation."""
     if config.get("outcome_only") or config.get("ig_alpha") == 0:
         return "outcome-only"
-    if config.get("step_reward") == "hit":  # not the paper's: alpha * [the documents hold a gold]
-        alpha = config.get("ig_alpha", 0.3)
-        return "hit bonus" + (f" (alpha {alpha:g})" if alpha != 0.3 else "")
+    hit = config.get("step_reward") == "hit"  # not the paper's: alpha * [the documents hold a gold]
     marks = [
-        ("empty baseline", config.get("ig_baseline") == "empty"),
+        ("empty baseline", config.get("ig_baseline") == "empty" and not hit),
         ("centred", config.get("ig_center")),
         (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
         (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),
@@ -261,7 +259,7 @@ def method_name(config: dict) -> str:
         (f"clip {config.get('ig_clip'):g}", config.get("ig_clip", 0) > 0),
     ]
     marks = [m for m, on in marks if on]
-    return "IG-Search" + (f" ({', '.join(marks)})" if marks else "")
+    return ("hit bonus" if hit else "IG-Search") + (f" ({', '.join(marks)})" if marks else "")
 
 
 def parse_bool(text: str) -> bool:

@@ -200,6 +200,8 @@ def test_table_row_names_the_method_and_every_departure_from_the_paper():
     assert name() == "IG-Search" and name(outcome_only=True) == "outcome-only"
     assert name(ig_baseline="empty") == "IG-Search (empty baseline)"
     assert name(ig_center=True, ig_alpha=1.0) == "IG-Search (centred, alpha 1)"
+    assert name(step_reward="hit") == "hit bonus"  # the query preset centres it: say so
+    assert name(step_reward="hit", ig_center=True, ig_alpha=1.0) == "hit bonus (centred, alpha 1)"
 
 
 def test_outcome_only_gives_query_tokens_the_rollout_advantage(
