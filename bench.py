@@ -182,6 +182,9 @@ def set_up(args) -> SimpleNamespace:
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
     backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
+    ref = None  # the KL reference, as train.set_up: LoRA's is the adapter off (no second copy)
+    if cfg.kl_coef > 0:
+        ref = lora.AdapterOff(model) if cfg.lora_rank else train.frozen_copy(model, model.device)
     b = SimpleNamespace(
         args=args,
         cfg=cfg,
@@ -196,11 +199,7 @@ def set_up(args) -> SimpleNamespace:
         trajs=None,
         policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
-        ref=None
-        if cfg.kl_coef == 0  # as train.set_up: LoRA's reference is the adapter off
-        else lora.AdapterOff(model)
-        if cfg.lora_rank
-        else train.frozen_copy(model, model.device),
+        ref=ref,
         opt=torch.optim.AdamW(  # lr 0: the weights stay
             [w for w in model.parameters() if w.requires_grad], lr=0.0, weight_decay=0.0
         ),
