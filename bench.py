@@ -168,7 +168,7 @@ def set_up(args) -> SimpleNamespace:
             "group_size": group,
             "questions_per_step": args.batch // group,
             "normalize_std": group > 1,
-            "lora_rank": getattr(args, "lora_rank", 0),
+            "lora_rank": args.lora_rank,
         }
     )
     model, tok = prepare.load_model(args.model, args.device, dtype=torch.float32)
@@ -182,9 +182,6 @@ def set_up(args) -> SimpleNamespace:
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
     backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
-    ref = None  # the KL reference, as train.set_up: LoRA's is the adapter off (no second copy)
-    if cfg.kl_coef > 0:
-        ref = lora.AdapterOff(model) if cfg.lora_rank else train.frozen_copy(model, model.device)
     b = SimpleNamespace(
         args=args,
         cfg=cfg,
@@ -199,7 +196,7 @@ def set_up(args) -> SimpleNamespace:
         trajs=None,
         policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
-        ref=ref,
+        ref=train.reference_model(model, cfg, model.device),
         opt=torch.optim.AdamW(  # lr 0: the weights stay
             [w for w in model.parameters() if w.requires_grad], lr=0.0, weight_decay=0.0
         ),

@@ -506,6 +506,14 @@ def frozen_copy(policy, device: torch.device):
     return copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
 
 
+def reference_model(policy, cfg: Config, device: torch.device):
+    """The KL penalty's start model: under LoRA the base with its adapter off (no second copy),
+    else a frozen copy; None without a KL term."""
+    if cfg.kl_coef == 0:
+        return None
+    return lora.AdapterOff(policy) if cfg.lora_rank else frozen_copy(policy, device)
+
+
 # ------------------------------------------------------------------------------------ train
 
 
@@ -527,10 +535,7 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
             ckpt.write_json(s.run / "table.json", s.table)
         if s.val_q and (cfg.eval_start or cfg.warmup_examples):  # this run made its start model
             ckpt.write_lines(s.run / "metrics.jsonl", [json.dumps({"step": 0, **validate(s, 0)})])
-    if cfg.kl_coef > 0 and cfg.lora_rank:  # the base with the adapter off: no second copy
-        s.ref_model = lora.AdapterOff(s.policy)
-    elif cfg.kl_coef > 0:
-        s.ref_model = frozen_copy(s.policy, s.device)
+    s.ref_model = reference_model(s.policy, cfg, s.device)
     bad_steps = 0
     for step in tqdm(
         range(s.step, cfg.steps), desc="train", initial=s.step, total=cfg.steps, disable=not main
