@@ -355,12 +355,13 @@ def plot(runs: list[Run], out: str) -> None:
             values = [torch.tensor(per_key[key][s]) for s in steps]
             if not steps:
                 continue
+            n = max(len(v) for v in values)
             (line,) = ax.plot(
                 steps,
                 [float(v.mean()) for v in values],
                 marker="o" if key.startswith("val_") else None,
                 markersize=3,
-                label=f"{method} ({max(len(v) for v in values)} runs)",
+                label=f"{method} ({n} run{'s' * (n > 1)})",
             )
             ax.fill_between(
                 steps,
