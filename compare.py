@@ -136,8 +136,9 @@ def held_out_table(runs: list[Run]) -> list[str]:
             for name, row in run.table.items()
         ]
     )
+    m = max([30] + [len(name) + 2 for name in groups])  # a long method name keeps a gap
     lines = [
-        f"{'method':<30}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
+        f"{'method':<{m}}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
         f"{'valid':>8}{'hit':>8}{'hit1':>8}"
     ]
     for name, rows in groups.items():
@@ -153,7 +154,7 @@ def held_out_table(runs: list[Run]) -> list[str]:
         )
         spread = f"{stat['em'].min():.3f}-{stat['em'].max():.3f}"
         lines.append(
-            f"{name:<30}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
+            f"{name:<{m}}{len(rows):>5}{pm['em']:>15}{spread:>13}{pm['f1']:>15}"
             f"{stat['searches'].mean():>10.2f}{stat['valid'].mean():>8.2f}{hit}"
         )
     return lines + notes
@@ -164,8 +165,9 @@ def per_run(runs: list[Run]) -> list[str]:
     (the trained model's; the rows before it are the start and the warm-up), and validation EM at
     every validated step."""
     w = max([14] + [len(run.path.name) + 2 for run in runs])  # a long folder name keeps a gap
+    m = max([38] + [len(run.method) + 2 for run in runs])  # and so does a long method name
     lines = [
-        f"{'run':<{w}}{'method':<38}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
+        f"{'run':<{w}}{'method':<{m}}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
         "  validation EM by step"
     ]
     for run in runs:
@@ -175,7 +177,7 @@ def per_run(runs: list[Run]) -> list[str]:
             f"{r['step']}:{r['val_em']:.3f}" for r in run.records if r.get("val_em") is not None
         )
         lines.append(
-            f"{run.path.name:<{w}}{run.method:<38}{run.config.get('seed', '-'):>5}"
+            f"{run.path.name:<{w}}{run.method:<{m}}{run.config.get('seed', '-'):>5}"
             f"{run.wall.get('wall_seconds', '-'):>8}{em:>9}{hit:>6}  {val}"
         )
     return lines

@@ -556,6 +556,10 @@ def test_compare_runs_mean_and_spread(tmp_path):
     (tmp_path / "run1").rename(tmp_path / "sel-outcome-s0-lr5e-6")  # longer than the column
     line = compare.per_run(read("sel-outcome-s0-lr5e-6"))[1]
     assert line.split()[:2] == ["sel-outcome-s0-lr5e-6", "IG-Search"]
+    long = "IG-Search (empty baseline, centred) [noisy]"  # longer than the method column
+    (tmp_path / "sel-outcome-s0-lr5e-6" / "table.json").write_text(json.dumps({long: row}))
+    header, line = compare.held_out_table(read("sel-outcome-s0-lr5e-6"))[:2]
+    assert line.startswith(long + "  ") and line[header.index("runs") + 3] == "1"  # aligned
     with pytest.raises(compare.InputError, match="config.json"):
         read("missing")
 
