@@ -125,6 +125,11 @@ def run_labels(runs: list[Run]) -> tuple[dict[int, str], list[str]]:
     return {id(run): label for label, members in groups.items() for run in members}, notes
 
 
+def column(names, least: int) -> int:
+    """Width of a left-aligned text column: `least`, or wider so the longest name keeps a gap."""
+    return max([least] + [len(name) + 2 for name in names])
+
+
 def held_out_table(runs: list[Run]) -> list[str]:
     """Held-out rows grouped by name over runs: mean ± std (population), lowest and highest EM
     (whether seed spreads overlap), means of searches per question, valid answers and hit share."""
@@ -136,7 +141,7 @@ def held_out_table(runs: list[Run]) -> list[str]:
             for name, row in run.table.items()
         ]
     )
-    m = max([30] + [len(name) + 2 for name in groups])  # a long method name keeps a gap
+    m = column(groups, 30)
     lines = [
         f"{'method':<{m}}{'runs':>5}{'EM':>15}{'EM min-max':>13}{'F1':>15}{'search/q':>10}"
         f"{'valid':>8}{'hit':>8}{'hit1':>8}"
@@ -164,8 +169,7 @@ def per_run(runs: list[Run]) -> list[str]:
     """One line per run: folder, method, seed, wall time, test EM and hit of its last table row
     (the trained model's; the rows before it are the start and the warm-up), and validation EM at
     every validated step."""
-    w = max([14] + [len(run.path.name) + 2 for run in runs])  # a long folder name keeps a gap
-    m = max([38] + [len(run.method) + 2 for run in runs])  # and so does a long method name
+    w, m = column((run.path.name for run in runs), 14), column((run.method for run in runs), 38)
     lines = [
         f"{'run':<{w}}{'method':<{m}}{'seed':>5}{'wall s':>8}{'test EM':>9}{'hit':>6}"
         "  validation EM by step"
@@ -254,7 +258,7 @@ def first_search_hits(runs: list[Run]) -> list[str]:
         return []
     means = {m: {s: sum(v) / len(v) for s, v in sorted(c.items())} for m, c in curves.items()}
     lines = ["validation: questions whose first search finds the gold, by step (mean over runs)"]
-    width = max(38, *(len(m) + 2 for m in means))  # a name longer than the column stays apart
+    width = column(means, 38)
     for method, curve in means.items():
         task = method[method.find(" [") :] if " [" in method else ""
         ref = means.get("outcome-only" + task)
