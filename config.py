@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import checkpoint as ckpt
-from errors import InputError, OneLineParser
+from machinery import run_folder as ckpt
+from machinery.errors import InputError, OneLineParser
 
 TASKS = ("plain", "noisy")  # the offline default's question sets (prepare.default_data)
 

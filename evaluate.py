@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import credit
-import fast
 import igsearch as ig
-import lm
 import prepare
-from checkpoint import check_writable, write_json
 from config import TASKS
-from errors import InputError, OneLineParser
-from retriever import RetrieverError, make_search
+from machinery import credit_page as credit
+from machinery import fast, lm, loaders
+from machinery.errors import InputError, OneLineParser, RetrieverError
+from machinery.run_folder import check_writable, write_json
+from retriever import make_search
 
 
 def default_out(model: str) -> str:
@@ -264,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
-        question_sets = [prepare.load_questions(path)[: args.limit or None] for path in files]
+        question_sets = [loaders.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or default_out(args.model)
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(
@@ -273,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             args.topk,
             args.doc_words or None,
         )
-        model, tokenizer = prepare.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = loaders.load_model(
+            args.model or prepare.default_model(), trust_remote_code=args.trust_remote_code
+        )
         if args.html:  # instead of the evaluation: G sampled rollouts of one question, their credit
             credit.question_page(
                 model, tokenizer, search, args.model, args.question, args.answer, args.html

@@ -30,14 +30,14 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
 
-from lm import generate_turn, left_pad, length_chunks, pad_token_id
+from machinery.lm import generate_turn, left_pad, length_chunks, pad_token_id
+from machinery.loaders import normalize_answer  # SQuAD/FlashRAG normalisation
 
 # ------------------------------------------------------------------------------------ 1. protocol
 
@@ -307,15 +307,6 @@ def extract_answer(traj: Trajectory) -> str | None:
         if m:
             return m.group(1).strip()
     return None
-
-
-def normalize_answer(s: str) -> str:
-    """Search-R1 / SQuAD normalisation: lower-case, drop punctuation and articles, collapse
-    whitespace."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
 
 
 def exact_match(prediction: str | None, golds: list[str]) -> float:

@@ -26,19 +26,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint as ckpt
-import credit
-import distributed as dd
-import fast
 import igsearch as ig
-import lm
-import lora
-import memory
 import prepare
 from config import Config, check_config, estimate_seconds, method_name, parse_config
-from errors import InputError, TrainingError
 from evaluate import evaluate, format_table
-from retriever import RetrieverError, make_search
+from machinery import credit_page as credit
+from machinery import distributed as dd
+from machinery import fast, lm, loaders, lora
+from machinery import memory_estimate as memory
+from machinery import run_folder as ckpt
+from machinery.errors import InputError, RetrieverError, TrainingError
+from retriever import make_search
 from warmup import warmup
 
 # --------------------------------------------------------------------- the phases of an RL step
@@ -433,8 +431,8 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     own_data = cfg.train_data and (cfg.corpus or cfg.retriever_url)
     data = {} if own_data else prepare.default_data(cfg.task)
     train_file = cfg.train_data or data["train"]
-    train_q, val_q = prepare.split_validation(
-        prepare.load_questions(train_file), cfg.val_questions if cfg.eval_every else 0
+    train_q, val_q = loaders.split_validation(
+        loaders.load_questions(train_file), cfg.val_questions if cfg.eval_every else 0
     )
     if not train_q:
         raise InputError(
@@ -444,7 +442,7 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     test_file = cfg.test_data or data.get("test", "")
     test_q = []
     if test_file and cfg.eval_questions:
-        test_q = prepare.load_questions(test_file)[: cfg.eval_questions]
+        test_q = loaders.load_questions(test_file)[: cfg.eval_questions]
     search = make_search(
         cfg.corpus or data.get("corpus", ""),
         cfg.retriever_url,
@@ -454,7 +452,8 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
         cfg.retriever_retries,
     )
     start_model = str(ckpt.last_checkpoint(run)) if resume and not cfg.lora_rank else cfg.model
-    model, tokenizer = prepare.load_model(
+    start_model = start_model or prepare.default_model()
+    model, tokenizer = loaders.load_model(
         start_model, device, cfg.trust_remote_code, dtype=torch.float32
     )
     if main:  # every input is checked: now config.json (and --restart removes the older files)

@@ -14,10 +14,10 @@ import re
 import torch
 from tqdm import tqdm
 
-import checkpoint as ckpt
-import distributed as dd
 import igsearch as ig
-from errors import TrainingError
+from machinery import distributed as dd
+from machinery import run_folder as ckpt
+from machinery.errors import TrainingError
 
 QUERY_STOPWORDS = frozenset(
     "a an and are as at by for from how in is it of on or that the this to "

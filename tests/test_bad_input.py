@@ -11,15 +11,15 @@ from test_reliability import train_args
 from test_retriever import PASSAGES, serve
 from test_train import tiny_run_files  # noqa: F401 (a fixture)
 
-import checkpoint
-import compare
 import config
 import evaluate
 import igsearch as ig
-import prepare
 import retriever
 import train
+from machinery import loaders
+from machinery import run_folder as checkpoint
 from retriever import BM25Retriever, InputError, RemoteRetriever, load_corpus, make_server
+from tools import compare
 
 GOOD_Q = '{"question": "Who?", "golden_answers": ["X"]}\n'
 
@@ -49,7 +49,7 @@ def fifo(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("load", [prepare.load_questions, load_corpus], ids=["questions", "corpus"])
+@pytest.mark.parametrize("load", [loaders.load_questions, load_corpus], ids=["questions", "corpus"])
 def test_devices_and_fifos_are_refused_not_read(load, fifo):
     for path in ("/dev/zero", fifo):  # one endless line; a reader that never returns
         with pytest.raises(InputError, match=f"^{path}: not a regular file$"):
@@ -61,7 +61,7 @@ def test_train_with_dev_zero_as_question_file_stops_in_one_line(tiny_run_files, 
     assert "/dev/zero: not a regular file" in one_line_error(capsys, train.main(args))
 
 
-@pytest.mark.parametrize("load", [prepare.load_questions, load_corpus], ids=["questions", "corpus"])
+@pytest.mark.parametrize("load", [loaders.load_questions, load_corpus], ids=["questions", "corpus"])
 def test_a_line_over_one_mebibyte_is_refused_with_its_line(load, tmp_path):
     path = tmp_path / "long.jsonl"
     row = {"question": "Who?", "golden_answers": ["X"], "contents": "x"}
@@ -94,7 +94,7 @@ def test_a_question_or_answer_over_the_bound_is_refused(tmp_path, row, problem):
     path = tmp_path / "q.jsonl"
     path.write_text(GOOD_Q + json.dumps(row) + "\n")
     with pytest.raises(InputError, match=f"^{path}:2: {problem}, more than 2000$"):
-        prepare.load_questions(str(path))
+        loaders.load_questions(str(path))
 
 
 def test_evaluate_refuses_a_one_megabyte_question_before_loading_a_model(
@@ -102,7 +102,7 @@ def test_evaluate_refuses_a_one_megabyte_question_before_loading_a_model(
 ):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "why " * 250_000, "golden_answers": ["X"]}) + "\n")
-    monkeypatch.setattr(prepare, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     code = evaluate.main(["--data", str(path), "--corpus", str(path), "--out", str(tmp_path / "o")])
     assert f"{path}:1: 'question' is 1000000 characters" in one_line_error(capsys, code)
 
@@ -239,7 +239,7 @@ def test_resume_without_a_checkpoint_is_refused_not_looked_up_on_the_hub(
     run = tmp_path / "myrun"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"steps": 3}))
-    monkeypatch.setattr(prepare, "load_model", lambda *a, **k: pytest.fail("looked for a model"))
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("looked for a model"))
     code = train.main(["--resume", str(run)])
     assert f"{run}: no checkpoint to resume from" in one_line_error(capsys, code)
 
@@ -541,7 +541,7 @@ def test_evaluate_checks_its_output_before_the_evaluation(
     monkeypatch,
 ):
     (tmp_path / "f").write_text("")
-    monkeypatch.setattr(prepare, "load_model", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("evaluated first"))
     for out in (tmp_path / "f" / "eval.json", tmp_path):  # under a file; a folder in the way
         code = evaluate.main(
             [
@@ -844,7 +844,7 @@ def test_text_that_cannot_be_used_is_refused_where_it_is_read(tmp_path, row, pro
     path = tmp_path / "q.jsonl"
     path.write_text(GOOD_Q + row + "\n")
     with pytest.raises(InputError, match=f"^{path}:2: ") as err:
-        prepare.load_questions(str(path))
+        loaders.load_questions(str(path))
     assert problem in str(err.value) and "\n" not in str(err.value)
 
 
@@ -956,7 +956,7 @@ def test_compare_averages_as_seeds_only_runs_of_one_setting(tmp_path, capsys):
 
 def test_bench_with_a_model_folder_that_is_not_there_is_one_line(tmp_path, capsys):
     """bench.py stopped with a traceback when --model named no folder (seen on a GPU machine)."""
-    import bench
+    from tools import bench
 
     code = bench.main(["--model", str(tmp_path / "nowhere"), "--only", "step", "--device", "cpu"])
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench import floor_rows
+from tools.bench import floor_rows
 
 
 def test_floor_counts_each_trunk_once_and_every_continuation():
@@ -63,7 +63,7 @@ def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
     import json
     from types import SimpleNamespace
 
-    import bench
+    from tools import bench
 
     titles = ["Paris", "Berlin", "Rome", "Madrid"]
     corpus, qa = tmp_path / "corpus.jsonl", tmp_path / "qa.jsonl"
@@ -80,7 +80,7 @@ def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
         )
     )
     monkeypatch.setattr(
-        bench.prepare, "load_model", lambda *a, **k: (copy.deepcopy(tiny_model), tokenizer)
+        bench.loaders, "load_model", lambda *a, **k: (copy.deepcopy(tiny_model), tokenizer)
     )
     monkeypatch.setattr(
         bench.prepare, "default_data", lambda task: {"train": str(qa), "corpus": str(corpus)}
@@ -93,8 +93,8 @@ def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, token
     """bench.step times train.py's own phase functions in train.train's order, with the step's
     config (the old bench re-built the step and left out ig_center); the scripted policy makes
     every rollout use the whole search budget."""
-    import bench
     import train
+    from tools import bench
 
     calls = []
     for name in ("generate_rollouts", "step_values", "advantages", "update"):
@@ -123,9 +123,9 @@ def test_bench_with_lora_trains_the_adapter_and_prints_the_estimate(
     """--lora_rank: as train.py, the optimizer holds the adapter alone and the KL reference is the
     adapter switched off (no copy); the memory table puts memory.estimate beside each phase."""
     pytest.importorskip("peft")
-    import bench
-    import lora
-    import memory
+    from machinery import lora
+    from machinery import memory_estimate as memory
+    from tools import bench
 
     monkeypatch.setitem(bench.PRESETS, "default", {"kl_coef": 0.01})
     b = scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, lora_rank=4)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_train import PASSAGES, tiny_config, tiny_run_files  # noqa: F401 (a fixture)
 
-import credit
-import fast
 import igsearch as ig
 import train
 import warmup
+from machinery import credit_page as credit
+from machinery import fast
 from train import Config
 
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
 
 import igsearch as ig  # noqa: E402
-import prepare  # noqa: E402
 import train  # noqa: E402
 import warmup  # noqa: E402
 from igsearch import Step, Trajectory  # noqa: E402
+from machinery import loaders  # noqa: E402
 
 GROUP = 2  # rollouts per question; 3 questions -> rank 0 holds 1 group, rank 1 holds 2
 PASSAGES = [
@@ -85,7 +85,7 @@ def ig_batch() -> tuple[list[Trajectory], list[list[str]]]:
 
 def local_share(items: list) -> list:
     """This rank's whole groups, as train.py takes them."""
-    import distributed as dd
+    from machinery import distributed as dd
 
     groups = [items[g : g + GROUP] for g in range(0, len(items), GROUP)]
     return [x for grp in groups[dd.shard(len(groups))] for x in grp]
@@ -117,12 +117,12 @@ def train_config(files: dict, out_dir: str) -> train.Config:
 def worker(args_path: str) -> None:
     """One rank: an update on its share, its share of the IG draw and scores, then a short training
     run."""
-    import distributed as dd
+    from machinery import distributed as dd
 
     args = json.loads(Path(args_path).read_text())
     dd.setup()
     out = Path(args["out"])
-    model, tok = prepare.load_model(args["files"]["model"], "cpu")
+    model, tok = loaders.load_model(args["files"]["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train.update(
@@ -158,7 +158,7 @@ def fsdp_config(files: dict, out_dir: str, **kw) -> train.Config:
 def load_tiny(path: str, tied: bool = True):
     """The tiny model with its head tied to the input embeddings (SmolLM2, Qwen2.5-3B) or untied
     (Qwen2.5-7B)."""
-    model, tok = prepare.load_model(path, "cpu")
+    model, tok = loaders.load_model(path, "cpu")
     if not tied:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.config.tie_word_embeddings = False
@@ -168,7 +168,7 @@ def load_tiny(path: str, tied: bool = True):
 def fsdp_worker(args_path: str) -> None:
     """One rank with FSDP: an AdamW update of a sharded model, a training run, and the same run
     stopped after one step and resumed from its checkpoint."""
-    import distributed as dd
+    from machinery import distributed as dd
 
     args = json.loads(Path(args_path).read_text())
     dd.setup()
@@ -294,7 +294,7 @@ def weights(run: Path) -> dict:
 
 def test_one_update_equals_the_single_process_update(files, two_ranks):
     out, _ = two_ranks
-    model, tok = prepare.load_model(files["model"], "cpu")
+    model, tok = loaders.load_model(files["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
     stats = train.update(
         model,
@@ -324,7 +324,7 @@ def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ran
         [ig.step_pairs(t) for t in trajs], 3, "random", torch.Generator().manual_seed(5)
     )
     assert got["draws"] == [[[list(p) for p in step] for step in row] for row in draws]
-    model, tok = prepare.load_model(files["model"], "cpu")
+    model, tok = loaders.load_model(files["model"], "cpu")
     # the workers scored with the model after their update: score with the same weights here
     model.load_state_dict(torch.load(out / "update0.pt", weights_only=True)["params"])
     igs = ig.information_gain(model, tok, trajs, golds, draws, max_len=512)

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fast
 import igsearch as ig
-import lm
 import train
 import warmup
 from igsearch import TEMPLATES, ScoreRequest, Step, Trajectory
+from machinery import fast, lm
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +31,7 @@ def policy(request, tiny_model):
     if request.param == "full":
         return tiny_model
     pytest.importorskip("peft")
-    import lora
+    from machinery import lora
 
     model = copy.deepcopy(tiny_model)
     lora.add_adapter(model, 4, 8.0, Config().lora_targets)
@@ -317,7 +316,7 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(
 HEAP_PROBE = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-import fast
+from machinery import fast
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**30
 big = torch.ones(8 << 18); del big  # a freed 8 MiB block: glibc raises its mmap threshold
 base = rss()

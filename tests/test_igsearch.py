@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import igsearch as ig
-import lm
 from igsearch import TEMPLATES, Step, Trajectory
+from machinery import lm
 
 TPL = TEMPLATES["igsearch"]
 

@@ -9,11 +9,10 @@ import torch
 from test_fast import answer_trajectories
 from test_train import read_metrics, strip_times, tiny_config, tiny_run_files  # noqa: F401
 
-import fast
 import igsearch as ig
-import lora
 import train
-from errors import InputError
+from machinery import fast, lora
+from machinery.errors import InputError
 from train import Config
 
 TARGETS = Config().lora_targets

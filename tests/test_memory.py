@@ -5,8 +5,9 @@ import copy
 import pytest
 from test_train import tiny_run_files  # noqa: F401 (a fixture)
 
-import memory
 import train
+from machinery import memory_estimate as memory
+from tools import memory as memory_tool
 from train import Config
 
 
@@ -38,7 +39,7 @@ def test_the_parameter_count_from_a_config_equals_the_models(tiny_model):
 
 def test_the_lora_share_equals_the_adapters_parameters(tiny_model):
     pytest.importorskip("peft")
-    import lora
+    from machinery import lora
 
     model = copy.deepcopy(tiny_model)
     lora.add_adapter(model, 4, 8.0, "q_proj,v_proj,down_proj")
@@ -79,7 +80,7 @@ def test_a_run_that_would_not_fit_stops_in_one_line_before_any_work(
     term and the flag that lowers it; --ignore_memory_check runs anyway."""
     monkeypatch.setattr(memory, "device_memory", lambda device: (2**20, "RAM 0.0 GiB"))
     loaded = []
-    monkeypatch.setattr(train.prepare, "load_model", lambda *a, **k: loaded.append(1) or 1 / 0)
+    monkeypatch.setattr(train.loaders, "load_model", lambda *a, **k: loaded.append(1) or 1 / 0)
     args = [
         "--model",
         tiny_run_files["model"],
@@ -107,7 +108,7 @@ def test_a_run_that_would_not_fit_stops_in_one_line_before_any_work(
 
 def test_the_table_prints_offline_for_qwen(capsys):
     assert (
-        memory.main(
+        memory_tool.main(
             [
                 "--model_config",
                 "qwen2.5-3b",

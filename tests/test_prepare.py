@@ -7,6 +7,7 @@ import json
 import pytest
 
 import prepare
+from machinery import loaders
 from retriever import InputError, Passage
 
 
@@ -21,7 +22,7 @@ def test_load_questions_reads_flashrag_rows(tmp_path):
         '{"id": "a", "question": "Who?", "golden_answers": ["X", "Y"]}\n\n'
         '{"question": "What?", "golden_answers": ["Z"]}\n',
     )
-    assert prepare.load_questions(path) == [
+    assert loaders.load_questions(path) == [
         {"id": "a", "question": "Who?", "golden_answers": ["X", "Y"]},
         {"id": "1", "question": "What?", "golden_answers": ["Z"]},  # missing id: the row index
     ]
@@ -34,7 +35,7 @@ def test_load_questions_accepts_bom_and_crlf(tmp_path):
         '{"question": "What?", "golden_answers": ["Z"]}\r\n',
         "utf-8",
     )
-    rows = prepare.load_questions(path)
+    rows = loaders.load_questions(path)
     assert [r["question"] for r in rows] == ["Who?", "What?"]
     assert rows[1]["golden_answers"] == ["Z"]  # no stray '\r'
 
@@ -62,16 +63,16 @@ def test_load_questions_names_file_and_line_of_a_bad_row(tmp_path, bad, problem)
     """The bad row is on line 3 (after a good row and a blank line): the message must say so."""
     path = write(tmp_path / "q.jsonl", f"{GOOD}\n\n{bad}\n{GOOD}\n")
     with pytest.raises(InputError) as error:
-        prepare.load_questions(path)
+        loaders.load_questions(path)
     message = str(error.value)
     assert message.startswith(f"{path}:3: ") and problem in message and "\n" not in message
 
 
 def test_load_questions_missing_and_empty_files(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        prepare.load_questions(str(tmp_path / "absent.jsonl"))
+        loaders.load_questions(str(tmp_path / "absent.jsonl"))
     with pytest.raises(InputError, match="no questions"):
-        prepare.load_questions(write(tmp_path / "empty.jsonl", "\n \n"))
+        loaders.load_questions(write(tmp_path / "empty.jsonl", "\n \n"))
 
 
 def entry(title, extract, description, topic="Physical sciences"):
@@ -168,7 +169,7 @@ def test_build_data_split_is_deterministic_and_disjoint(tmp_path):
     ]  # "Empty" has no passage
     assert corpus[0]["contents"] == '"Bird X"\nBird X is a bird.'
     assert not list(tmp_path.glob("*/*.tmp"))
-    assert len(prepare.load_questions(paths["test"])) == len(test)
+    assert len(loaders.load_questions(paths["test"])) == len(test)
 
 
 def test_validation_split_is_fixed_by_the_data_and_disjoint_from_training():
@@ -176,18 +177,18 @@ def test_validation_split_is_fixed_by_the_data_and_disjoint_from_training():
         {"id": str(i), "question": f"What is this: thing number {i}?", "golden_answers": [f"T{i}"]}
         for i in range(50)
     ]
-    train, val = prepare.split_validation(questions, 12)
+    train, val = loaders.split_validation(questions, 12)
     assert (
         len(val) == 12
         and len(train) == 38
         and not {q["id"] for q in train} & {q["id"] for q in val}
     )
     assert [q["id"] for q in train] == sorted((q["id"] for q in train), key=int)  # file order kept
-    train2, val2 = prepare.split_validation(
+    train2, val2 = loaders.split_validation(
         questions[::-1], 12
     )  # another order: the same validation set
     assert {q["id"] for q in val2} == {q["id"] for q in val}
-    assert prepare.split_validation(questions, 0) == (questions, [])
+    assert loaders.split_validation(questions, 0) == (questions, [])
 
 
 def test_default_data_builds_once_into_the_cache(tmp_path, monkeypatch):
@@ -319,9 +320,9 @@ def test_flashrag_fetch_writes_test_else_dev_and_merged_train(tmp_path, monkeypa
     used = {name: split for _, name, split in calls if split != "train"}
     assert used == {**{n: "test" for n in prepare.BENCHMARKS}, "hotpotqa": "dev", "musique": "dev"}
     for name in prepare.BENCHMARKS:
-        rows = prepare.load_questions(str(tmp_path / f"{name}.jsonl"))
+        rows = loaders.load_questions(str(tmp_path / f"{name}.jsonl"))
         assert [r["golden_answers"] for r in rows] == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
-    train_rows = prepare.load_questions(str(tmp_path / "nq_hotpotqa_train.jsonl"))
+    train_rows = loaders.load_questions(str(tmp_path / "nq_hotpotqa_train.jsonl"))
     assert [r["id"] for r in train_rows] == [
         f"{n}_train_{i}" for n in ("nq", "hotpotqa") for i in range(3)
     ]
@@ -362,7 +363,7 @@ def test_missing_question_file_says_what_to_run(tmp_path, capsys):
     with pytest.raises(
         InputError, match=r"nq\.jsonl: no such file \(python prepare\.py --flashrag DIR"
     ):
-        prepare.load_questions("nq.jsonl")
+        loaders.load_questions("nq.jsonl")
     corpus = write(tmp_path / "c.jsonl", '{"id": "0", "contents": "\\"T\\"\\ntext"}\n')
     assert (
         train.main(
@@ -408,7 +409,7 @@ def test_load_questions_reads_search_r1_parquet(tmp_path):
             "prompt": [[{"role": "user", "content": prompt.format("x")}]] * 2,
         },
     )
-    assert prepare.load_questions(flat) == [
+    assert loaders.load_questions(flat) == [
         {"id": "train_0", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]},
         {"id": "train_1", "question": "capital of france?", "golden_answers": ["Paris", "paris"]},
     ]
@@ -427,15 +428,15 @@ def test_load_questions_reads_search_r1_parquet(tmp_path):
             ],
         },
     )
-    assert prepare.load_questions(verl) == [
+    assert loaders.load_questions(verl) == [
         {"id": "0", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]},
         {"id": "1", "question": "where is Question: Rome?", "golden_answers": ["Italy"]},
     ]
     bad = write_parquet(tmp_path / "bad.parquet", {"question": ["q?"], "golden_answers": [[]]})
     with pytest.raises(InputError, match=r"bad\.parquet:row 1: 'golden_answers'"):
-        prepare.load_questions(bad)
+        loaders.load_questions(bad)
     with pytest.raises(InputError, match="not a readable parquet file"):
-        prepare.load_questions(write(tmp_path / "text.parquet", "not parquet"))
+        loaders.load_questions(write(tmp_path / "text.parquet", "not parquet"))
 
 
 def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
@@ -445,7 +446,7 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(
         InputError, match=r"x\.parquet: reading parquet needs pyarrow: pip install pyarrow"
     ):
-        prepare.load_questions(str(tmp_path / "x.parquet"))
+        loaders.load_questions(str(tmp_path / "x.parquet"))
 
 
 # ---------------------------------------------------------------------- the noisy (query) task
@@ -479,13 +480,13 @@ def test_noisy_questions_hide_the_question_behind_another_articles_words(tmp_pat
             (q["id"], q["golden_answers"], q["plain_question"]) for q in noisy
         ]
         for q in noisy:
-            gold = prepare.normalize_answer(q["golden_answers"][0])
+            gold = loaders.normalize_answer(q["golden_answers"][0])
             assert q["question"].endswith(" … " + q["plain_question"]) and q["question"].startswith(
                 "… "
             )
             piece = q["question"][2 : -len(" … " + q["plain_question"])]
             assert 10 <= len(piece.split()) <= 20
-            assert gold not in prepare.normalize_answer(piece)  # never the gold title or answer
+            assert gold not in loaders.normalize_answer(piece)  # never the gold title or answer
             source = [t for t, text in articles.items() if piece in text]
             assert (
                 source and f'"{q["golden_answers"][0]}"' not in source
@@ -511,9 +512,9 @@ def test_distractor_passes_over_windows_that_hold_a_gold_answer():
 def test_noisy_validation_carving_equals_the_plain_tasks(tmp_path):
     paths = prepare.build_data(noisy_summaries(), tmp_path)
     prepare.build_noisy(paths, tmp_path)
-    plain = prepare.load_questions(paths["train"])
-    noisy = prepare.load_questions(str(tmp_path / "noisy_train.jsonl"))
+    plain = loaders.load_questions(paths["train"])
+    noisy = loaders.load_questions(str(tmp_path / "noisy_train.jsonl"))
     assert all(q["question"] != q["plain_question"] for q in noisy)
     for n in (3, 7):
-        carved = [[q["id"] for q in part] for part in prepare.split_validation(plain, n)]
-        assert carved == [[q["id"] for q in part] for part in prepare.split_validation(noisy, n)]
+        carved = [[q["id"] for q in part] for part in loaders.split_validation(plain, n)]
+        assert carved == [[q["id"] for q in part] for part in loaders.split_validation(noisy, n)]

@@ -23,11 +23,11 @@ import torch
 from test_retriever import post
 from test_train import PASSAGES, read_metrics, strip_times, tiny_run_files  # noqa: F401 (a fixture)
 
-import checkpoint
 import evaluate
 import igsearch as ig
-import prepare
 import train
+from machinery import loaders
+from machinery import run_folder as checkpoint
 from retriever import BM25Retriever, InputError, load_corpus, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -522,10 +522,10 @@ def test_model_code_runs_only_when_asked(tiny_run_files, tmp_path, monkeypatch):
             return _real(*args, **kw)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    prepare.load_model(tiny_run_files["model"], "cpu")
+    loaders.load_model(tiny_run_files["model"], "cpu")
     assert calls == [("AutoTokenizer", False), ("AutoModelForCausalLM", False)]
     calls.clear()
-    prepare.load_model(tiny_run_files["model"], "cpu", trust_remote_code=True)
+    loaders.load_model(tiny_run_files["model"], "cpu", trust_remote_code=True)
     assert calls == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
 
     asked = []
@@ -534,7 +534,7 @@ def test_model_code_runs_only_when_asked(tiny_run_files, tmp_path, monkeypatch):
         asked.append(trust_remote_code)
         raise InputError("stop here")
 
-    monkeypatch.setattr(prepare, "load_model", stop)
+    monkeypatch.setattr(loaders, "load_model", stop)
     files = [
         "--corpus",
         tiny_run_files["corpus"],
@@ -628,14 +628,14 @@ def test_odd_question_files_get_one_line_naming_file_and_line(tmp_path, data, wh
     path = tmp_path / "q.jsonl"
     path.write_bytes(data)
     with pytest.raises(InputError) as err:
-        prepare.load_questions(str(path))
+        loaders.load_questions(str(path))
     message = str(err.value)
     assert message.startswith(f"{path}{where}: ") and problem in message and "\n" not in message
 
 
 def test_a_directory_as_question_file_is_one_line(tmp_path):
     with pytest.raises(InputError, match=f"^{tmp_path}: "):
-        prepare.load_questions(str(tmp_path))
+        loaders.load_questions(str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import bm25 as inverted  # "bm25" names the fixture below
 import prepare
 import retriever
+from machinery import bm25 as inverted  # "bm25" names the fixture below
+from machinery import loaders
 from retriever import (
     BM25Retriever,
     InputError,
@@ -467,8 +468,8 @@ def test_index_equals_rank_bm25_on_the_offline_default():
     data = offline_data()
     rows = load_corpus(data["corpus"])
     fast, twin = BM25Retriever(rows), BM25Retriever(rows, backend="rank_bm25")
-    questions = [q["question"] for q in prepare.load_questions(data["test"])]
-    questions += [q["question"] for q in prepare.load_questions(data["train"])[:1000]]
+    questions = [q["question"] for q in loaders.load_questions(data["test"])]
+    questions += [q["question"] for q in loaders.load_questions(data["train"])[:1000]]
     assert len(questions) == 1751
     assert fast.search(questions, topk=5) == twin.search(questions, topk=5)
     for q in questions[::9]:

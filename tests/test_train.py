@@ -154,7 +154,7 @@ def test_validation_curve_is_held_out_and_logged_with_query_quality(
     questions = [
         json.loads(line) for line in Path(tiny_run_files["train_data"]).read_text().splitlines()
     ]
-    _, val = __import__("prepare").split_validation(questions, 3)
+    _, val = __import__("machinery.data").loaders.split_validation(questions, 3)
     trained, real_rollout, real_warmup = [], ig.rollout, train.warmup
     monkeypatch.setattr(
         ig,
@@ -519,7 +519,7 @@ def test_ig_by_retrieval_splits_steps_on_whether_the_documents_hold_the_gold():
 
 
 def test_compare_runs_mean_and_spread(tmp_path):
-    import compare
+    from tools import compare
 
     for k, em in enumerate((0.4, 0.6)):
         run = tmp_path / f"run{k}"
@@ -581,7 +581,7 @@ def test_compare_piped_into_a_reader_that_stops_early_ends_without_a_traceback(t
 
 
 def test_compare_runs_prints_training_means_per_method(tmp_path):
-    import compare
+    from tools import compare
 
     def run(name, rewards, **config):
         (tmp_path / name).mkdir()
@@ -622,7 +622,7 @@ def test_compare_runs_prints_training_means_per_method(tmp_path):
 
 
 def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_path, capsys):
-    import compare
+    from tools import compare
 
     def run(name, table, records, **config):
         (tmp_path / name).mkdir()
@@ -841,7 +841,7 @@ def test_task_is_recorded_and_kept_on_resume(tiny_run_files, tmp_path, monkeypat
 def test_compare_reports_first_search_hits_per_task_and_when_they_reach_outcome_only(tmp_path):
     """The query task's measure: validation hit1 curves by method, never averaged across tasks, and
     the first step at which a method reaches outcome-only's final level on the same task."""
-    import compare
+    from tools import compare
 
     def run(name, table, records, **config):
         (tmp_path / name).mkdir()

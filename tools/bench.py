@@ -26,25 +26,17 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import fast
 import igsearch as ig
-import lm
-import lora
-import memory
 import prepare
 import train
 from config import PRESETS, Config
-from errors import InputError, OneLineParser
-from retriever import (
-    BM25Retriever,
-    RemoteRetriever,
-    iter_corpus,
-    load_corpus,
-    make_search,
-    make_server,
-    parse_contents,
-    tokenize,
-)
+from machinery import fast, lm, loaders, lora
+from machinery import memory_estimate as memory
+from machinery.corpus import iter_corpus, load_corpus, parse_contents, tokenize
+from machinery.errors import InputError, OneLineParser
+from machinery.remote import RemoteRetriever
+from machinery.server import make_server
+from retriever import BM25Retriever, make_search
 
 # in the order they run
 SECTIONS = ("step", "update", "memory", "ig", "rollout", "retrieval", "bm25")
@@ -171,14 +163,16 @@ def set_up(args) -> SimpleNamespace:
             "lora_rank": args.lora_rank,
         }
     )
-    model, tok = prepare.load_model(args.model, args.device, dtype=torch.float32)
+    model, tok = loaders.load_model(
+        args.model or prepare.default_model(), args.device, dtype=torch.float32
+    )
     if cfg.lora_rank:  # as train.set_up: the base frozen, the adapter trains
         lora.add_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.grad_checkpointing:
         train.enable_checkpointing(model)
     data = prepare.default_data(cfg.task)
     qs = train.sample_questions(
-        prepare.load_questions(data["train"]), cfg, torch.Generator().manual_seed(cfg.seed)
+        loaders.load_questions(data["train"]), cfg, torch.Generator().manual_seed(cfg.seed)
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
     backend = make_search(data["corpus"], "", cfg.topk, cfg.doc_words or None)
@@ -586,7 +580,7 @@ def bench_bm25(args) -> None:
     """rank_bm25 against the inverted index (in memory, and saved then memory-mapped) on synthetic
     corpora."""
     data = prepare.default_data()
-    queries = [q["question"] for q in prepare.load_questions(data["train"])[:1024]]
+    queries = [q["question"] for q in loaders.load_questions(data["train"])[:1024]]
     ctx, rows, notes, work = (
         multiprocessing.get_context("spawn"),
         [],
@@ -754,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps = run_steps(b) if {"step", "update", "memory"} & set(only) else None
     b.trajs = b.trajs or (rollouts(b, c) if {"ig", "rollout"} & set(only) else None)
-    queries = [q["question"] for q in prepare.load_questions(b.data["train"])[:16]]
+    queries = [q["question"] for q in loaders.load_questions(b.data["train"])[:16]]
     sections = {
         "step": lambda: bench_step(b, steps),
         "update": lambda: bench_update(b, steps),

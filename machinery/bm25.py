@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from errors import InputError
+from machinery.errors import InputError
 
 K1, B, EPSILON = 1.5, 0.75, 0.25  # rank_bm25.BM25Okapi's defaults
 FORMAT = "igsearch-bm25-1"  # written into meta.json; any other value is refused at load

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from errors import InputError
+from machinery.errors import InputError
 
 ADAPTER = "adapter"  # the adapter's folder inside a checkpoint
 

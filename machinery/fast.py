@@ -25,7 +25,7 @@ import sys
 import torch
 
 import igsearch as ig
-import lm
+from machinery import lm
 
 # ---------------------------------------------------------- 1. the KV cache kept across turns
 

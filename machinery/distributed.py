@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-import lm
+from machinery import lm
 
 # Ranks wait for each other at every gather; rank 0 alone runs the before/after evaluation.
 TIMEOUT = datetime.timedelta(hours=2)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_metrics, read_json, read_table
 from config import Config, checked_fields, method_name
-from errors import InputError, OneLineParser
+from machinery.errors import InputError, OneLineParser
+from machinery.run_folder import load_metrics, read_json, read_table
 
 
 @dataclass

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import igsearch as ig
-from checkpoint import check_writable, read_json, write_lines
 from config import Config, checked_fields
+from machinery.run_folder import check_writable, read_json, write_lines
 
 POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # pushed up: blue; pushed down: red (RdBu ends)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import distributed as dd
-import lora
-from errors import InputError, TrainingError
+from machinery import distributed as dd
+from machinery import lora
+from machinery.errors import InputError, TrainingError
 
 # the files train.py writes in a run folder (and evaluate.py's default beside its checkpoint)
 RUN_FILES = (

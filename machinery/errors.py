@@ -24,3 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 class TrainingError(RuntimeError):
     """Training cannot go on (repeated non-finite steps, a diverged model, a save that failed);
     the message says what is on disk."""
+
+
+class RetrieverError(RuntimeError):
+    """The remote retriever could not answer; message names the URL and the last error."""
