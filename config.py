@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from igsearch import TEMPLATES
 from machinery import run_folder as ckpt
 from machinery.errors import InputError, OneLineParser
 
@@ -67,7 +68,8 @@ class Config:
     rollout_batch: int = 0  # sequences generated together, at most (0 = all): bounds the KV cache
     grad_checkpointing: bool = True  # recompute each layer's activations in the backward pass
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over the ranks
-    fast: bool = True  # fast.py's speed-ups (the same results up to float rounding)
+    fast: bool = True  # machinery/fast.py's speed-ups (the same results up to float rounding)
+    precision: str = "auto"  # auto (bf16 autocast where the device has bf16 units), bf16 or fp32
     lora_rank: int = 0  # LoRA adapters of this rank through peft (lora.py); 0 = all weights (paper)
     lora_alpha: float = 32.0  # LoRA scale alpha / rank on the adapters' output
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # adapted layers
@@ -161,8 +163,6 @@ def checked_fields(saved: dict, where: Path) -> dict:
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Every rule on the config, in one place: a value out of range stops the run with one line
     naming the field and what it accepts."""
-    from igsearch import TEMPLATES  # here, not above: it loads torch
-
     c = cfg
     rules = [
         ("group_size", c.group_size >= 2, "an integer >= 2"),
@@ -198,6 +198,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ),
         ("task", c.task in TASKS, " or ".join(TASKS)),
         ("step_reward", c.step_reward in ("ig", "hit"), "ig or hit"),
+        ("precision", c.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
         ("template", c.template in TEMPLATES, " or ".join(TEMPLATES)),
         ("lr", c.lr > 0, "> 0"),
         ("temperature", c.temperature >= 0, ">= 0"),

@@ -16,17 +16,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import igsearch as ig
 import prepare
-from config import TASKS
-from machinery import credit_page as credit
-from machinery import fast, lm, loaders
+import step as rl
+from config import TASKS, Config, checked_fields, parse_bool
+from machinery import credit_page, lm, loaders
 from machinery.errors import InputError, OneLineParser, RetrieverError
-from machinery.run_folder import check_writable, write_json
+from machinery.run_folder import check_writable, read_json, write_json
 from retriever import make_search
 
 
@@ -40,81 +41,79 @@ def default_out(model: str) -> str:
     return str(folder.with_name(folder.name + ".eval.json"))
 
 
+class Answered(NamedTuple):
+    """One evaluated question: its rollout, and the IG of each search step when asked for."""
+
+    question: dict
+    traj: ig.Trajectory
+    gains: list[ig.Gain | None]  # [t]: IG_t of search step t (None: not scored)
+
+
 @torch.no_grad()
 def evaluate(
     model,
     tokenizer,
     questions: list[dict],
     search,
+    cfg: Config,
+    compute: rl.Compute,
     *,
-    batch_size: int = 16,
     with_ig: bool = False,
-    template: str = "igsearch",
     desc: str = "eval",
-    use_fast: bool = True,
-    **rollout_kw,
-) -> tuple[dict, list]:
-    """Greedy rollouts on every question. Returns the summary and the (question, trajectory) pairs.
+) -> tuple[dict, list[Answered]]:
+    """Greedy rollouts (step.generate_rollouts at temperature 0, cfg's template and budgets) on
+    every question, cfg.eval_batch at a time. Returns the summary and every Answered.
 
     with_ig: also the IG of every search step against the gold (counterfactuals from the same
-    batch). use_fast: the speed-ups of fast.py (the same rollouts and scores, up to float rounding).
+    batch, igsearch's defaults).
     """
-    tpl = ig.TEMPLATES[template]
     was_training = model.training
     model.eval()
-    pairs, em, f1 = [], [], []
-    for k in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
-        batch = questions[k : k + batch_size]
-        prompts = [ig.build_prompt(tokenizer, q["question"], tpl) for q in batch]
-        trajs = ig.rollout(
-            model,
-            tokenizer,
-            prompts,
-            search,
-            template=tpl,
-            temperature=0.0,
-            turn=fast.CachedTurns() if use_fast else lm.generate_turn,
-            **rollout_kw,
+    answered: list[Answered] = []
+    for k in tqdm(range(0, len(questions), cfg.eval_batch), desc=desc, leave=False):
+        batch = questions[k : k + cfg.eval_batch]
+        trajs = rl.generate_rollouts(
+            model, tokenizer, batch, search, cfg, None, compute, temperature=0.0
         )
+        gains = [[None] * len(t.steps) for t in trajs]
         if with_ig:
-            golds = [q["golden_answers"] for q in batch]
             draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
-            ig.information_gain(
-                model,
-                tokenizer,
-                trajs,
-                golds,
-                draws,
-                template=tpl,
-                score=fast.answer_scores_shared_prefix if use_fast else ig.answer_scores,
-            )
-        for q, t in zip(batch, trajs):
-            pred = ig.extract_answer(t)
-            em.append(ig.exact_match(pred, q["golden_answers"]))
-            f1.append(ig.f1_score(pred, q["golden_answers"]))
-            pairs.append((q, t))
+            with compute.autocast():
+                gains = ig.information_gain(
+                    model,
+                    tokenizer,
+                    trajs,
+                    [q["golden_answers"] for q in batch],
+                    draws,
+                    template=ig.TEMPLATES[cfg.template],
+                    logprobs=compute.answer_logprobs,
+                )
+        answered += [Answered(q, t, g) for q, t, g in zip(batch, trajs, gains)]
     model.train(was_training)
-    n = len(pairs)
+    return summarize(answered), answered
+
+
+def summarize(answered: list[Answered]) -> dict:
+    """n, EM, F1, searches a question, valid-answer rate, hit and hit1 over evaluated questions."""
+    n = len(answered)
+    preds = [ig.extract_answer(a.traj) for a in answered]
+    golds = [a.question["golden_answers"] for a in answered]
     hits = [
-        ig.documents_hold_answer(s.documents, q["golden_answers"])
-        for q, t in pairs
-        for s in t.steps
+        [ig.documents_hold_answer(s.documents, g) for s in a.traj.steps]
+        for a, g in zip(answered, golds)
     ]
-    summary = {
+    n_steps = sum(len(h) for h in hits)
+    return {
         "n": n,
-        "em": sum(em) / n,
-        "f1": sum(f1) / n,
-        "searches": sum(len(t.steps) for _, t in pairs) / n,
-        "valid": sum(ig.extract_answer(t) is not None for _, t in pairs) / n,
-        "hit": sum(hits) / max(len(hits), 1),  # share of search steps whose documents hold the gold
+        "em": sum(ig.exact_match(p, g) for p, g in zip(preds, golds)) / n,
+        "f1": sum(ig.f1_score(p, g) for p, g in zip(preds, golds)) / n,
+        "searches": n_steps / n,
+        "valid": sum(p is not None for p in preds) / n,
+        # share of search steps whose documents hold the gold
+        "hit": sum(sum(h) for h in hits) / max(n_steps, 1),
         # share of questions whose first search finds the gold (no search: a miss)
-        "hit1": sum(
-            bool(t.steps) and ig.documents_hold_answer(t.steps[0].documents, q["golden_answers"])
-            for q, t in pairs
-        )
-        / n,
+        "hit1": sum(bool(h) and h[0] for h in hits) / n,
     }
-    return summary, pairs
 
 
 def format_table(rows: dict[str, dict], average: bool = True, first: str = "dataset") -> str:
@@ -182,14 +181,14 @@ def format_paper_table(rows: dict[str, dict], name: str = "this evaluation") -> 
     return "\n".join(out)
 
 
-def ig_by_retrieval(pairs: list) -> str:
+def ig_by_retrieval(answered: list[Answered]) -> str:
     """Mean IG of the scored search steps whose documents hold a gold answer, against those whose do
     not: whether IG tells a query that found the answer from one that did not."""
     found: dict[bool, list[float]] = {True: [], False: []}
-    for q, t in pairs:
-        for step in t.steps:
-            if step.ig is not None:
-                found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(step.ig)
+    for q, t, gains in answered:
+        for step, gain in zip(t.steps, gains):
+            if gain is not None:
+                found[ig.documents_hold_answer(step.documents, q["golden_answers"])].append(gain.ig)
     part = [
         f"{name} {sum(v) / len(v):+.2f} nats over {len(v)} steps "
         f"({sum(x > 0 for x in v) / len(v):.0%} > 0)"
@@ -200,11 +199,12 @@ def ig_by_retrieval(pairs: list) -> str:
     return "IG per search step: " + "; ".join(part)
 
 
-def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
+def show_trajectory(answered: Answered) -> str:
     """A trajectory as a reader should see it: each search step with its query, passages and IG."""
+    question, traj, gains = answered
     out = [f"Q: {question['question']}   gold: {question['golden_answers']}"]
-    for t, step in enumerate(traj.steps):
-        igv = "n/a" if step.ig is None else f"{step.ig:+.3f}"
+    for t, (step, gain) in enumerate(zip(traj.steps, gains)):
+        igv = "n/a" if gain is None else f"{gain.ig:+.3f}"
         out.append(f"  step {t + 1}: <search> {step.query} </search>   IG = {igv}")
         out += ["      " + line for line in step.documents.strip().splitlines()]
         if step.refine:
@@ -213,6 +213,54 @@ def show_trajectory(question: dict, traj: ig.Trajectory) -> str:
     out.append(f"  answer: {pred!r}   EM = {ig.exact_match(pred, question['golden_answers']):.0f}")
     out.append("  --- full response ---\n" + traj.response_text.strip())
     return "\n".join(out)
+
+
+def run_config(model: str) -> tuple[Config, str]:
+    """(Config, where it came from): the run's config.json when the model is a run's
+    checkpoint (RUN/checkpoint beside RUN/config.json), else train.py's defaults."""
+    saved = Path(model).parent / "config.json"
+    if model and saved.exists():
+        return Config(**checked_fields(read_json(saved), saved)), str(saved)
+    return Config(), "train.py's defaults"
+
+
+def question_page(
+    model, tokenizer, search, model_name: str, question: str, golds: list[str], path: str | Path
+) -> tuple[Path, tuple]:
+    """The credit page of one question as a training step would make it: G rollouts at the run's
+    temperature, EM rewards, IG with counterfactuals from the group, the advantages, all by
+    step.py's own phases with the run's settings and seeds. Prints and returns the page's path,
+    and returns (trajs, outcome, bonus, adv)."""
+    check_writable(path)  # before the sampling
+    cfg, source = run_config(model_name)
+    device, G = next(model.parameters()).device, cfg.group_size
+    compute = rl.choose_compute(cfg.fast, device, lm.amp_dtype(cfg.precision, device))
+    gen_ig = torch.Generator().manual_seed(cfg.seed + 1)  # the seeds of train.set_up
+    gen_sample = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    questions = [{"question": question, "golden_answers": golds}] * G
+    model.eval()
+    trajs = rl.generate_rollouts(model, tokenizer, questions, search, cfg, gen_sample, compute)
+    outcome = rl.rewards(trajs, [golds] * G)
+    bonus = rl.step_bonus(model, tokenizer, trajs, [golds] * G, outcome, cfg, gen_ig, compute)
+    adv = rl.advantages(trajs, outcome.rewards, bonus.bonus, cfg)
+    title = (
+        f"{G} rollouts of one question, {model_name or 'the offline default model'} "
+        f"(settings: {source})"
+    )
+    page = credit_page.write_step_page(
+        path,
+        tokenizer,
+        questions=questions,
+        trajs=trajs,
+        outcome=outcome,
+        gains=bonus.gains,
+        adv=adv,
+        cfg=cfg,
+        title=title,
+    )
+    igs = [g and g.ig for row in bonus.gains for g in row]
+    print(f"wrote {page}: rewards {outcome.rewards.tolist()}, IG {igs}")
+    return page, (trajs, outcome, bonus, adv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="igsearch", choices=sorted(ig.TEMPLATES))
     p.add_argument("--max_searches", type=int, default=2)
     p.add_argument("--max_turn_tokens", type=int, default=32)
+    p.add_argument(
+        "--max_response_tokens", type=int, default=4096, help="response budget, documents included"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16 autocast (auto: where the device has bf16 matrix units) or fp32",
+    )
+    p.add_argument(
+        "--fast",
+        type=parse_bool,
+        default=True,
+        help="machinery/fast.py's speed-ups (true/false; the same results up to float rounding)",
+    )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model folder)")
@@ -252,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer", nargs="+", default=[], help="gold answer(s) of --question")
     try:
         args = p.parse_args(argv)
-        for name in ("topk", "batch_size", "max_turn_tokens"):
+        for name in ("topk", "batch_size", "max_turn_tokens", "max_response_tokens"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
         for name in ("doc_words", "limit", "max_searches", "show"):
@@ -276,35 +339,42 @@ def main(argv: list[str] | None = None) -> int:
             args.model or prepare.default_model(), trust_remote_code=args.trust_remote_code
         )
         if args.html:  # instead of the evaluation: G sampled rollouts of one question, their credit
-            credit.question_page(
+            question_page(
                 model, tokenizer, search, args.model, args.question, args.answer, args.html
             )
             return 0
-        rows, shown, all_pairs = {}, [], []
+        cfg = Config(
+            template=args.template,
+            max_searches=args.max_searches,
+            max_turn_tokens=args.max_turn_tokens,
+            max_response_tokens=args.max_response_tokens,
+            eval_batch=args.batch_size,
+        )
+        device = next(model.parameters()).device
+        compute = rl.choose_compute(args.fast, device, lm.amp_dtype(args.precision, device))
+        rows, shown, everything = {}, [], []
         for path, questions in zip(files, question_sets):
-            summary, pairs = evaluate(
+            summary, answered = evaluate(
                 model,
                 tokenizer,
                 questions,
                 search,
-                batch_size=args.batch_size,
+                cfg,
+                compute,
                 with_ig=args.show > 0,
-                template=args.template,
-                max_searches=args.max_searches,
-                max_turn_tokens=args.max_turn_tokens,
                 desc=Path(path).stem,
             )
             name = Path(path).stem
             rows[name if name not in rows else f"{name}_{len(rows) + 1}"] = summary
-            shown += pairs[: max(0, args.show - len(shown))]
-            all_pairs += pairs
+            shown += answered[: max(0, args.show - len(shown))]
+            everything += answered
     except (InputError, RetrieverError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for q, t in shown:
-        print(show_trajectory(q, t) + "\n")
+    for a in shown:
+        print(show_trajectory(a) + "\n")
     if args.show:
-        print(ig_by_retrieval(all_pairs) + "\n")
+        print(ig_by_retrieval(everything) + "\n")
     print(format_table(rows))
     paper = format_paper_table(rows, Path(args.model).name or "offline default")
     if paper:

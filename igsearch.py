@@ -14,9 +14,10 @@ and for every search step t of rollout i the reward model is the policy itself:
     loss = - sum_p mask_p A_{i,p} log pi(y_p | y_<p) / sum_p mask_p        (+ kl_coef * k3 KL)
 
 The sections follow that order: 1 protocol, 2 rollout, 3 answers and rewards, 4 information gain,
-5 shaping and advantages, 6 loss. Every function here is the plain version of its idea;
-fast.py holds speed-ups of three of them (the same results up to float rounding, tested), which
-train.py uses.
+5 shaping and advantages, 6 loss. Every function here is the plain version of its idea, pure (no
+config, no ranks); step.py calls them with the run's config. machinery/fast.py holds twins of two
+of them, answer_logprobs and policy_logprobs, and of machinery/lm.py's generate_turn (the same
+results up to float rounding, tested), which runs use unless `--fast false`.
 
 Departures from the paper and its official code (reasons in docs/departures.md, cited by number):
 1. attention masks come from sequence lengths, never from comparing ids with the pad id;
@@ -24,7 +25,15 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 3. retrieved text is sanitised: protocol tags and special-token strings cannot act as such;
 4. the query tokens Q_t are the generated tokens whose text overlaps the query;
 5. the empty-context baseline keeps step t's search block and empties its documents;
-6. a step with no counterfactual pool (no other step of the batch) gets no IG.
+6. a step with no counterfactual pool (no other step of the batch) gets no IG;
+7. LoRA adapters instead of every weight, with --lora_rank (off by default);
+8. the instruction goes in the system turn, the question in the user turn;
+9. the offline default starts with a supervised format warm-up (warmup.py);
+10. the pool keeps documents of at least 10 characters (official code); empty documents get no IG;
+11. only the first gold answer is scored unless --ig_all_golds;
+12. --ig_center (not the paper's): IG centred in its question's group;
+13. --step_reward hit (not the paper's): the hit itself as the step bonus, a baseline;
+14. bf16 autocast where the device has bf16 matrix units, fp32 weights and log-softmax.
 """
 
 from __future__ import annotations
@@ -36,7 +45,14 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from machinery.lm import generate_turn, left_pad, length_chunks, pad_token_id
+from machinery.lm import (
+    generate_turn,
+    left_pad,
+    pad_token_id,
+    tail_logprobs,
+    token_logprobs,
+    truncate_left,
+)
 from machinery.loaders import normalize_answer  # SQuAD/FlashRAG normalisation
 
 # ------------------------------------------------------------------------------------ 1. protocol
@@ -124,12 +140,19 @@ def observation_text(documents: str, template: Template) -> str:
     return f"\n\n<{template.doc_tag}>{documents}</{template.doc_tag}>\n\n"
 
 
-def fit_documents(
-    tokenizer, documents: str, template: Template, room: int
-) -> tuple[str, str, list[int], int]:
-    """(documents, observation text, its ids, tokens cut): the documents' tail is cut until the
-    observation holds at most `room` tokens (or the documents are empty), so no retriever, however
-    long its passages, grows a response past max_response_tokens."""
+class Observation(NamedTuple):
+    """What the environment appends after `</search>`, fitted to the response budget."""
+
+    documents: str  # the documents as inserted (their tail cut when they did not fit)
+    text: str  # the observation text around them
+    ids: list[int]  # its token ids
+    cut: int  # document tokens cut
+
+
+def fit_documents(tokenizer, documents: str, template: Template, room: int) -> Observation:
+    """The observation of `documents`, their tail cut until it holds at most `room` tokens (or the
+    documents are empty), so no retriever, however long its passages, grows a response past
+    max_response_tokens."""
 
     def encode(text: str) -> list[int]:  # inserted text: special-token strings stay plain text
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
@@ -137,7 +160,7 @@ def fit_documents(
     obs = observation_text(documents, template)
     obs_ids = encode(obs)
     if len(obs_ids) <= room:
-        return documents, obs, obs_ids, 0
+        return Observation(documents, obs, obs_ids, 0)
     doc_ids = encode(documents)
     keep = max(0, len(doc_ids) - (len(obs_ids) - room))
     while True:  # re-encoding at the cut may merge differently: cut again until it fits
@@ -145,7 +168,7 @@ def fit_documents(
         obs = observation_text(documents, template)
         obs_ids = encode(obs)
         if len(obs_ids) <= room or keep == 0:
-            return documents, obs, obs_ids, len(doc_ids) - keep
+            return Observation(documents, obs, obs_ids, len(doc_ids) - keep)
         keep = max(0, keep - (len(obs_ids) - room))
 
 
@@ -168,8 +191,6 @@ class Step:
     documents: str  # inner text of the documents block, as inserted
     query_span: tuple[int, int]  # token span [start, end) in response_ids of the query Q_t
     refine: str | None = None  # inner text of the first refine block after the documents
-    ig: float | None = None  # raw information gain, None when not scored
-    scores: list[float] | None = None  # s(a*|C) of the kept gold: [real, rand_1..rand_N]
     cut: int = 0  # document tokens dropped so that the response stays within its budget
 
 
@@ -210,6 +231,14 @@ class Trajectory:
     @property
     def generated_texts(self) -> list[str]:
         return [seg.text for seg in self.segments if seg.sampled]
+
+
+class PendingSearch(NamedTuple):
+    """A search the policy wrote this turn, waiting for its documents."""
+
+    traj: Trajectory
+    query: str
+    query_span: tuple[int, int]  # Q_t in response_ids
 
 
 def char_span_to_tokens(tokenizer, ids: list[int], start: int, end: int) -> tuple[int, int]:
@@ -256,7 +285,7 @@ def rollout(
             generator,
             ("</search>", "</answer>"),
         )
-        searching: list[tuple[Trajectory, str, tuple[int, int]]] = []
+        searching: list[PendingSearch] = []
         for traj, ids in zip(active, new):
             text = tokenizer.decode(ids)
             prior_text = traj.response_text
@@ -272,21 +301,22 @@ def rollout(
                     prefix = traj.prompt_text + prior_text + text[: query.start()]
                     traj.prefix_text = prefix.rstrip()
                 span = char_span_to_tokens(tokenizer, ids, query.start(1), query.end(1))
-                searching.append((traj, query.group(1).strip(), (start + span[0], start + span[1])))
+                q_span = (start + span[0], start + span[1])
+                searching.append(PendingSearch(traj, query.group(1).strip(), q_span))
             else:  # neither a search nor an answer: Search-R1's invalid-action observation
                 invalid_ids = tokenizer(INVALID_ACTION, add_special_tokens=False).input_ids
                 traj.append(invalid_ids, INVALID_ACTION, False)
         if searching:
-            docs = search([q for _, q, _ in searching])  # one batched retrieval per turn
-            for (traj, q, span), d in zip(searching, docs):
+            docs = search([p.query for p in searching])  # one batched retrieval per turn
+            for (traj, query, span), d in zip(searching, docs):
                 # the documents may fill the budget but leave room for one more turn
                 room = max_response_tokens - max_turn_tokens - len(traj.response_ids)
-                d, obs, obs_ids, cut = fit_documents(
-                    tokenizer, sanitize_documents(d, specials), template, room
+                obs = fit_documents(tokenizer, sanitize_documents(d, specials), template, room)
+                traj.append(obs.ids, obs.text, generated=False)  # loss mask 0: inserted tokens
+                traj.steps.append(
+                    Step(query=query, documents=obs.documents, query_span=span, cut=obs.cut)
                 )
-                traj.append(obs_ids, obs, generated=False)  # loss mask 0: the environment's tokens
-                traj.steps.append(Step(query=q, documents=d, query_span=span, cut=cut))
-                if len(obs_ids) > room:  # not even the empty documents block fits: no more turns
+                if len(obs.ids) > room:  # not even the empty documents block fits: no more turns
                     traj.done = traj.truncated = True
         for traj in trajs:
             if not traj.done and len(traj.response_ids) >= max_response_tokens:
@@ -450,7 +480,6 @@ def score_requests(
     )
     for i, traj in enumerate(trajs):
         for t, step in enumerate(traj.steps):
-            step.ig = step.scores = None
             if not draws[i][t]:
                 continue
             contexts = [ig_context(traj, t, template)]
@@ -460,20 +489,6 @@ def score_requests(
                     ScoreRequest(i, t, [tokenize(c) for c in contexts], answer(gold.strip()))
                 )
     return requests
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
-    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32.
-
-    With entropy=True also returns the entropy -sum_v p log p (B, T), without gradient, from the
-    same log-softmax (a second one would double the largest tensor of the update).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if not entropy:
-        return picked
-    with torch.no_grad():
-        return picked, -(logp.exp() * logp).sum(-1)  # (B, T), (B, T)
 
 
 def answer_score(logp: torch.Tensor, head_tokens: int = 3, head_weight: float = 3.0) -> float:
@@ -486,49 +501,36 @@ def answer_score(logp: torch.Tensor, head_tokens: int = 3, head_weight: float = 
     return float((w * logp.cpu()).mean())
 
 
-def truncate_left(context: list[int], answer: list[int], max_len: int) -> list[int]:
-    """The context cut from the left so that context + answer fit max_len tokens."""
-    return context[max(0, len(context) + len(answer) - max_len) :]
-
-
 @torch.no_grad()
-def answer_scores(
-    model,
-    requests: list[ScoreRequest],
-    pad_id: int,
-    max_len: int,
-    batch_size: int = 16,
-    head_tokens: int = 3,
-    head_weight: float = 3.0,
-) -> list[list[float]]:
-    """s(a* | C) for every context of every request: one list of 1 + N scores per request.
+def answer_logprobs(
+    model, requests: list[ScoreRequest], pad_id: int, max_len: int, batch_size: int = 16
+) -> list[list[torch.Tensor]]:
+    """log pi(a*_k | C, a*_<k) of the answer tokens after every context of every request: one list
+    of 1 + N (L,) tensors per request, the real context first.
 
-    Each (context, answer) runs whole, left-padded in mini-batches of similar length; the LM head
-    runs only on the answer positions (logits_to_keep).
+    Each context is cut from the left so that context + answer fit max_len; the answer's ids follow
+    the context's (the two are never tokenised together). lm.tail_logprobs runs the sequences
+    teacher-forced, left-padded in batches of similar length, the LM head on the answer only.
     """
-    device = next(model.parameters()).device
     seqs = [
         truncate_left(c, r.answer_ids, max_len) + r.answer_ids
         for r in requests
         for c in r.context_ids
     ]
-    n_ans = [len(r.answer_ids) for r in requests for _ in r.context_ids]
-    flat = [0.0] * len(seqs)
-    for idx in length_chunks([len(s) for s in seqs], batch_size):
-        ids, attn, pos = left_pad([seqs[i] for i in idx], pad_id, device)  # (b, T)
-        L = max(n_ans[i] for i in idx)
-        # (b, L+1, V)
-        logits = model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1
-        ).logits
-        logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (b, L): position p predicts token p+1
-        for row, i in enumerate(idx):
-            flat[i] = answer_score(logp[row, L - n_ans[i] :], head_tokens, head_weight)
+    n_answer = [len(r.answer_ids) for r in requests for _ in r.context_ids]
+    flat = tail_logprobs(model, seqs, n_answer, pad_id, batch_size)  # one (L,) per sequence
     out, k = [], 0
     for r in requests:
         out.append(flat[k : k + len(r.context_ids)])
         k += len(r.context_ids)
     return out
+
+
+class Gain(NamedTuple):
+    """The information gain of one search step and the scores it came from."""
+
+    ig: float  # IG_t
+    scores: list[float]  # s(a*|C) of the kept gold: C_t^real, then C_t^rand,1..N
 
 
 @torch.no_grad()
@@ -545,27 +547,25 @@ def information_gain(
     batch_size: int = 16,
     head_tokens: int = 3,
     head_weight: float = 3.0,
-    score: Callable = answer_scores,
-) -> list[list[float | None]]:
-    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step; sets step.ig
-    and step.scores (the 1 + N scores it came from).
+    logprobs: Callable = answer_logprobs,
+) -> list[list[Gain | None]]:
+    """IG_t = s(a*|C_t^real) - (1/N) sum_j s(a*|C_t^rand,j) for every search step: gains[i][t],
+    None where step t of trajectory i gets no IG (no counterfactual, or empty documents).
 
-    draws: the counterfactuals of each step (plan_counterfactuals). `score` is answer_scores, or
-    fast.answer_scores_shared_prefix (the same scores; the context that a rollout's requests share
-    runs once). With several golds, the one with the best real score is kept.
-    Returns, per trajectory, the raw IG of each step (None where a step gets no IG).
+    draws: the counterfactuals of each step (plan_counterfactuals). `logprobs` is answer_logprobs,
+    or its twin fast.answer_logprobs_shared_prefix (the same log-probs up to float rounding; the
+    context that a rollout's requests share runs once). With several golds, the one with the best
+    real score is kept.
     """
     requests = score_requests(tokenizer, trajs, golds, draws, template, all_golds)
-    scores = score(
-        model, requests, pad_token_id(tokenizer), max_len, batch_size, head_tokens, head_weight
-    )
-    best: dict[tuple[int, int], float] = {}  # (i, t) -> real score of the best gold so far
-    for r, (real, *rand) in zip(requests, scores):
-        if (r.traj, r.step) not in best or real > best[(r.traj, r.step)]:
-            best[(r.traj, r.step)] = real
-            trajs[r.traj].steps[r.step].ig = real - sum(rand) / len(rand)  # IG_t
-            trajs[r.traj].steps[r.step].scores = [real, *rand]
-    return [[s.ig for s in traj.steps] for traj in trajs]
+    answer_logp = logprobs(model, requests, pad_token_id(tokenizer), max_len, batch_size)
+    gains: list[list[Gain | None]] = [[None] * len(t.steps) for t in trajs]
+    for r, per_context in zip(requests, answer_logp):
+        real, *rand = [answer_score(lp, head_tokens, head_weight) for lp in per_context]
+        kept = gains[r.traj][r.step]
+        if kept is None or real > kept.scores[0]:  # the gold with the best real score
+            gains[r.traj][r.step] = Gain(real - sum(rand) / len(rand), [real, *rand])  # IG_t
+    return gains
 
 
 # ----------------------------------------------------------------- 5. shaping and advantages
@@ -582,7 +582,9 @@ def shape_ig(
     return max(-clip, min(clip, ig)) if clip is not None else ig
 
 
-def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[list[float | None]]:
+def center_in_groups(
+    step_bonus: list[list[float | None]], group_size: int
+) -> list[list[float | None]]:
     """IG_t minus the mean IG of the scored steps of its group (the G rollouts of one question).
 
     Not in the paper (a variant, `--ig_center`): with random documents as the baseline almost every
@@ -590,10 +592,11 @@ def center_in_groups(igs: list[list[float | None]], group_size: int) -> list[lis
     question's queries against each other, as the group baseline does for the outcome.
     """
     out = []
-    for g in range(0, len(igs), group_size):
-        scored = [v for row in igs[g : g + group_size] for v in row if v is not None]
+    for g in range(0, len(step_bonus), group_size):
+        group = step_bonus[g : g + group_size]
+        scored = [v for row in group for v in row if v is not None]
         mean = sum(scored) / len(scored) if scored else 0.0
-        out += [[None if v is None else v - mean for v in row] for row in igs[g : g + group_size]]
+        out += [[None if v is None else v - mean for v in row] for row in group]
     return out
 
 
@@ -612,28 +615,24 @@ def group_advantages(
 
 def token_advantages(
     trajs: list[Trajectory],
-    adv: torch.Tensor,
+    outcome_adv: torch.Tensor,
+    step_bonus: list[list[float | None]],
+    *,
     alpha: float,
     dead_zone: float = 0.0,
     neg_scale: float = 1.0,
     clip: float | None = None,
-    center_groups: int = 0,
-    step_values: list[list[float | None]] | None = None,
 ) -> list[torch.Tensor]:
     """Per-token advantages: A_{i,p} = A_i + alpha * IG~_t / |Q_t| for p in Q_t, else A_i.
 
-    center_groups = G centres IG within each group of G rollouts before shaping (center_in_groups).
-    step_values replaces IG_t by another value per search step (the hit-bonus baseline gives
-    [documents hold a gold answer]); default: each step's IG. Returns one (R_i,) tensor per
+    outcome_adv (B,) is A_i; step_bonus[i][t] the value alpha weighs on step t's query tokens: IG_t
+    in the paper (None: the step gets no bonus), shaped by shape_ig. Returns one (R_i,) tensor per
     trajectory, aligned with its response_ids.
     """
-    igs = step_values if step_values is not None else [[s.ig for s in t.steps] for t in trajs]
-    if center_groups:
-        igs = center_in_groups(igs, center_groups)
     out = []
-    for traj, a, step_igs in zip(trajs, adv.tolist(), igs):
-        tok = torch.full((len(traj.response_ids),), a)  # (R,)
-        for step, v in zip(traj.steps, step_igs):
+    for traj, a_i, bonus in zip(trajs, outcome_adv.tolist(), step_bonus):
+        tok = torch.full((len(traj.response_ids),), a_i)  # (R,)
+        for step, v in zip(traj.steps, bonus):
             lo, hi = step.query_span
             if v is not None and hi > lo and alpha != 0:
                 tok[lo:hi] += alpha * shape_ig(v, dead_zone, neg_scale, clip) / (hi - lo)
@@ -686,6 +685,11 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     logp, entropy = token_logprobs(logits, batch["targets"], entropy=True)  # (B, R) each
     mask = batch["loss_mask"].to(logp.dtype)
     return logp * mask, entropy * mask
+
+
+def loss_tokens(trajs: list[Trajectory]) -> int:
+    """sum_p mask_p over a batch: the loss's denominator (the tokens the policy sampled)."""
+    return sum(sum(t.loss_mask) for t in trajs)
 
 
 def policy_loss(

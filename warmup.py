@@ -3,7 +3,7 @@
 The paper starts from Qwen2.5-3B, which follows the protocol from its instruction alone. The
 untrained SmolLM2-135M of the offline default does not (no `<search>`, no closed `<answer>`): every
 reward would be 0 and RL would have nothing to learn from. So train.py first fits trajectories built
-mechanically from the train split, through the same loss mask and update as RL.
+mechanically from the train split, through the same loss mask and update as RL (step.update).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 import igsearch as ig
+import step as rl
 from machinery import distributed as dd
-from machinery import run_folder as ckpt
+from machinery import records
 from machinery.errors import TrainingError
 
 QUERY_STOPWORDS = frozenset(
@@ -141,10 +142,10 @@ def warmup_trajectories(
 
 
 def warmup(
-    model, tokenizer, questions: list[dict], search, cfg, gen: torch.Generator, update
+    model, tokenizer, questions: list[dict], search, cfg, compute: rl.Compute, gen: torch.Generator
 ) -> None:
     """Format warm-up: supervised steps on warmup_trajectories, through the same mask and loss as
-    the RL update (train.update): loss on the search and answer tokens only. Each step logs its
+    the RL update (step.update): loss on the search and answer tokens only. Each step logs its
     loss; a step that leaves the model non-finite or uniform stops the run."""
     trajs = warmup_trajectories(tokenizer, questions, search, cfg, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
@@ -153,14 +154,14 @@ def warmup(
         batch = trajs[k : k + cfg.warmup_batch]
         # advantage 1 on every target token: the REINFORCE loss is -mean log p(target)
         ones = [torch.ones(len(t.response_ids)) for t in batch]
-        stats = update(model, None, tokenizer, batch, ones, opt, cfg)
-        entropy = ckpt.mean_entropy(stats)
+        stats = rl.update(model, None, tokenizer, batch, ones, opt, cfg, compute)
+        entropy = records.mean_entropy(stats)
         if dd.is_main():
             tqdm.write(
                 f"warm-up step {k // cfg.warmup_batch + 1}/{n}: loss={stats['loss']:.4g} "
                 f"entropy={entropy:.4g} grad_norm={stats['grad_norm']:.4g}"
             )
-        problem = ckpt.step_problem(model, stats)
+        problem = records.step_problem(model, stats)
         if problem:
             raise TrainingError(
                 f"warm-up step {k // cfg.warmup_batch + 1}/{n}: {problem}; stopped before any RL "

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-import igsearch as ig
-from config import Config, checked_fields
-from machinery.run_folder import check_writable, read_json, write_lines
+from machinery.run_folder import write_lines
 
 POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # pushed up: blue; pushed down: red (RdBu ends)
 
@@ -90,7 +88,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     return out
 
 
-def observation_steps(traj: ig.Trajectory) -> dict[int, int]:
+def observation_steps(traj) -> dict[int, int]:
     """Segment index -> the search step whose documents it inserted (the first inserted segment
     after the step's query)."""
     found, t = {}, 0
@@ -100,27 +98,26 @@ def observation_steps(traj: ig.Trajectory) -> dict[int, int]:
     return found
 
 
-def step_box(
-    step: ig.Step, t: int, ig_part: float, n_query: int, golds: list[str], obs: str
-) -> str:
-    """One search step: query, IG, the scores it came from, hit, and its folded documents."""
-    if step.ig is None:
+def step_box(step, t: int, gain, ig_part: float, n_query: int, hit: bool, obs: str) -> str:
+    """One search step (an igsearch.Step; gain: its igsearch.Gain or None): query, IG, the scores
+    it came from, hit, and its folded documents."""
+    if gain is None:
         igs = "IG not scored (no counterfactual, empty documents, or alpha = 0)"
     else:
         igs = (
-            f"IG = <b>{step.ig:+.3f}</b> nats &nbsp; credit per query token "
+            f"IG = <b>{gain.ig:+.3f}</b> nats &nbsp; credit per query token "
             f"&alpha;&middot;IG~/|Q| = <b>{ig_part:+.4f}</b> over |Q| = {n_query} tokens"
         )
     table = ""
-    if step.scores:
-        head = "".join(f"<th>C rand {j}</th>" for j in range(1, len(step.scores)))
-        cells = "".join(f"<td>{s:.3f}</td>" for s in step.scores)
+    if gain is not None:
+        head = "".join(f"<th>C rand {j}</th>" for j in range(1, len(gain.scores)))
+        cells = "".join(f"<td>{s:.3f}</td>" for s in gain.scores)
         table = (
-            f'<table data-scores="{" ".join(num(s) for s in step.scores)}"><tr>'
+            f'<table data-scores="{" ".join(num(s) for s in gain.scores)}"><tr>'
             f"<th>s(a*|C)</th><th>C real</th>{head}</tr><tr><td>score</td>{cells}</tr>"
             f"</table>"
         )
-    hit = "yes" if ig.documents_hold_answer(step.documents, golds) else "no"
+    hit = "yes" if hit else "no"
     cut = f", {step.cut} tokens cut to the budget" if step.cut else ""
     return (
         f'<div class="step" data-step="{t}"><b>search step {t + 1}</b> &nbsp; query: '
@@ -132,9 +129,12 @@ def step_box(
 
 def rollout_html(
     tokenizer,
-    traj: ig.Trajectory,
+    traj,
     i: int,
-    gold: list[str],
+    *,
+    answer: str | None,
+    hits: list[bool],
+    gains: list,
     reward: float,
     a_i: float,
     tok_adv: torch.Tensor,
@@ -157,7 +157,7 @@ def rollout_html(
                 t = steps[k]
                 lo, hi = traj.steps[t].query_span
                 ig_part = adv[lo] - a_i if hi > lo else 0.0
-                obs = step_box(traj.steps[t], t, ig_part, hi - lo, gold, obs)
+                obs = step_box(traj.steps[t], t, gains[t], ig_part, hi - lo, hits[t], obs)
             parts.append(obs)
             continue
         for p, tok, m, piece in zip(range(start, end), ids, mask, token_texts(tokenizer, ids)):
@@ -169,7 +169,6 @@ def rollout_html(
                 f'style="background:{colour(a, scale)}" title="{title}">{esc(piece)}'
                 f"</span>"
             )
-    answer = ig.extract_answer(traj)
     answer = "no answer" if answer is None else f"&laquo;{esc(answer)}&raquo;"
     return (
         f'<div class="rollout" data-rollout="{i}" data-outcome="{num(a_i)}"><div class="rhead">'
@@ -198,18 +197,22 @@ def legend(scale: float) -> str:
 
 def step_page(
     tokenizer,
+    *,
     questions: list[dict],
-    trajs: list[ig.Trajectory],
-    rewards: torch.Tensor,
-    adv: torch.Tensor,
-    tok_adv: list[torch.Tensor],
+    trajs: list,
+    outcome,
+    gains: list[list],
+    adv,
     group_size: int,
     title: str,
     settings: str,
 ) -> str:
-    """The page of one step. rewards, adv: (B,) R_i and A_i; tok_adv: the per-token advantages the
-    update used, one (R_i,) tensor per trajectory; consecutive groups of group_size share a
-    question."""
+    """The page of one step, from step.py's phases: outcome (step.Outcome: R_i (B,), answers,
+    hits), gains[i][t] (igsearch.Gain or None), adv (step.Advantages: A_i (B,) and the per-token
+    advantages the update used, one (R_i,) tensor per trajectory); consecutive groups of
+    group_size share a question."""
+    rewards, tok_adv = outcome.rewards, adv.tokens
+    adv = adv.outcome
     trained = [float(a[p]) for a, t in zip(tok_adv, trajs) for p, m in enumerate(t.loss_mask) if m]
     scale = max(abs(a) for a in trained) if any(trained) else 1.0  # all zero: any scale will do
     groups = []
@@ -217,7 +220,7 @@ def step_page(
         r = rewards[g : g + group_size].float()  # (G,)
         q = questions[g]
         zero = bool((adv[g : g + group_size] == 0).all())
-        scored = any(s.ig is not None for t in trajs[g : g + group_size] for s in t.steps)
+        scored = any(x is not None for row in gains[g : g + group_size] for x in row)
         badge = (
             ' &nbsp; <span class="badge">outcome advantage all zero: '
             f"{'only IG teaches' if scored else 'nothing trains'} this group</span>"
@@ -229,11 +232,13 @@ def step_page(
                 tokenizer,
                 trajs[i],
                 i,
-                q["golden_answers"],
-                float(rewards[i]),
-                float(adv[i]),
-                tok_adv[i],
-                scale,
+                answer=outcome.answers[i],
+                hits=outcome.hits[i],
+                gains=gains[i],
+                reward=float(rewards[i]),
+                a_i=float(adv[i]),
+                tok_adv=tok_adv[i],
+                scale=scale,
             )
             for i in range(g, min(g + group_size, len(trajs)))
         )
@@ -245,7 +250,7 @@ def step_page(
             f"std {float(r.std()) if len(r) > 1 else 0.0:.3f}{badge}</div>{rolls}</div>"
         )
     search_steps = [s for t in trajs for s in t.steps]
-    igs = [s.ig for s in search_steps if s.ig is not None]
+    igs = [x.ig for row in gains for x in row if x is not None]
     summary = (
         f"{len(trajs)} rollouts, mean reward {float(rewards.float().mean()):.3f}, "
         f"{len(search_steps)} search steps, {len(igs)} scored"
@@ -282,70 +287,28 @@ def settings_line(cfg) -> str:
 def write_step_page(
     path: str | Path,
     tokenizer,
+    *,
     questions: list[dict],
-    trajs: list[ig.Trajectory],
-    rewards: torch.Tensor,
-    adv: torch.Tensor,
-    tok_adv: list[torch.Tensor],
+    trajs: list,
+    outcome,
+    gains: list[list],
+    adv,
     cfg,
     title: str,
 ) -> Path:
     """step_page for a Config, written atomically to path (its folder made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_lines(
-        path,
-        [
-            step_page(
-                tokenizer,
-                questions,
-                trajs,
-                rewards,
-                adv,
-                tok_adv,
-                cfg.group_size,
-                title,
-                settings_line(cfg),
-            )
-        ],
+    page = step_page(
+        tokenizer,
+        questions=questions,
+        trajs=trajs,
+        outcome=outcome,
+        gains=gains,
+        adv=adv,
+        group_size=cfg.group_size,
+        title=title,
+        settings=settings_line(cfg),
     )
+    write_lines(path, [page])
     return path
-
-
-def run_config(model: str):
-    """(Config, where it came from): the run's config.json when the model is a run's
-    checkpoint (RUN/checkpoint beside RUN/config.json), else train.py's defaults."""
-    saved = Path(model).parent / "config.json"
-    if model and saved.exists():
-        return Config(**checked_fields(read_json(saved), saved)), str(saved)
-    return Config(), "train.py's defaults"
-
-
-def question_page(
-    model, tokenizer, search, model_name: str, question: str, golds: list[str], path: str | Path
-) -> tuple[Path, tuple]:
-    """The page of one question as a training step would make it: G rollouts at the run's
-    temperature, EM rewards, IG with counterfactuals from the group, the advantages, all by
-    train.py's own functions with the run's settings and seeds. Prints and returns the page's
-    path, and returns (trajs, rewards, adv, tok_adv)."""
-    import train  # here, not at the top: train.py imports this module for its hook
-
-    check_writable(path)  # before the sampling
-    cfg, source = run_config(model_name)
-    device, G = next(model.parameters()).device, cfg.group_size
-    gen_ig = torch.Generator().manual_seed(cfg.seed + 1)  # the seeds of train.set_up
-    gen_sample = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    questions = [{"question": question, "golden_answers": golds}] * G
-    model.eval()
-    with train.bf16(device):
-        trajs = train.generate_rollouts(model, tokenizer, questions, search, cfg, gen_sample)
-        rewards = torch.tensor([ig.exact_match(ig.extract_answer(t), golds) for t in trajs])  # (G,)
-        values = train.step_values(model, tokenizer, trajs, [golds] * G, cfg, gen_ig)
-    adv, tok_adv = train.advantages(trajs, rewards, values, cfg)  # (G,) A_i and the A_{i,p}
-    title = (
-        f"{G} rollouts of one question, {model_name or 'the offline default model'} "
-        f"(settings: {source})"
-    )
-    page = write_step_page(path, tokenizer, questions, trajs, rewards, adv, tok_adv, cfg, title)
-    print(f"wrote {page}: rewards {rewards.tolist()}, IG {[s.ig for t in trajs for s in t.steps]}")
-    return page, (trajs, rewards, adv, tok_adv)

@@ -24,7 +24,6 @@ import sys
 
 import torch
 
-import igsearch as ig
 from machinery import lm
 
 # ---------------------------------------------------------- 1. the KV cache kept across turns
@@ -106,7 +105,7 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), n)
 
 
-def rollout_groups(requests: list[ig.ScoreRequest], batch_size: int) -> list[int]:
+def rollout_groups(requests: list, batch_size: int) -> list[int]:
     """Sizes of the groups that share a trunk: the contexts of one rollout's consecutive requests,
     as many whole requests per group as batch_size rows allow."""
     sizes: list[int] = []
@@ -144,37 +143,38 @@ def trunk_shares(
 
 
 @torch.no_grad()
-def answer_scores_shared_prefix(
+def answer_logprobs_shared_prefix(
     model,
-    requests: list[ig.ScoreRequest],
+    requests: list,
     pad_id: int,
     max_len: int,
     batch_size: int = 16,
-    head_tokens: int = 3,
-    head_weight: float = 3.0,
     group_sizes: list[int] | None = None,
-) -> list[list[float]]:
-    """igsearch.answer_scores, with the tokens that a rollout's contexts share computed once.
+) -> list[list[torch.Tensor]]:
+    """igsearch.answer_logprobs, with the tokens that a rollout's contexts share computed once.
+
+    requests: igsearch.ScoreRequest (traj, context_ids, answer_ids are read).
 
     Step t's contexts are equal up to step t's documents and each holds the real blocks of every
     earlier step, so one rollout's contexts share a trunk (trunk_shares). The trunk runs once; its
     KV cache is repeated for the continuations (the rest of each context, then the answer), which
     run batched, left-padded, each attending to the part of the trunk its context shares, positions
     continuing after it; a chunk of continuations gets the trunk's cache cut after the last position
-    that one of them reads. Same truncation and positions as answer_scores; batch_size counts
-    continuation rows. A model that returns no cache (the test fakes) is scored by answer_scores.
+    that one of them reads. Same truncation and positions as answer_logprobs; batch_size counts
+    continuation rows. A model that returns no cache (the test fakes) runs whole (lm.tail_logprobs,
+    as answer_logprobs runs).
     group_sizes: other groups of consecutive contexts to share a trunk (bench.py: one per request).
     """
     device = next(model.parameters()).device
     cache_kw = lm.cache_keyword(model)
     answers = [r.answer_ids for r in requests for _ in r.context_ids]
     seqs = [
-        ig.truncate_left(c, r.answer_ids, max_len) + r.answer_ids
+        lm.truncate_left(c, r.answer_ids, max_len) + r.answer_ids
         for r in requests
         for c in r.context_ids
     ]
     groups = trunk_shares(seqs, answers, group_sizes or rollout_groups(requests, batch_size))
-    scores = [0.0] * len(seqs)
+    logps: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
     loose = [i for idx, trunk, _ in groups if not trunk for i in idx]  # nothing shared: whole
     batches: list[list[tuple[list[int], list[int], list[int]]]] = []
     for g in sorted((g for g in groups if g[1]), key=lambda g: max(len(seqs[i]) for i in g[0])):
@@ -188,9 +188,8 @@ def answer_scores_shared_prefix(
         )
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None:
-            return ig.answer_scores(
-                model, requests, pad_id, max_len, batch_size, head_tokens, head_weight
-            )
+            loose, batches = list(range(len(seqs))), []  # every sequence whole, below
+            break
         start = ids.shape[1] - attn.sum(-1)  # (G,) where each trunk begins, after its padding
         rows = [(g, i, k) for g, (idx, _, ks) in enumerate(batch) for i, k in zip(idx, ks)]
         # A real context continues the trunk for a few tokens, a counterfactual for its documents;
@@ -228,23 +227,18 @@ def answer_scores_shared_prefix(
                 logits_to_keep=L + 1,
                 **{cache_kw: kv},
             ).logits
-            logp = ig.token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L)
+            logp = lm.token_logprobs(logits[:, :-1], cont_ids[:, -L:])  # (rows, L)
             for row, (_, i, _) in enumerate(part):
-                answer_logp = logp[row, L - len(answers[i]) :]  # (n,) the answer tokens in order
-                scores[i] = ig.answer_score(answer_logp, head_tokens, head_weight)
-    if loose:  # scored whole, as single-context requests
-        singles = [
-            ig.ScoreRequest(-1, -1, [seqs[i][: len(seqs[i]) - len(answers[i])]], answers[i])
-            for i in loose
-        ]
-        for i, (s,) in zip(
-            loose,
-            ig.answer_scores(model, singles, pad_id, max_len, batch_size, head_tokens, head_weight),
-        ):
-            scores[i] = s
+                logps[i] = logp[row, L - len(answers[i]) :]  # (n,) the answer tokens in order
+    if loose:  # nothing shared with a trunk: run whole
+        tails = lm.tail_logprobs(
+            model, [seqs[i] for i in loose], [len(answers[i]) for i in loose], pad_id, batch_size
+        )
+        for i, lp in zip(loose, tails):
+            logps[i] = lp
     out, k = [], 0
     for r in requests:
-        out.append(scores[k : k + len(r.context_ids)])
+        out.append(logps[k : k + len(r.context_ids)])
         k += len(r.context_ids)
     return out
 
@@ -273,7 +267,7 @@ def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-style soft-capping, applied as the model's own forward would
         logits = torch.tanh(logits / cap) * cap
-    lp, ent = ig.token_logprobs(logits[None], batch["targets"][sel][None], entropy=True)  # (1, M)
+    lp, ent = lm.token_logprobs(logits[None], batch["targets"][sel][None], entropy=True)  # (1, M)
     logp = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp[0])
     entropy = torch.zeros_like(logp).detach().masked_scatter(sel, ent[0])  # (B, R)
     return logp, entropy

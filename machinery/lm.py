@@ -6,8 +6,33 @@ fast.py's CachedTurns is the speed-up of generate_turn (the same tokens).
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import torch
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU
+    whose flags (Linux's /proc/cpuinfo) list AMX or AVX512-BF16. Elsewhere bf16 autocast is emulated
+    and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device.type == "cpu" and re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run: bf16 (precision "bf16", or "auto" where the device has native
+    bf16 matrix units), else None: fp32 throughout. The weights, their gradients and the AdamW
+    state stay fp32 either way: steps of lr 1e-6 would round away on bf16 weights (their spacing
+    is ~1e-4 near 0.02)."""
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return None
+    return torch.bfloat16
 
 
 def pad_token_id(tokenizer) -> int:
@@ -116,6 +141,47 @@ def generate_turn(
     return sample_tokens(
         model, tokenizer, out, mask, pos, max_new_tokens, temperature, generator, stop
     )[0]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
+    """log p(target) from (B, T, V) logits and (B, T) targets -> (B, T); log-softmax in fp32.
+
+    With entropy=True also returns the entropy -sum_v p log p (B, T), without gradient, from the
+    same log-softmax (a second one would double the largest tensor of the update).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not entropy:
+        return picked
+    with torch.no_grad():
+        return picked, -(logp.exp() * logp).sum(-1)  # (B, T), (B, T)
+
+
+def truncate_left(context: list[int], answer: list[int], max_len: int) -> list[int]:
+    """The context cut from the left so that context + answer fit max_len tokens."""
+    return context[max(0, len(context) + len(answer) - max_len) :]
+
+
+@torch.no_grad()
+def tail_logprobs(
+    model, seqs: list[list[int]], n_tail: list[int], pad_id: int, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """log p of the last n_tail[i] tokens of each sequence, teacher-forced: one (n_tail[i],) tensor
+    per sequence. Sequences run left-padded in length-sorted batches (length_chunks); the LM head
+    runs only on the positions that predict those tokens (logits_to_keep)."""
+    device = next(model.parameters()).device
+    flat: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
+    for idx in length_chunks([len(s) for s in seqs], batch_size):
+        ids, attn, pos = left_pad([seqs[i] for i in idx], pad_id, device)  # (b, T)
+        L = max(n_tail[i] for i in idx)
+        # (b, L+1, V)
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1
+        ).logits
+        logp = token_logprobs(logits[:, :-1], ids[:, -L:])  # (b, L): position p predicts p+1
+        for row, i in enumerate(idx):
+            flat[i] = logp[row, L - n_tail[i] :]  # (n_tail[i],) the tail tokens in order
+    return flat
 
 
 def length_chunks(lengths: list[int], size: int) -> list[list[int]]:

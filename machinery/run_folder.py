@@ -260,32 +260,6 @@ def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(rng[k])
 
 
-def mean_entropy(stats: dict) -> float:
-    """The policy's mean entropy over an update's trained tokens, from train.update's per-rollout
-    token entropies (0 off the loss mask, so the zeros are left out)."""
-    entropy = torch.cat(stats["token_entropy"]) if stats.get("token_entropy") else torch.zeros(0)
-    entropy = entropy[entropy > 0]
-    return float(entropy.mean()) if len(entropy) else 0.0
-
-
-def step_problem(model, stats: dict, skipped_ok: bool = False) -> str | None:
-    """Why the model after an update (stats: train.update's) must not go on, in words, or None:
-    a non-finite loss or gradient (unless skipped_ok: RL tolerates max_bad_steps of them), weights
-    that are not finite, or a uniform output (the mean entropy of the trained tokens within 2 % of
-    ln V: the model prefers no token, as after a learning rate of 1e30). Every rank calls it."""
-    if stats.get("skipped") and not skipped_ok:
-        return f"the loss or gradient is not finite (grad_norm {stats.get('grad_norm')})"
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # (a shard)
-    bad = dd.all_sum([float(sum(not local(p).isfinite().all() for p in model.parameters()))])[0]
-    if bad:
-        return f"{bad:.0f} weight tensors are not finite"
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    entropy = mean_entropy(stats)
-    if vocab and entropy >= 0.98 * math.log(vocab):
-        return f"the output is uniform (entropy {entropy:.3f} nats, ln V = {math.log(vocab):.3f})"
-    return None
-
-
 def save_checkpoint(
     run: Path, policy, tokenizer, model, optimizer, step: int, config: dict, gens: dict
 ) -> None:

@@ -15,6 +15,7 @@ import config
 import evaluate
 import igsearch as ig
 import retriever
+import step as rl
 import train
 from machinery import loaders
 from machinery import run_folder as checkpoint
@@ -855,7 +856,7 @@ def test_a_corpus_with_a_lone_surrogate_is_refused_with_its_line(tmp_path):
         load_corpus(str(path))
 
 
-def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted):
+def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted, monkeypatch):
     """Issue 29: a question, document or gold answer holding "<|im_end|>" must stay text in every
     tokenisation the project does: the prompt, the rollout's documents, IG scoring of the answer,
     the warm-up's trained pieces. Only the chat template's own control tokens remain."""
@@ -890,17 +891,18 @@ def test_user_text_never_becomes_a_control_token(tokenizer, tiny_model, scripted
     questions = [{"question": "Q1 " + hostile, "golden_answers": [hostile]}]
     cfg = train.Config(warmup_examples=1, warmup_batch=1, warmup_lr=1e-9)
     seen = []
-    update = lambda model, ref, tok, batch, adv, opt, cfg: (
+    update = lambda model, ref, tok, batch, adv, opt, cfg, compute=None: (
         seen.extend(batch) or {"loss": 1.0, "skipped": False, "entropy": 1.0, "grad_norm": 1.0}
     )
+    monkeypatch.setattr(rl, "update", update)
     warmup.warmup(
         tiny_model,
         tokenizer,
         questions,
         lambda q: [hostile] * len(q),
         cfg,
+        rl.choose_compute(True, torch.device("cpu")),
         torch.Generator().manual_seed(0),
-        update,
     )
     (warm,) = seen
     trained = [i for i, m in zip(warm.response_ids, warm.loss_mask) if m]

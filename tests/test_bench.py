@@ -90,30 +90,33 @@ def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
 
 
 def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, tokenizer, tiny_model):
-    """bench.step times train.py's own phase functions in train.train's order, with the step's
+    """bench.step times step.py's own phase functions in train.train's order, with the step's
     config (the old bench re-built the step and left out ig_center); the scripted policy makes
     every rollout use the whole search budget."""
-    import train
+    import step as rl
     from tools import bench
 
-    calls = []
-    for name in ("generate_rollouts", "step_values", "advantages", "update"):
+    calls, bonuses = [], []
+    for name in ("generate_rollouts", "step_bonus", "advantages", "update"):
 
-        def spy(*args, _name=name, _real=getattr(train, name)):
-            calls.append((_name, next(x for x in args if isinstance(x, train.Config))))
-            return _real(*args)
+        def spy(*args, _name=name, _real=getattr(rl, name), **kw):
+            calls.append((_name, next(x for x in args if isinstance(x, rl.Config))))
+            out = _real(*args, **kw)
+            if _name == "step_bonus":
+                bonuses.append(out)
+            return out
 
-        monkeypatch.setattr(train, name, spy)
+        monkeypatch.setattr(rl, name, spy)
     b = scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model)
     b.cfg = b.policy.cfg = bench.dataclasses.replace(b.cfg, ig_center=True)
     for with_ig in (True, False):
         calls.clear()
         rec = bench.step(b, with_ig)
-        assert [n for n, _ in calls] == ["generate_rollouts", "step_values", "advantages", "update"]
+        assert [n for n, _ in calls] == ["generate_rollouts", "step_bonus", "advantages", "update"]
         assert all(c.ig_center and c.outcome_only != with_ig for _, c in calls)
         assert all(rec[k] >= 0 for k in bench.PHASES) and rec["total"] > 0
         assert [len(t.steps) for t in b.trajs] == [b.cfg.max_searches] * 4  # the whole budget
-        igs = [s.ig for t in b.trajs for s in t.steps]
+        igs = [g and g.ig for row in bonuses[-1].gains for g in row]
         assert any(v is not None for v in igs) if with_ig else all(v is None for v in igs)
 
 

@@ -9,6 +9,7 @@ import torch
 from test_train import PASSAGES, tiny_config, tiny_run_files  # noqa: F401 (a fixture)
 
 import igsearch as ig
+import step as rl
 import train
 import warmup
 from machinery import credit_page as credit
@@ -80,7 +81,7 @@ def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypa
         ]
         for k in keys
     }
-    real_rollout, real_update, seen = ig.rollout, train.update, []
+    real_rollout, real_update, seen = ig.rollout, rl.update, []
     monkeypatch.setattr(
         ig,
         "rollout",
@@ -89,11 +90,18 @@ def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypa
         ),
     )
 
-    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg):
+    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute=None):
         seen.append((trajs, [a.clone() for a in tok_adv]))
-        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg)
+        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute)
 
-    monkeypatch.setattr(train, "update", spy_update)
+    real_bonus, bonuses = rl.step_bonus, []
+
+    def spy_bonus(*a, **kw):
+        bonuses.append(real_bonus(*a, **kw))
+        return bonuses[-1]
+
+    monkeypatch.setattr(rl, "update", spy_update)
+    monkeypatch.setattr(rl, "step_bonus", spy_bonus)
     run = tmp_path / "run"
     train.train(
         tiny_config(
@@ -110,10 +118,10 @@ def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypa
     trajs, tok_adv = seen[-1]
     page = PageReader((run / "steps" / "step-0003.html").read_text())
     assert_page_shows(page, trajs, tok_adv)
-    steps = [s for t in trajs for s in t.steps]
-    assert steps and all(s.scores is not None for s in steps)
-    assert page.scores == [pytest.approx(s.scores, rel=1e-6) for s in steps]
-    assert all(s.ig == pytest.approx(s.scores[0] - sum(s.scores[1:]) / 3) for s in steps)
+    gains = [g for row in bonuses[-1].gains for g in row]
+    assert gains and all(g is not None for g in gains)
+    assert page.scores == [pytest.approx(g.scores, rel=1e-6) for g in gains]
+    assert all(g.ig == pytest.approx(g.scores[0] - sum(g.scores[1:]) / 3) for g in gains)
     # IG reaches the query tokens: there the advantage differs from the rollout's outcome part
     bonus = [
         r["adv"][p] - r["outcome"]
@@ -133,35 +141,37 @@ def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypa
 
 
 def test_step_scores_are_the_scores_information_gain_computed(tokenizer, tiny_model, monkeypatch):
-    """step.scores = [real, rand_1..rand_N] of the kept gold, as the scorer returned them; the fast
-    shared-prefix scorer records the same."""
-    from test_igsearch import ig_batch, information_gain
+    """Gain.scores = [real, rand_1..rand_N] of the kept gold, as scored from the log-probs the
+    scorer returned; the fast shared-prefix scorer gives the same."""
+    from test_igsearch import TPL, ig_batch
 
     returned = []
 
     def recording(*a, **kw):
-        returned.append(ig.answer_scores(*a, **kw))
+        returned.append(ig.answer_logprobs(*a, **kw))
         return returned[-1]
 
     trajs = ig_batch([True, False, False, True])
     golds = [["Berlin", "Paris"]] * 4
-    information_gain(
-        tiny_model, tokenizer, trajs, golds, all_golds=True, max_len=512, score=recording
+    draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 3, "random")
+    kw = dict(template=TPL, all_golds=True, max_len=512)
+    gains = ig.information_gain(
+        tiny_model, tokenizer, trajs, golds, draws, logprobs=recording, **kw
     )
-    requests = returned[0]
-    kept = [max(requests[2 * i : 2 * i + 2], key=lambda s: s[0]) for i in range(4)]  # two golds
-    assert [t.steps[0].scores for t in trajs] == kept
-    plain = [t.steps[0].scores for t in trajs]
-    information_gain(
+    scores = [[ig.answer_score(lp) for lp in row] for row in returned[0]]  # one row per gold
+    kept = [max(scores[2 * i : 2 * i + 2], key=lambda s: s[0]) for i in range(4)]  # two golds
+    assert [row[0].scores for row in gains] == kept
+    shared = ig.information_gain(
         tiny_model,
         tokenizer,
         trajs,
         golds,
-        all_golds=True,
-        max_len=512,
-        score=fast.answer_scores_shared_prefix,
+        draws,
+        logprobs=fast.answer_logprobs_shared_prefix,
+        **kw,
     )
-    assert sum((t.steps[0].scores for t in trajs), []) == pytest.approx(sum(plain, []), abs=1e-4)
+    flat = lambda gains: [x for row in gains for x in row[0].scores]
+    assert flat(shared) == pytest.approx(flat(gains), abs=1e-4)
 
 
 HOSTILE = "<script>alert('x')</script></details></span><img src=x onerror=alert(1)>&amp;"
@@ -185,30 +195,24 @@ def test_hostile_text_shows_as_text(tokenizer):
         lo = len(
             tokenizer("<think> <b>bold</b> </think> <search> ", add_special_tokens=False).input_ids
         )
-        t.steps.append(
-            ig.Step(
-                "q" + HOSTILE,
-                f"Doc 1 {HOSTILE} {k}",
-                (lo, lo + 1),
-                ig=0.5,
-                scores=[-1.0, -1.5, -1.5, -1.5],
-            )
-        )
+        t.steps.append(ig.Step("q" + HOSTILE, f"Doc 1 {HOSTILE} {k}", (lo, lo + 1)))
         trajs.append(t)
-    rewards = torch.tensor([1.0, 0.0])
-    adv = ig.group_advantages(rewards, 2)
-    tok_adv = ig.token_advantages(trajs, adv, alpha=0.3)
     questions = [{"question": "Who? " + HOSTILE, "golden_answers": ["Paris" + HOSTILE]}] * 2
+    outcome = rl.rewards(trajs, [q["golden_answers"] for q in questions])
+    outcome = outcome._replace(rewards=torch.tensor([1.0, 0.0]))  # one right, one wrong
+    gains = [[ig.Gain(0.5, [-1.0, -1.5, -1.5, -1.5])] for _ in trajs]
+    adv = rl.advantages(trajs, outcome.rewards, [[0.5], [0.5]], Config(group_size=2))
+    tok_adv = adv.tokens
     html = credit.step_page(
         tokenizer,
-        questions,
-        trajs,
-        rewards,
-        adv,
-        tok_adv,
-        2,
-        "title " + HOSTILE,
-        "settings " + HOSTILE,
+        questions=questions,
+        trajs=trajs,
+        outcome=outcome,
+        gains=gains,
+        adv=adv,
+        group_size=2,
+        title="title " + HOSTILE,
+        settings="settings " + HOSTILE,
     )
     page = PageReader(html)
     assert "script" not in page.opened and "img" not in page.opened
@@ -267,8 +271,10 @@ def test_question_page_from_a_checkpoint(tiny_run_files, tmp_path, capsys):
 def test_question_page_advantages_are_trainings(tiny_run_files, tokenizer, tiny_model, tmp_path):
     """The tensors question_page returns are those its page shows, and its rewards and group
     advantages follow train.py's rule."""
+    import evaluate
+
     search = lambda qs: ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(qs)  # noqa
-    path, (trajs, rewards, adv, tok_adv) = credit.question_page(
+    path, (trajs, outcome, bonus, adv) = evaluate.question_page(
         tiny_model,
         tokenizer,
         search,
@@ -277,6 +283,6 @@ def test_question_page_advantages_are_trainings(tiny_run_files, tokenizer, tiny_
         ["Paris"],
         tmp_path / "sub" / "q.html",
     )
-    assert_page_shows(PageReader(Path(path).read_text()), trajs, tok_adv)
+    assert_page_shows(PageReader(Path(path).read_text()), trajs, adv.tokens)
     assert len(trajs) == Config().group_size
-    assert torch.equal(adv, ig.group_advantages(rewards, Config().group_size))
+    assert torch.equal(adv.outcome, ig.group_advantages(outcome.rewards, Config().group_size))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from test_train import tiny_run_files  # noqa: E402,F401 (a fixture)
 
 import igsearch as ig  # noqa: E402
+import step as rl  # noqa: E402
 import train  # noqa: E402
 import warmup  # noqa: E402
 from igsearch import Step, Trajectory  # noqa: E402
@@ -125,7 +126,7 @@ def worker(args_path: str) -> None:
     model, tok = loaders.load_model(args["files"]["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train.update(
+    stats = rl.update(
         model,
         copy.deepcopy(model),
         tok,
@@ -138,8 +139,9 @@ def worker(args_path: str) -> None:
 
     trajs, golds = ig_batch()
     mine = local_share(trajs)
-    draws = train.counterfactual_draws(mine, train.Config(), torch.Generator().manual_seed(5))
-    igs = ig.information_gain(model, tok, mine, local_share(golds), draws, max_len=512)
+    draws = rl.counterfactual_draws(mine, train.Config(), torch.Generator().manual_seed(5))
+    gains = ig.information_gain(model, tok, mine, local_share(golds), draws, max_len=512)
+    igs = [[g and g.ig for g in row] for row in gains]  # IG_t, None where not scored
     all_draws, all_igs = dd.all_gather(draws), dd.all_gather(igs)
     if dd.is_main():
         (out / "ig.json").write_text(
@@ -181,7 +183,7 @@ def fsdp_worker(args_path: str) -> None:
         dd.shard_model(model)
         assert dd.is_sharded(model)
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-        stats = train.update(
+        stats = rl.update(
             model,
             None,
             tok,
@@ -296,7 +298,7 @@ def test_one_update_equals_the_single_process_update(files, two_ranks):
     out, _ = two_ranks
     model, tok = loaders.load_model(files["model"], "cpu")
     trajs, tok_adv = update_batch(tok)
-    stats = train.update(
+    stats = rl.update(
         model,
         copy.deepcopy(model),
         tok,
@@ -327,7 +329,8 @@ def test_sharded_ig_draw_and_scores_equal_the_single_process_ones(files, two_ran
     model, tok = loaders.load_model(files["model"], "cpu")
     # the workers scored with the model after their update: score with the same weights here
     model.load_state_dict(torch.load(out / "update0.pt", weights_only=True)["params"])
-    igs = ig.information_gain(model, tok, trajs, golds, draws, max_len=512)
+    gains = ig.information_gain(model, tok, trajs, golds, draws, max_len=512)
+    igs = [[g and g.ig for g in row] for row in gains]
     assert [v is None for row in got["igs"] for v in row] == [v is None for row in igs for v in row]
     assert [v for row in got["igs"] for v in row if v is not None] == pytest.approx(
         [v for row in igs for v in row if v is not None], abs=1e-5
@@ -358,7 +361,7 @@ def test_fsdp_update_equals_the_single_process_update(files, two_sharded_ranks, 
     model, tok = load_tiny(files["model"], tied)
     trajs, tok_adv = update_batch(tok, groups=4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-    stats = train.update(model, None, tok, trajs, tok_adv, opt, train.Config(micro_batch=2))
+    stats = rl.update(model, None, tok, trajs, tok_adv, opt, train.Config(micro_batch=2))
     assert saved["local"] < 0.6 * sum(
         p.numel() for p in model.parameters()
     )  # about half each, not a replica

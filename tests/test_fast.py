@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import igsearch as ig
-import train
+import step as rl
 import warmup
 from igsearch import TEMPLATES, ScoreRequest, Step, Trajectory
 from machinery import fast, lm
@@ -91,7 +91,17 @@ def test_greedy_rollouts_are_the_same_with_the_cache_kept_across_turns(tokenizer
     assert [t.loss_mask for t in runs[0]] == [t.loss_mask for t in runs[1]]
 
 
-# ----------------------------------------------- 2. answer_scores_shared_prefix = answer_scores
+# ------------------------------------------- 2. answer_logprobs_shared_prefix = answer_logprobs
+
+
+def scores(logprobs: list[list[torch.Tensor]]) -> list[list[float]]:
+    """s(a*|C) of every context's answer log-probs (igsearch.answer_score)."""
+    return [[ig.answer_score(lp) for lp in row] for row in logprobs]
+
+
+def igs(gains) -> list[float | None]:
+    """IG_t of every step, flat (None where not scored)."""
+    return [g and g.ig for row in gains for g in row]
 
 
 def test_shared_prefix_scores_equal_full_contexts(tokenizer, policy):
@@ -124,8 +134,10 @@ def test_shared_prefix_scores_equal_full_contexts(tokenizer, policy):
         (512, 3),
         (20, 16),
     ]:  # 20: left truncation, nothing shared
-        full = ig.answer_scores(policy, requests, pad, max_len, batch_size=1)
-        shared = fast.answer_scores_shared_prefix(policy, requests, pad, max_len, batch_size)
+        full = scores(ig.answer_logprobs(policy, requests, pad, max_len, batch_size=1))
+        shared = scores(
+            fast.answer_logprobs_shared_prefix(policy, requests, pad, max_len, batch_size)
+        )
         assert [len(s) for s in shared] == [3, 3, 1]
         assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
@@ -180,9 +192,11 @@ def test_a_rollouts_steps_scored_on_one_trunk_equal_full_contexts(tokenizer, pol
     answers.append(tokenizer("the city of Paris").input_ids)
     pad, requests = tokenizer.pad_token_id, requests_of(ctxs, answers)
     for max_len, batch_size in [(512, 16), (512, 2), (24, 16)]:  # 24: contexts truncated unequally
-        full = ig.answer_scores(policy, requests, pad, max_len, batch_size=1)
-        shared = fast.answer_scores_shared_prefix(
-            policy, requests, pad, max_len, batch_size, group_sizes=[6]
+        full = scores(ig.answer_logprobs(policy, requests, pad, max_len, batch_size=1))
+        shared = scores(
+            fast.answer_logprobs_shared_prefix(
+                policy, requests, pad, max_len, batch_size, group_sizes=[6]
+            )
         )
         assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
 
@@ -203,12 +217,20 @@ def test_information_gain_on_shared_prefixes_equals_full_contexts(tokenizer, pol
     golds = [["Paris"], ["Paris"], ["Berlin Germany"], ["Paris"], ["Rome"]]
     draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
     kw = dict(template=TPL, max_len=512, batch_size=8)
-    full = ig.information_gain(policy, tokenizer, trajs, golds, draws, **kw)
-    shared = ig.information_gain(
-        policy, tokenizer, trajs, golds, draws, score=fast.answer_scores_shared_prefix, **kw
+    full = igs(ig.information_gain(policy, tokenizer, trajs, golds, draws, **kw))
+    shared = igs(
+        ig.information_gain(
+            policy,
+            tokenizer,
+            trajs,
+            golds,
+            draws,
+            logprobs=fast.answer_logprobs_shared_prefix,
+            **kw,
+        )
     )
-    assert sum(v is not None for row in full for v in row) == 10
-    assert sum(shared, []) == pytest.approx(sum(full, []), abs=1e-4)
+    assert sum(v is not None for v in full) == 10
+    assert shared == pytest.approx(full, abs=1e-4)
 
 
 # --------------------------------------------------- 3. fast.policy_logprobs = policy_logprobs
@@ -258,7 +280,7 @@ def updated_weights(model, tokenizer, setup=None, **cfg) -> torch.Tensor:
     if setup:
         setup(model)
     trajs, tok_adv = answer_trajectories(tokenizer)
-    train.update(
+    rl.update(
         model,
         None,
         tokenizer,
@@ -294,7 +316,7 @@ def test_lean_backward_keeps_the_gradient_and_trims_every_k_layers(
     untied = LlamaForCausalLM(tiny_model.config.__class__(**config))
     fast.lean_backward(untied)
     assert not untied.get_input_embeddings().sparse
-    stats = train.update(
+    stats = rl.update(
         untied, None, tokenizer, trajs, tok_adv, torch.optim.AdamW(untied.parameters()), Config()
     )
     assert not stats["skipped"]

@@ -246,9 +246,14 @@ class ConstantLM(torch.nn.Module):
 
 
 def scores(model, ctxs, answers, pad_id, max_len, **kw) -> list[float]:
-    """ig.answer_scores of (context, answer) pairs, each its own one-context request."""
+    """s(a*|C) of (context, answer) pairs, each its own one-context request: ig.answer_score of
+    ig.answer_logprobs."""
+    head = {k: kw.pop(k) for k in ("head_tokens", "head_weight") if k in kw}
     requests = [ig.ScoreRequest(0, k, [c], a) for k, (c, a) in enumerate(zip(ctxs, answers))]
-    return [s for (s,) in ig.answer_scores(model, requests, pad_id, max_len, **kw)]
+    return [
+        ig.answer_score(lp, **head)
+        for (lp,) in ig.answer_logprobs(model, requests, pad_id, max_len, **kw)
+    ]
 
 
 def test_head_weighted_score_by_hand():
@@ -302,7 +307,8 @@ def ig_batch(golds_in_docs: list[bool]) -> list[Trajectory]:
 def information_gain(model, tokenizer, trajs, golds, baseline="random", **kw):
     """IG with the counterfactuals planned over the batch, as train.py and evaluate.py do."""
     draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs], 3, baseline)
-    return ig.information_gain(model, tokenizer, trajs, golds, draws, template=TPL, **kw)
+    gains = ig.information_gain(model, tokenizer, trajs, golds, draws, template=TPL, **kw)
+    return [[g and g.ig for g in row] for row in gains]  # IG_t, None where not scored
 
 
 def test_information_gain_batched_equals_single(tokenizer, tiny_model):
@@ -363,14 +369,15 @@ def test_group_advantages():
 def test_token_advantages_add_alpha_ig_on_queries_only():
     traj = Trajectory([], "")
     traj.response_ids = list(range(20))
-    traj.steps = [Step("a", "D", (2, 5), "", ig=0.9), Step("b", "D", (10, 12), "", ig=-0.4)]
+    traj.steps = [Step("a", "D", (2, 5), ""), Step("b", "D", (10, 12), "")]
+    bonus = [[0.9, -0.4]]  # IG_t of the two steps
     for a_i in (0.0, 0.7):  # all G rewards equal -> A_i = 0, the queries still learn
-        (tok,) = ig.token_advantages([traj], torch.tensor([a_i]), alpha=0.3)
+        (tok,) = ig.token_advantages([traj], torch.tensor([a_i]), bonus, alpha=0.3)
         assert tok[2:5].sum().item() == pytest.approx(3 * a_i + 0.3 * 0.9)
         assert tok[10:12].sum().item() == pytest.approx(2 * a_i - 0.3 * 0.4)
         rest = torch.cat([tok[:2], tok[5:10], tok[12:]])
         assert torch.all(rest == a_i)
-    (outcome,) = ig.token_advantages([traj], torch.tensor([0.7]), alpha=0.0)
+    (outcome,) = ig.token_advantages([traj], torch.tensor([0.7]), bonus, alpha=0.0)
     assert torch.all(outcome == 0.7)
 
 
@@ -384,18 +391,20 @@ def test_centred_ig_ranks_the_queries_of_one_question_against_each_other():
     ]  # groups of 2 rollouts: [4, None | 2], [- | 9], [1]
     assert ig.center_in_groups(igs, 2) == [[1.0, None], [-1.0], [], [0.0], [0.0]]
     trajs = []
-    for v in (3.0, 1.0):  # one question, two rollouts: both IG > 0, as with random documents
+    bonus = [[3.0], [1.0]]  # one question, two rollouts: both IG > 0, as with random documents
+    for _ in bonus:
         t = Trajectory([], "")
         t.response_ids = list(range(6))
-        t.steps = [Step("q", "D", (1, 3), "", ig=v)]
+        t.steps = [Step("q", "D", (1, 3), "")]
         trajs.append(t)
-    raw = ig.token_advantages(trajs, torch.zeros(2), alpha=0.5)
-    centred = ig.token_advantages(trajs, torch.zeros(2), alpha=0.5, center_groups=2)
+    raw = ig.token_advantages(trajs, torch.zeros(2), bonus, alpha=0.5)
+    centred_bonus = ig.center_in_groups(bonus, 2)
+    centred = ig.token_advantages(trajs, torch.zeros(2), centred_bonus, alpha=0.5)
     assert raw[0][1:3].sum() > 0 and raw[1][1:3].sum() > 0  # the paper's IG lifts both queries
     assert centred[0][1:3].sum().item() == pytest.approx(0.5) and centred[1][
         1:3
     ].sum().item() == pytest.approx(-0.5)
-    assert trajs[0].steps[0].ig == 3.0  # the logged IG stays the raw one
+    assert bonus == [[3.0], [1.0]]  # the logged IG stays the raw one
 
 
 def test_documents_hold_answer_on_whole_normalised_words():

@@ -10,6 +10,7 @@ from test_fast import answer_trajectories
 from test_train import read_metrics, strip_times, tiny_config, tiny_run_files  # noqa: F401
 
 import igsearch as ig
+import step as rl
 import train
 from machinery import fast, lora
 from machinery.errors import InputError
@@ -58,7 +59,7 @@ def test_only_the_adapters_get_gradients_and_adam_state_and_the_base_stays_bitwi
     assert adapters and all(".lora_" in n for n in adapters)
     trajs, tok_adv = answer_trajectories(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = train.update(
+    stats = rl.update(
         model,
         lora.AdapterOff(model),
         tokenizer,
@@ -115,10 +116,10 @@ def test_ig_is_scored_with_the_adapter_on(tokenizer, adapted, tmp_path):
         template=ig.TEMPLATES["igsearch"],
         max_len=512,
         batch_size=8,
-        score=fast.answer_scores_shared_prefix,
+        logprobs=fast.answer_logprobs_shared_prefix,
     )
     on, plain, base = (
-        sum(ig.information_gain(m, tokenizer, trajs, golds, draws, **kw), [])
+        [g.ig for row in ig.information_gain(m, tokenizer, trajs, golds, draws, **kw) for g in row]
         for m in (model, merged, start)
     )
     assert on == pytest.approx(plain, abs=1e-4) and on != pytest.approx(base, abs=1e-3)

@@ -25,6 +25,7 @@ from test_train import PASSAGES, read_metrics, strip_times, tiny_run_files  # no
 
 import evaluate
 import igsearch as ig
+import step as rl
 import train
 from machinery import loaders
 from machinery import run_folder as checkpoint
@@ -368,7 +369,7 @@ def test_a_policy_that_never_closes_a_tag_ends_within_budget_with_reward_0(
     ig.information_gain(tiny_model, tokenizer, trajs, golds, draws)
     tok_adv = ig.token_advantages(trajs, ig.group_advantages(rewards, len(trajs)), alpha=0.3)
     model = copy.deepcopy(tiny_model)
-    stats = train.update(
+    stats = rl.update(
         model,
         None,
         tokenizer,
@@ -703,7 +704,7 @@ def test_a_step_that_breaks_the_model_names_the_checkpoint_saved_before_it(
     """Issue 29: after skipped non-finite steps the stop message called the checkpoint saved after
     them "the last good checkpoint". Two good steps are saved; step 3's update makes the weights
     non-finite: the run stops at once, names step 2's checkpoint, and saves nothing after it."""
-    real_update = train.update
+    real_update = rl.update
 
     def poisoned(model, *a, **k):
         stats = real_update(model, *a, **k)
@@ -713,7 +714,7 @@ def test_a_step_that_breaks_the_model_names_the_checkpoint_saved_before_it(
         return stats
 
     run = tmp_path / "run"
-    monkeypatch.setattr(train, "update", poisoned)
+    monkeypatch.setattr(rl, "update", poisoned)
     with pytest.raises(train.TrainingError) as err:
         train.train(train.parse_config(train_args(tiny_run_files, run, 5))[0])
     assert "stopped at step 3: 1 weight tensors are not finite" in str(err.value)

@@ -12,8 +12,10 @@ import torch
 
 import config
 import igsearch as ig
+import step as rl
 import train
 import warmup
+from machinery import loaders, records
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +156,7 @@ def test_validation_curve_is_held_out_and_logged_with_query_quality(
     questions = [
         json.loads(line) for line in Path(tiny_run_files["train_data"]).read_text().splitlines()
     ]
-    _, val = __import__("machinery.data").loaders.split_validation(questions, 3)
+    _, val = loaders.split_validation(questions, 3)
     trained, real_rollout, real_warmup = [], ig.rollout, train.warmup
     monkeypatch.setattr(
         ig,
@@ -224,13 +226,13 @@ def test_outcome_only_gives_query_tokens_the_rollout_advantage(
             scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
         )
 
-    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg):
+    def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute=None):
         seen.setdefault(cfg.outcome_only, []).append((trajs, tok_adv))
-        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg)
+        return real_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute)
 
-    real_update = train.update
+    real_update = rl.update
     monkeypatch.setattr(ig, "rollout", scripted_rollout)
-    monkeypatch.setattr(train, "update", spy_update)
+    monkeypatch.setattr(rl, "update", spy_update)
     for outcome_only in (False, True):
         train.train(
             tiny_config(
@@ -258,7 +260,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
         for a in ("Paris", "Berlin")
     )
     adv = ig.group_advantages(torch.tensor([1.0, 0.0]), 2)
-    tok_adv = ig.token_advantages([good, bad], adv, alpha=0.0)
+    tok_adv = ig.token_advantages([good, bad], adv, [[], []], alpha=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = Config(micro_batch=1)
 
@@ -271,7 +273,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
 
     before = seq_logp()
     for _ in range(5):
-        stats = train.update(model, None, tokenizer, [good, bad], tok_adv, opt, cfg)
+        stats = rl.update(model, None, tokenizer, [good, bad], tok_adv, opt, cfg)
     after = seq_logp()
     assert not stats["skipped"] and after[0] > before[0] and after[1] < before[1]
 
@@ -308,7 +310,7 @@ def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, ti
     ]
     n = [t.steps[0].query_span[1] - t.steps[0].query_span[0] for t in trajs]
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = train.update(
+    stats = rl.update(
         model,
         None,
         tokenizer,
@@ -323,17 +325,26 @@ def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, ti
     for b, t in enumerate(trajs):  # a bonus of 0.5 over each query: 0.5 / |Q_t| a token
         lo, hi = t.steps[0].query_span
         tok_adv[b][lo:hi] += 0.5 / (hi - lo)
-    rec = train.step_record(
-        0,
-        trajs,
-        [["x"], ["x"]],
-        rewards,
-        a,
-        tok_adv,
-        Config(group_size=2),
-        stats,
-        [0.0] * 4,
-        torch.device("cpu"),
+    rolls = [
+        records.rollout_stats(
+            traj=t,
+            reward=float(rewards[i]),
+            answered=False,
+            hits=[False],
+            igs=[None],
+            entropy=stats["token_entropy"][i],
+            token_adv=tok_adv[i],
+            a_i=float(a[i]),
+        )
+        for i, t in enumerate(trajs)
+    ]
+    rec = records.step_record(
+        step=0,
+        rollouts=rolls,
+        group_size=2,
+        stats=stats,
+        times=records.PhaseTimes(0.0, 0.0, 0.0),
+        device=torch.device("cpu"),
     )  # the log line computes it from the update's entropies
     assert rec["query_entropy"] == pytest.approx(
         (expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4
@@ -360,7 +371,7 @@ def test_grad_checkpointing_and_rollout_chunks_change_no_result(tokenizer, tiny_
         ['Doc 1(Title: "Paris") Paris is the capital of France.'] * len(queries)
     )
     runs = [
-        train.generate_rollouts(
+        rl.generate_rollouts(
             tiny_model,
             tokenizer,
             questions,
@@ -488,8 +499,8 @@ def test_evaluate_reports_the_share_of_search_steps_that_find_the_gold(tokenizer
         tokenizer,
         questions,
         search,
-        max_searches=2,
-        max_turn_tokens=24,
+        Config(max_searches=2, max_turn_tokens=24, max_response_tokens=4096),
+        rl.choose_compute(True, torch.device("cpu")),
     )
     assert summary["em"] == 1.0 and summary["searches"] == 1.0
     assert summary["hit"] == 0.5  # of the two search steps only the second retrieved "Paris"
@@ -499,15 +510,17 @@ def test_evaluate_reports_the_share_of_search_steps_that_find_the_gold(tokenizer
 def test_ig_by_retrieval_splits_steps_on_whether_the_documents_hold_the_gold():
     import evaluate
 
-    def traj(*steps):
-        t = ig.Trajectory([1], "p")
-        t.steps = [ig.Step(query="q", documents=d, query_span=(0, 1), ig=v) for d, v in steps]
-        return t
-
     q = {"question": "?", "golden_answers": ["The Nile"]}
+
+    def answered(*steps):
+        t = ig.Trajectory([1], "p")
+        t.steps = [ig.Step(query="q", documents=d, query_span=(0, 1)) for d, _ in steps]
+        gains = [None if v is None else ig.Gain(v, []) for _, v in steps]
+        return evaluate.Answered(q, t, gains)
+
     pairs = [
-        (q, traj(('Doc 1(Title: "Nile") The Nile is long.', 3.0), ("Doc 1 Rome", -1.0))),
-        (q, traj(("Doc 1 nile river", 1.0), ("Doc 1 Paris", 0.5), ("Doc 1 Oslo", None))),
+        answered(('Doc 1(Title: "Nile") The Nile is long.', 3.0), ("Doc 1 Rome", -1.0)),
+        answered(("Doc 1 nile river", 1.0), ("Doc 1 Paris", 0.5), ("Doc 1 Oslo", None)),
     ]
     line = evaluate.ig_by_retrieval(pairs)
     assert (
@@ -571,7 +584,7 @@ def test_compare_piped_into_a_reader_that_stops_early_ends_without_a_traceback(t
         (tmp_path / f"r{k}").mkdir()
         (tmp_path / f"r{k}" / "config.json").write_text("{}")
     proc = subprocess.run(
-        f"cd {tmp_path} && {sys.executable} {ROOT / 'compare.py'} r* | head -1",
+        f"cd {tmp_path} && {sys.executable} {ROOT / 'tools' / 'compare.py'} r* | head -1",
         shell=True,
         capture_output=True,
         text=True,
@@ -673,7 +686,7 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
     assert "config.json" in capsys.readouterr().err
 
 
-def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer):
+def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenizer, monkeypatch):
     import warmup
 
     gen = torch.Generator().manual_seed(0)
@@ -695,10 +708,11 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
             queries
         )  # every gold found
 
-    def update(model, ref, tok, batch, adv, opt, cfg):
+    def update(model, ref, tok, batch, adv, opt, cfg, compute=None):
         targets.extend(tok.decode(t.response_ids) for t in batch)
         return {"loss": 0.0, "grad_norm": 0.0, "skipped": False, "token_entropy": []}
 
+    monkeypatch.setattr(rl, "update", update)
     for mode in ("question", "varied"):
         asked.clear()
         warmup.warmup(
@@ -707,8 +721,8 @@ def test_varied_warmup_queries_are_keywords_of_the_question(tiny_model, tokenize
             questions,
             search,
             Config(warmup_examples=8, warmup_query=mode),
+            rl.choose_compute(True, torch.device("cpu")),
             torch.Generator().manual_seed(0),
-            update,
         )
         verbatim = sum(q.startswith("What is this") for q in asked)
         assert verbatim == len(asked) if mode == "question" else 0 < verbatim < len(asked) / 2
@@ -792,17 +806,19 @@ def test_hit_bonus_lands_on_the_query_tokens_only(tokenizer):
         span = ig.char_span_to_tokens(
             tokenizer, t.response_ids[: t.segments[0][1]], start, start + len("capital of France")
         )
-        t.steps.append(ig.Step("capital of France", "Paris", span, ig=-5.0))
+        t.steps.append(ig.Step("capital of France", "Paris", span))
     adv = torch.tensor([0.5, -0.5])
-    out = ig.token_advantages(trajs, adv, 0.3, step_values=[[1.0], [0.0]])
+    golds = [["Paris"], ["Rome"]]  # rollout 0's documents hold its gold, rollout 1's do not
+    cfg = Config(step_reward="hit", group_size=2)
+    bonus = rl.step_bonus(None, tokenizer, trajs, golds, rl.rewards(trajs, golds), cfg, None)
+    assert bonus.gains == [[None], [None]]  # nothing is scored: no IG at all
+    out = ig.token_advantages(trajs, adv, bonus.bonus, alpha=0.3)
     for t, a, hit, tok in zip(trajs, adv.tolist(), (1.0, 0.0), out):
         lo, hi = t.steps[0].query_span
         inside = torch.zeros(len(t.response_ids), dtype=torch.bool)
         inside[lo:hi] = True
         assert hi > lo and torch.allclose(tok[~inside], torch.tensor(a))
-        assert torch.allclose(
-            tok[inside], torch.tensor(a + 0.3 * hit / (hi - lo))
-        )  # the hit, not the IG of -5
+        assert torch.allclose(tok[inside], torch.tensor(a + 0.3 * hit / (hi - lo)))  # the hit
 
 
 def test_task_is_recorded_and_kept_on_resume(tiny_run_files, tmp_path, monkeypatch):

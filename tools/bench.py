@@ -28,6 +28,7 @@ import torch
 
 import igsearch as ig
 import prepare
+import step as rl
 import train
 from config import PRESETS, Config
 from machinery import fast, lm, loaders, lora
@@ -171,7 +172,7 @@ def set_up(args) -> SimpleNamespace:
     if cfg.grad_checkpointing:
         train.enable_checkpointing(model)
     data = prepare.default_data(cfg.task)
-    qs = train.sample_questions(
+    qs = rl.sample_questions(
         loaders.load_questions(data["train"]), cfg, torch.Generator().manual_seed(cfg.seed)
     )
     prompts = [ig.build_prompt(tok, q["question"], ig.TEMPLATES[cfg.template]) for q in qs]
@@ -190,6 +191,7 @@ def set_up(args) -> SimpleNamespace:
         trajs=None,
         policy=ScriptedPolicy(model, tok, dict(zip(prompts, qs)), cfg),
         undo_lean=fast.lean_backward(model) if cfg.fast else None,  # as train.set_up
+        compute=rl.choose_compute(cfg.fast, model.device),
         ref=train.reference_model(model, cfg, model.device),
         opt=torch.optim.AdamW(  # lr 0: the weights stay
             [w for w in model.parameters() if w.requires_grad], lr=0.0, weight_decay=0.0
@@ -209,22 +211,28 @@ def set_up(args) -> SimpleNamespace:
 def rollouts(b, cfg: Config) -> list[ig.Trajectory]:
     b.model.eval()
     b.policy.t_documents = 0.0
-    with train.bf16(b.device):
-        return train.generate_rollouts(
-            b.policy,
-            b.tok,
-            b.qs,
-            b.search,
-            cfg,
-            torch.Generator(device=b.device).manual_seed(cfg.seed + 2),
-        )
+    return rl.generate_rollouts(
+        b.policy,
+        b.tok,
+        b.qs,
+        b.search,
+        cfg,
+        torch.Generator(device=b.device).manual_seed(cfg.seed + 2),
+        compute_of(b, cfg),
+    )
 
 
-def step_values(b, trajs: list[ig.Trajectory], cfg: Config) -> list[list[float | None]] | None:
-    with train.bf16(b.device):
-        return train.step_values(
-            b.model, b.tok, trajs, b.golds, cfg, torch.Generator().manual_seed(cfg.seed + 1)
-        )
+def compute_of(b, cfg: Config) -> rl.Compute:
+    """The run's Compute, with cfg's plain-or-fast choice."""
+    return rl.choose_compute(cfg.fast, b.device, b.compute.amp_dtype)
+
+
+def step_bonus(b, trajs: list[ig.Trajectory], cfg: Config) -> list[list[float | None]]:
+    outcome = rl.rewards(trajs, b.golds)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return rl.step_bonus(
+        b.model, b.tok, trajs, b.golds, outcome, cfg, gen, compute_of(b, cfg)
+    ).bonus
 
 
 def update(
@@ -234,7 +242,8 @@ def update(
     cfg: Config | None = None,
 ) -> dict:
     tok_adv = tok_adv or [torch.zeros(len(t.response_ids)) for t in trajs]
-    return train.update(b.model, b.ref, b.tok, trajs, tok_adv, b.opt, cfg or b.cfg)
+    cfg = cfg or b.cfg
+    return rl.update(b.model, b.ref, b.tok, trajs, tok_adv, b.opt, cfg, compute_of(b, cfg))
 
 
 def step(b, with_ig: bool) -> dict:
@@ -242,15 +251,9 @@ def step(b, with_ig: bool) -> dict:
     cfg, rec = b.cfg if with_ig else dataclasses.replace(b.cfg, outcome_only=True), {}
     b.t_search, (trajs, seconds, rec["mem rollout"]) = 0.0, measure(b.device, rollouts, b, cfg)
     rec["retrieval"], rec["rollout"] = b.t_search, seconds - b.t_search
-    values, rec["IG"], rec["mem IG"] = measure(b.device, step_values, b, trajs, cfg)
+    bonus, rec["IG"], rec["mem IG"] = measure(b.device, step_bonus, b, trajs, cfg)
     (_, tok_adv), rec["reward"], _ = measure(
-        b.device,
-        lambda: train.advantages(
-            trajs,
-            torch.tensor([ig.exact_match(ig.extract_answer(t), g) for t, g in zip(trajs, b.golds)]),
-            values,
-            cfg,
-        ),
+        b.device, lambda: rl.advantages(trajs, rl.rewards(trajs, b.golds).rewards, bonus, cfg)
     )
     _, rec["update"], rec["mem update"] = measure(b.device, update, b, trajs, tok_adv, cfg)
     b.trajs, rec["total"] = trajs, sum(rec[k] for k in PHASES)
@@ -400,31 +403,25 @@ def plain_forward(
 
 
 def bench_ig(b) -> None:
-    """train.step_values (one trunk per rollout) beside full contexts and the floors."""
+    """step.step_bonus (one trunk per rollout) beside full contexts and the floors."""
     c, bs, trajs, L = b.cfg, b.cfg.ig_batch_size, b.trajs, b.cfg.ig_max_len
-    draws = train.counterfactual_draws(trajs, c, torch.Generator().manual_seed(c.seed + 1))
+    draws = rl.counterfactual_draws(trajs, c, torch.Generator().manual_seed(c.seed + 1))
     reqs = ig.score_requests(b.tok, trajs, b.golds, draws, ig.TEMPLATES[c.template], c.ig_all_golds)
     contexts = [x for r in reqs for x in r.context_ids]
     answers = [r.answer_ids for r in reqs for _ in r.context_ids]
     steps = [len(r.context_ids) for r in reqs]  # one group per search step
     rows, heads = floor_rows(contexts, answers, fast.rollout_groups(reqs, bs), L)
     step_rows, step_heads = floor_rows(contexts, answers, steps, L)
-    full = [ig.truncate_left(x, a, L) + a for x, a in zip(contexts, answers)]
+    full = [lm.truncate_left(x, a, L) + a for x, a in zip(contexts, answers)]
     runs = {  # name: (what it runs, the rows of tokens it runs)
-        "full contexts (answer_scores: fast off)": (
-            lambda: step_values(b, trajs, dataclasses.replace(c, fast=False)),
+        "full contexts (answer_logprobs: fast off)": (
+            lambda: step_bonus(b, trajs, dataclasses.replace(c, fast=False)),
             full,
         ),
-        "one trunk per rollout (train.step_values)": (lambda: step_values(b, trajs, c), rows),
+        "one trunk per rollout (step.step_bonus)": (lambda: step_bonus(b, trajs, c), rows),
         "one prefix per search step": (
-            lambda: fast.answer_scores_shared_prefix(
-                b.model,
-                reqs,
-                b.tok.pad_token_id,
-                L,
-                bs,
-                head_weight=c.ig_head_weight,
-                group_sizes=steps,
+            lambda: fast.answer_logprobs_shared_prefix(
+                b.model, reqs, b.tok.pad_token_id, L, bs, group_sizes=steps
             ),
             step_rows,
         ),
@@ -441,7 +438,7 @@ def bench_ig(b) -> None:
             step_rows,
         ),
     }
-    with train.bf16(b.device):
+    with b.compute.autocast():
         out = alternated(b.device, {k: fn for k, (fn, _) in runs.items()}, b.args.repeats)
     t_full, t_shared, t_step, floor = (med(v) for v in list(out.values())[:4])
     table(
@@ -471,7 +468,7 @@ def bench_ig(b) -> None:
 
 
 def bench_rollout(b) -> None:
-    """train.generate_rollouts' tokens/s beside one model.generate call of as many new tokens."""
+    """step.generate_rollouts' tokens/s beside one model.generate call of as many new tokens."""
     # (B, T)
     ids, mask, _ = lm.left_pad(
         [b.tok(p, add_special_tokens=False).input_ids for p in b.prompts],
@@ -480,7 +477,7 @@ def bench_rollout(b) -> None:
     )
     per_row = math.ceil(sum(sum(t.loss_mask) for t in b.trajs) / len(b.prompts))
     sample = {"do_sample": True, "temperature": b.cfg.temperature, "top_k": None, "top_p": None}
-    with train.bf16(b.device):
+    with b.compute.autocast():
         out = alternated(
             b.device,
             {
@@ -506,7 +503,7 @@ def bench_rollout(b) -> None:
         "7. rollout throughput (generated tokens/s; same prompts, same number of new tokens)",
         ["", "tokens/s"],
         [
-            ["train.generate_rollouts (turns, retrieval, documents prefilled)", loop],
+            ["step.generate_rollouts (turns, retrieval, documents prefilled)", loop],
             ["model.generate (one call)", hf],
             ["ratio", f"{loop / hf:.2f}"],
             [
