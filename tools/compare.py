@@ -4,7 +4,8 @@ per run, per-method training means, and learning curves drawn to a PNG.
     python compare.py results/learn/*/ --plot results/learn/curves.png
 
 A run folder holds config.json, table.json (held-out rows; absent when no test question was
-evaluated), metrics.jsonl (one record per step; validation records carry val_*) and, when it was
+evaluated), metrics.jsonl (one record per step; validation records carry val_*; a mean over no
+steps is null, or 0.0 in older records: training_means leaves it out either way) and, when it was
 timed, wall.json.
 """
 
