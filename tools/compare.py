@@ -4,7 +4,8 @@ per run, per-method training means, and learning curves drawn to a PNG.
     python compare.py results/learn/*/ --plot results/learn/curves.png
 
 A run folder holds config.json, table.json (held-out rows; absent when no test question was
-evaluated), metrics.jsonl (one record per step; validation records carry val_*) and, when it was
+evaluated), metrics.jsonl (one record per step; validation records carry val_*; a mean over no
+steps is null, or 0.0 in older records: training_means leaves it out either way) and, when it was
 timed, wall.json.
 """
 
@@ -202,11 +203,31 @@ TRAIN_KEYS = (
 )
 
 
+IG_KEYS = ("ig_mean", "ig_pos", "ig_hit", "ig_miss")
+
+
+def step_value(record: dict, key: str, scored: bool) -> float | None:
+    """One step's `key`, or None where it is undefined: absent, null (train.py logs a mean over no
+    steps as null), not finite, or a mean over no steps that older records wrote as 0.0. For those:
+    every IG figure when the run scores no IG (`scored` False: outcome-only, the hit bonus) or the
+    step scored none (all four exactly 0.0); ig_hit when no search step hit (hit 0), ig_miss when
+    every one did (hit 1)."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if key in IG_KEYS and (not scored or all(record.get(k) == 0 for k in IG_KEYS)):
+        return None
+    if (key, record.get("hit")) in (("ig_hit", 0), ("ig_miss", 1)):
+        return None
+    return float(value)
+
+
 def training_means(runs: list[Run], window: int = 10) -> list[str]:
-    """Per-method means of the RL steps' metrics: first `window` steps -> last `window` steps (all
-    steps), each run's mean, then the mean over the method's runs. Steps where a quantity is
-    undefined (no step hit, say) are left out of its means; IG is not computed for outcome-only,
-    so its zeros are left out."""
+    """Per-method means of the RL steps' metrics: over the first `window` and the last `window`
+    steps where a quantity is defined (and over all of them), each run's mean, then the mean over
+    the method's runs. A step where it is undefined (step_value: no step hit, say, or IG not
+    scored) is left out, never counted as 0; a run where it is never defined is left out of the
+    mean over runs, and a method with no such run shows '-'."""
     per: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     labels, notes = run_labels([run for run in runs if run.rl_steps])
     for run in runs:
@@ -214,18 +235,12 @@ def training_means(runs: list[Run], window: int = 10) -> list[str]:
         if not steps:
             continue
         method = labels[id(run)]
+        # IG is scored for IG-Search's runs only: not for outcome-only (alpha 0) or the hit bonus
+        scored = run.config.get("step_reward", "ig") == "ig" and not run.method.startswith(
+            "outcome-only"
+        )
         for key, _ in TRAIN_KEYS:
-            if (
-                key.startswith("ig_")
-                and run.config.get("step_reward", "ig") != "ig"
-                or (key.startswith("ig_") and run.method.startswith("outcome-only"))
-            ):
-                continue
-            vals = [
-                float(r[key])
-                for r in steps
-                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-            ]
+            vals = [v for r in steps if (v := step_value(r, key, scored)) is not None]
             if vals:
                 first, last = vals[:window], vals[-window:]
                 per.setdefault(method, {}).setdefault(key, []).append(
