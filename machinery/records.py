@@ -102,7 +102,8 @@ def step_record(
 
     hit: share of search steps whose documents hold a gold answer; hit1: share of rollouts whose
     first search does (none counts as a miss); ig_hit / ig_miss: mean IG of those steps and of the
-    others (does IG tell a query that found the answer from one that did not?); docs_cut: share of
+    others (does IG tell a query that found the answer from one that did not?); an IG mean over no
+    scored step is None (JSON null), never 0 (tools/compare.py leaves it out); docs_cut: share of
     search steps whose documents were cut to the response budget; query_entropy near 0: the
     queries are fixed and IG's gradient on them (~ 1 - p) vanishes. query_tokens: mean |Q_t|;
     bonus_share: the step bonus's share of the push on query tokens, sum |alpha b~_t/|Q_t||
@@ -115,6 +116,7 @@ def step_record(
     steps = [s for r in rolls for s in r.searches]
     igs = [s.ig for s in steps if s.ig is not None]
     mean = lambda xs: float(np.mean(xs)) if xs else 0.0
+    mean_ig = lambda xs: float(np.mean(xs)) if xs else None  # no step to average: undefined
     total = lambda key: sum(getattr(r, key) for r in rolls)
     rewards_all = [r.reward for r in rolls]
     zero_adv = (torch.tensor(rewards_all).view(-1, group_size).std(-1) == 0).float().mean()
@@ -122,12 +124,12 @@ def step_record(
         "step": step + 1,
         "reward": mean(rewards_all),
         "em": mean(rewards_all),
-        "ig_mean": mean(igs),
-        "ig_pos": mean([v > 0 for v in igs]),
+        "ig_mean": mean_ig(igs),
+        "ig_pos": mean_ig([v > 0 for v in igs]),
         "hit": mean([s.hit for s in steps]),
         "hit1": mean([bool(r.searches) and r.searches[0].hit for r in rolls]),
-        "ig_hit": mean([s.ig for s in steps if s.hit and s.ig is not None]),
-        "ig_miss": mean([s.ig for s in steps if not s.hit and s.ig is not None]),
+        "ig_hit": mean_ig([s.ig for s in steps if s.hit and s.ig is not None]),
+        "ig_miss": mean_ig([s.ig for s in steps if not s.hit and s.ig is not None]),
         "docs_cut": mean([s.cut for s in steps]),
         "searches": mean([len(r.searches) for r in rolls]),
         "length": mean([r.length for r in rolls]),

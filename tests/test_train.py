@@ -896,3 +896,42 @@ def test_compare_reports_first_search_hits_per_task_and_when_they_reach_outcome_
     assert (
         "reached" not in plain and "0:0.200" not in plain.split()
     )  # no plain outcome-only, no noisy warm-up
+
+
+def test_an_ig_mean_over_no_step_is_logged_as_null_not_zero():
+    """Issue 47: a step with no hit logged ig_hit = 0.0 (the mean of an empty list), which
+    compare.py then averaged in. Undefined means are None; defined ones are the mean."""
+    traj = ig.Trajectory([1], "p")
+    traj.response_ids, traj.loss_mask = [5, 6, 7], [1, 1, 1]
+    traj.steps = [ig.Step("q", "d", (0, 1))]
+    stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0, "skipped": False}
+
+    def record(hits, igs):
+        rolls = [
+            records.rollout_stats(
+                traj=traj,
+                reward=0.0,
+                answered=True,
+                hits=h,
+                igs=v,
+                entropy=torch.zeros(3),
+                token_adv=torch.zeros(3),
+                a_i=0.0,
+            )
+            for h, v in zip(hits, igs)
+        ]
+        return records.step_record(
+            step=0,
+            rollouts=rolls,
+            group_size=2,
+            stats=stats,
+            times=records.PhaseTimes(0.0, 0.0, 0.0),
+            device=torch.device("cpu"),
+        )
+
+    rec = record([[False], [False]], [[1.5], [-0.5]])  # no step hit
+    assert rec["ig_hit"] is None and rec["ig_miss"] == 0.5 and rec["ig_mean"] == 0.5
+    rec = record([[True], [False]], [[None], [None]])  # nothing scored (outcome-only)
+    assert rec["ig_hit"] is rec["ig_miss"] is rec["ig_mean"] is rec["ig_pos"] is None
+    assert rec["hit"] == 0.5
+    assert json.loads(json.dumps(rec))["ig_hit"] is None  # JSON null in metrics.jsonl
