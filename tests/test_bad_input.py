@@ -17,6 +17,7 @@ import igsearch as ig
 import retriever
 import step as rl
 import train
+from machinery import corpus as corpus_file
 from machinery import loaders
 from machinery import run_folder as checkpoint
 from retriever import BM25Retriever, InputError, RemoteRetriever, load_corpus, make_server
@@ -75,7 +76,7 @@ def test_a_line_over_one_mebibyte_is_refused_with_its_line(load, tmp_path):
 def test_a_line_of_exactly_the_limit_is_one_line_and_the_next_keeps_its_number(end, tmp_path):
     path = tmp_path / "lines.txt"
     path.write_bytes(b"x" * 10 + end + b"y" * 10 + end + b"z" * 11 + end)
-    read = retriever.read_lines(str(path), max_bytes=10)
+    read = corpus_file.read_lines(str(path), max_bytes=10)
     assert [next(read), next(read)] == [(1, b"x" * 10 + end), (2, b"y" * 10 + end)]
     with pytest.raises(InputError, match=f"^{path}:3: line longer than 10 bytes"):
         next(read)
@@ -313,7 +314,7 @@ def test_a_broken_run_file_on_resume_is_one_line(
         path.write_text(text)
     before = snapshot(run)
     monkeypatch.setattr(
-        train, "generate_rollouts", lambda *a, **k: pytest.fail("worked before refusing")
+        rl, "generate_rollouts", lambda *a, **k: pytest.fail("worked before refusing")
     )
     code = train.main(["--resume", str(run), "--steps", "2"])
     assert f"{run}/{problem}" in one_line_error(capsys, code)

@@ -157,7 +157,8 @@ def test_sigkill_at_random_moments_keeps_a_checkpoint_that_resumes(
 # code has no hook.
 KILL_DRIVER = r"""
 import os, pathlib, shutil, signal, sys, torch
-import checkpoint, train
+from machinery import run_folder as checkpoint
+import train
 point, real_save = sys.argv[1], torch.save
 real_rename, real_rmtree = pathlib.Path.rename, shutil.rmtree
 def die():
@@ -366,8 +367,10 @@ def test_a_policy_that_never_closes_a_tag_ends_within_budget_with_reward_0(
     draws = ig.plan_counterfactuals(
         [ig.step_pairs(t) for t in trajs], 2, "random", torch.Generator().manual_seed(0)
     )
-    ig.information_gain(tiny_model, tokenizer, trajs, golds, draws)
-    tok_adv = ig.token_advantages(trajs, ig.group_advantages(rewards, len(trajs)), alpha=0.3)
+    gains = ig.information_gain(tiny_model, tokenizer, trajs, golds, draws)
+    bonus = [[g and g.ig for g in row] for row in gains]
+    adv = ig.group_advantages(rewards, len(trajs))
+    tok_adv = ig.token_advantages(trajs, adv, bonus, alpha=0.3)
     model = copy.deepcopy(tiny_model)
     stats = rl.update(
         model,

@@ -565,7 +565,7 @@ def test_saved_index_is_memory_mapped_and_answers_as_the_in_memory_one(tmp_path:
     built = BM25Retriever(str(path), index=folder)
     loaded = BM25Retriever(str(path), index=folder)  # the second time: loaded, not built
     assert isinstance(loaded.bm25.doc_ids, np.memmap) and isinstance(
-        loaded.passages, retriever.CorpusFile
+        loaded.passages, corpus_file.CorpusFile
     )
     memory = BM25Retriever(str(path))
     for k in (1, 3, 11, 20):
