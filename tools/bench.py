@@ -31,7 +31,7 @@ import prepare
 import step as rl
 import train
 from config import PRESETS, Config
-from machinery import fast, lm, loaders, lora
+from machinery import fast, lm, loaders, lora, static_turns
 from machinery import memory_estimate as memory
 from machinery.corpus import iter_corpus, load_corpus, parse_contents, tokenize
 from machinery.errors import InputError, OneLineParser
@@ -468,7 +468,8 @@ def bench_ig(b) -> None:
 
 
 def bench_rollout(b) -> None:
-    """step.generate_rollouts' tokens/s beside one model.generate call of as many new tokens."""
+    """step.generate_rollouts' tokens/s beside one model.generate call of as many new tokens; and
+    the model's own rollout (unscripted: the twins need a real model) with each turn function."""
     # (B, T)
     ids, mask, _ = lm.left_pad(
         [b.tok(p, add_special_tokens=False).input_ids for p in b.prompts],
@@ -477,11 +478,33 @@ def bench_rollout(b) -> None:
     )
     per_row = math.ceil(sum(sum(t.loss_mask) for t in b.trajs) / len(b.prompts))
     sample = {"do_sample": True, "temperature": b.cfg.temperature, "top_k": None, "top_p": None}
+    c, static = b.cfg, static_turns.StaticTurns(rows=len(b.prompts))  # one per run: one capture
+
+    def own(turn):  # the same seed for each turn function: the same tokens
+        gen = torch.Generator(device=b.device).manual_seed(c.seed + 2)
+        return ig.rollout(
+            b.model,
+            b.tok,
+            b.prompts,
+            b.search,
+            template=ig.TEMPLATES[c.template],
+            max_searches=c.max_searches,
+            max_turn_tokens=c.max_turn_tokens,
+            max_response_tokens=c.max_response_tokens,
+            temperature=c.temperature,
+            generator=gen,
+            turn=turn,
+        )
+
     with b.compute.autocast():
+        b.model.eval()
         out = alternated(
             b.device,
             {
                 "loop": lambda: (rollouts(b, b.cfg), b.policy.t_documents),
+                "plain": lambda: own(lm.generate_turn),
+                "cached": lambda: own(fast.CachedTurns()),
+                "static": lambda: own(static),
                 "generate": lambda: b.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -494,6 +517,11 @@ def bench_rollout(b) -> None:
             b.args.repeats,
         )
     hf = per_row * len(b.prompts) / med(out["generate"])
+    own_rate = {
+        k: statistics.median(sum(sum(t.loss_mask) for t in trajs) / s for trajs, s, _ in out[k])
+        for k in ("plain", "cached", "static")
+    }
+    same = len({str([t.response_ids for t in out[k][0][0]]) for k in own_rate}) == 1
     runs = [(sum(sum(t.loss_mask) for t in trajs), s, docs) for (trajs, docs), s, _ in out["loop"]]
     loop, bare, docs = (
         statistics.median(f(*x) for x in runs)
@@ -517,6 +545,21 @@ def bench_rollout(b) -> None:
             ],
         ],
         target("ratio >= 0.8", loop / hf >= 0.8),
+    )
+    table(
+        "7b. the model's own rollout (unscripted, retrieval included) by turn function",
+        ["", "tokens/s", "x plain", "x model.generate"],
+        [
+            [name, own_rate[k], own_rate[k] / own_rate["plain"], own_rate[k] / hf]
+            for k, name in [
+                ("plain", "lm.generate_turn (the plain loop)"),
+                ("cached", "fast.CachedTurns (the cache kept across turns)"),
+                ("static", "static_turns.StaticTurns (one static cache, one decode shape)"),
+            ]
+        ],
+        f"the three give the same tokens: {'yes' if same else 'NO'}; "
+        f"{statistics.median(sum(map(sum, (t.loss_mask for t in x[0]))) for x in out['plain']):.0f}"
+        " generated tokens a rollout",
     )
 
 
