@@ -39,21 +39,14 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
 
-from machinery.lm import (
-    generate_turn,
-    left_pad,
-    pad_token_id,
-    tail_logprobs,
-    token_logprobs,
-    truncate_left,
-)
+from machinery.lm import generate_turn, pad_token_id, tail_logprobs, token_logprobs, truncate_left
 from machinery.loaders import normalize_answer  # SQuAD/FlashRAG normalisation
+from machinery.text import plain_text, sanitize_documents, special_strings
 
 # ------------------------------------------------------------------------------------ 1. protocol
 
@@ -77,7 +70,6 @@ INVALID_ACTION = (
     "and </search>. If I want to give the final answer, I should put the answer between <answer> "
     "and </answer>. Let me try again.\n"
 )
-PROTOCOL_TAGS = ("think", "search", "documents", "information", "refine", "answer")
 
 
 @dataclass(frozen=True)
@@ -109,30 +101,6 @@ def build_prompt(tokenizer, question: str, template: Template) -> str:
         ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{instruction}\nQuestion: {question}\n"
-
-
-def special_strings(tokenizer) -> list[str]:
-    """The strings a tokenizer turns into control ids: special tokens and added tokens."""
-    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
-    return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
-
-
-def plain_text(text: str, special_tokens: list[str]) -> str:
-    """Text from a user or a retriever with every special-token string broken up ('|' removed,
-    else a space after its first character): no tokenisation of it yields a control id."""
-    for _ in range(4):  # a token's broken form could spell another: at most a few rounds
-        hits = [tok for tok in special_tokens if len(tok) > 1 and tok in text]
-        if not hits:
-            break
-        for tok in hits:
-            text = text.replace(tok, tok.replace("|", "") if "|" in tok else f"{tok[0]} {tok[1:]}")
-    return text
-
-
-def sanitize_documents(text: str, special_tokens: list[str] = ()) -> str:
-    """Neutralise protocol tags and special-token strings inside retrieved text (departure 3)."""
-    text = re.sub(r"<(/?)(%s)>" % "|".join(PROTOCOL_TAGS), r"(\1\2)", text)
-    return plain_text(text, special_tokens)
 
 
 def observation_text(documents: str, template: Template) -> str:
@@ -344,20 +312,6 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
     if prediction is None:
         return 0.0
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
-
-
-def f1_score(prediction: str | None, golds: list[str]) -> float:
-    """Word-level F1 against the best gold answer (a measure, not the reward)."""
-    if prediction is None:
-        return 0.0
-    best, pred = 0.0, normalize_answer(prediction).split()
-    for g in golds:
-        gold = normalize_answer(g).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
 
 
 def documents_hold_answer(documents: str, golds: list[str]) -> bool:
@@ -641,33 +595,6 @@ def token_advantages(
 
 
 # ------------------------------------------------------------------------------------- 6. loss
-
-
-def response_batch(
-    trajs: list[Trajectory], pad_id: int, device=None, advantages: list[torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """Left-padded prompt+response ids and the right-aligned response targets, loss mask and, when
-    given, the per-token advantages A_{i,p} (one (R_i,) tensor per trajectory; 0 on padding).
-
-    Every response ends at the right edge, so the last R positions hold all generated tokens.
-    """
-    seqs = [t.prompt_ids + t.response_ids for t in trajs]
-    ids, attn, pos = left_pad(seqs, pad_id, device)  # (B, T)
-    R = max(len(t.response_ids) for t in trajs)
-    mask, _, _ = left_pad([t.loss_mask for t in trajs], 0, device)  # (B, R)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": attn,
-        "position_ids": pos,
-        "targets": ids[:, -R:],
-        "loss_mask": mask,
-    }
-    if advantages is not None:
-        # (B, R)
-        batch["advantages"] = torch.stack(
-            [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]
-        ).to(device)
-    return batch
 
 
 def policy_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

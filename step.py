@@ -256,7 +256,7 @@ def update(
     loss_sum, kl_sum, entropies = 0.0, 0.0, []
     for k in range(0, len(trajs), cfg.micro_batch):
         mb = trajs[k : k + cfg.micro_batch]
-        batch = ig.response_batch(
+        batch = lm.response_batch(
             mb, tokenizer.pad_token_id, model.device, token_adv[k : k + cfg.micro_batch]
         )
         with compute.autocast():

@@ -184,6 +184,33 @@ def tail_logprobs(
     return flat
 
 
+def response_batch(
+    trajs: list, pad_id: int, device=None, advantages: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt+response ids and the right-aligned response targets, loss mask and, when
+    given, the per-token advantages A_{i,p} (one (R_i,) tensor per trajectory; 0 on padding).
+
+    Every response ends at the right edge, so the last R positions hold all generated tokens.
+    """
+    seqs = [t.prompt_ids + t.response_ids for t in trajs]
+    ids, attn, pos = left_pad(seqs, pad_id, device)  # (B, T)
+    R = max(len(t.response_ids) for t in trajs)
+    mask, _, _ = left_pad([t.loss_mask for t in trajs], 0, device)  # (B, R)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": pos,
+        "targets": ids[:, -R:],
+        "loss_mask": mask,
+    }
+    if advantages is not None:
+        # (B, R)
+        batch["advantages"] = torch.stack(
+            [torch.nn.functional.pad(a, (R - len(a), 0)) for a in advantages]
+        ).to(device)
+    return batch
+
+
 def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
     """Indices sorted by length, in chunks of at most `size`; a chunk also ends where the next
     length is over twice its shortest, so that left padding wastes little."""

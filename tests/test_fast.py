@@ -247,7 +247,7 @@ def test_lm_head_on_trained_positions_only_gives_the_same_logprobs(tokenizer, po
         t.append(tokenizer("<documents> d </documents>").input_ids, "", False)
         t.append(tokenizer(a).input_ids, "", True)
         trajs.append(t)
-    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    batch = lm.response_batch(trajs, tokenizer.pad_token_id)
     plain_logp, plain_ent = ig.policy_logprobs(policy, batch)
     logp, ent = fast.policy_logprobs(policy, batch)
     assert torch.allclose(logp, plain_logp, atol=1e-5) and torch.allclose(ent, plain_ent, atol=1e-5)

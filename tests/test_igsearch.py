@@ -8,6 +8,7 @@ import torch
 import igsearch as ig
 from igsearch import TEMPLATES, Step, Trajectory
 from machinery import lm
+from machinery import text as answers_text
 
 TPL = TEMPLATES["igsearch"]
 
@@ -177,10 +178,10 @@ def test_exact_match_normalisation(pred, golds, em):
 
 
 def test_f1_partial_credit():
-    assert ig.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(
+    assert answers_text.f1_score("the Eiffel tower in Paris", ["Eiffel Tower"]) == pytest.approx(
         2 * (2 / 4) * 1 / (2 / 4 + 1)
     )
-    assert ig.f1_score("nothing", ["Eiffel Tower"]) == 0.0
+    assert answers_text.f1_score("nothing", ["Eiffel Tower"]) == 0.0
 
 
 # ----------------------------------------------------------------------------- information gain
@@ -424,7 +425,7 @@ def test_loss_gradient_is_zero_on_masked_tokens(tokenizer, tiny_model):
     traj.append(tokenizer("<search> q </search>").input_ids, "", True)
     traj.append(tokenizer("<documents> d </documents>").input_ids, "", False)
     traj.append(tokenizer("<answer> a </answer>").input_ids, "", True)
-    batch = ig.response_batch([traj], tokenizer.pad_token_id)
+    batch = lm.response_batch([traj], tokenizer.pad_token_id)
     logp, _ = ig.policy_logprobs(tiny_model, batch)
     leaf = logp.detach().requires_grad_(True)
     adv = torch.full_like(leaf, 1.5)
@@ -450,7 +451,7 @@ def test_policy_logprobs_equal_full_logits_at_trained_positions(tokenizer, tiny_
         t.append(tokenizer("<documents> d </documents>").input_ids, "", False)
         t.append(tokenizer(a).input_ids, "", True)
         trajs.append(t)
-    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    batch = lm.response_batch(trajs, tokenizer.pad_token_id)
     logp, entropy = ig.policy_logprobs(tiny_model, batch)
     for b, t in enumerate(trajs):  # reference: each sequence alone, full logits, no padding
         ids = torch.tensor([t.prompt_ids + t.response_ids])

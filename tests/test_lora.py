@@ -12,7 +12,7 @@ from test_train import read_metrics, strip_times, tiny_config, tiny_run_files  #
 import igsearch as ig
 import step as rl
 import train
-from machinery import fast, lora
+from machinery import fast, lm, lora
 from machinery.errors import InputError
 from train import Config
 
@@ -84,7 +84,7 @@ def test_the_kl_reference_is_the_start_model_without_a_copy(tokenizer, adapted):
     not; and the reference shares the policy's weights (no second copy)."""
     start, model = adapted
     trajs, _ = answer_trajectories(tokenizer)
-    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    batch = lm.response_batch(trajs, tokenizer.pad_token_id)
     ref = lora.AdapterOff(model)
     with torch.no_grad():
         ref_logp, _ = fast.policy_logprobs(ref, batch)

@@ -15,7 +15,7 @@ import igsearch as ig
 import step as rl
 import train
 import warmup
-from machinery import loaders, records
+from machinery import lm, loaders, records
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,7 +267,7 @@ def test_update_moves_the_policy_towards_rewarded_trajectories(tokenizer, tiny_m
     def seq_logp():
         with torch.no_grad():
             logp, _ = ig.policy_logprobs(
-                model, ig.response_batch([good, bad], tokenizer.pad_token_id)
+                model, lm.response_batch([good, bad], tokenizer.pad_token_id)
             )
         return logp.sum(-1)
 
@@ -299,7 +299,7 @@ def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, ti
         t.steps.append(
             ig.Step(q, "d", (lo, lo + len(tokenizer(q, add_special_tokens=False).input_ids)))
         )
-    batch = ig.response_batch(trajs, tokenizer.pad_token_id)
+    batch = lm.response_batch(trajs, tokenizer.pad_token_id)
     with torch.no_grad():
         _, ent = ig.policy_logprobs(model, batch)  # (B, R)
     R = ent.shape[1]
