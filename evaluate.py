@@ -80,7 +80,7 @@ def evaluate(
         gains = [[None] * len(t.steps) for t in trajs]
         if with_ig:
             draws = ig.plan_counterfactuals([ig.step_pairs(t) for t in trajs])
-            with compute.autocast():
+            with compute.autocast(cache=False):
                 gains = ig.information_gain(
                     model,
                     tokenizer,

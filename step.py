@@ -41,11 +41,13 @@ class Compute:
     device: torch.device = torch.device("cpu")
     amp_dtype: torch.dtype | None = None  # autocast dtype (bf16), None: fp32 throughout
 
-    def autocast(self):
-        """Autocast to amp_dtype; the weights, gradients and AdamW state stay fp32."""
+    def autocast(self, cache: bool = True):
+        """Autocast to amp_dtype; the weights, gradients and AdamW state stay fp32. cache=False
+        casts the weights anew at each use instead of keeping bf16 copies: IG scoring's long
+        no-grad forwards kept ~0.9 GiB more resident with the cache, at the same speed."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
 
 def choose_compute(
@@ -185,7 +187,7 @@ def step_bonus(
         return StepBonus(bonus=[[float(h) for h in row] for row in outcome.hits], gains=none)
     draws = counterfactual_draws(trajs, cfg, generator)
     compute = compute or choose_compute(cfg.fast, next(policy.parameters()).device)
-    with compute.autocast():
+    with compute.autocast(cache=False):
         gains = ig.information_gain(
             policy,
             tokenizer,

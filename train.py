@@ -163,6 +163,9 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     elif cfg.fast:  # (FSDP's sharded gradients stay dense)
         fast.lean_backward(model)
     compute = rl.choose_compute(cfg.fast, device, lm.amp_dtype(cfg.precision, device))
+    if main:
+        amp = "bf16 autocast" if compute.amp_dtype else "fp32"
+        print(f"precision: {amp} on {device} (--precision {cfg.precision}); weights fp32")
     s = Setup(
         cfg=cfg,
         run=run,

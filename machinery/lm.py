@@ -5,6 +5,7 @@ fast.py's CachedTurns is the speed-up of generate_turn (the same tokens).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -12,17 +13,24 @@ from pathlib import Path
 import torch
 
 
+@functools.cache
 def native_bf16(device: torch.device) -> bool:
     """Whether the device multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU
-    whose flags (Linux's /proc/cpuinfo) list AMX or AVX512-BF16. Elsewhere bf16 autocast is emulated
-    and slower than fp32."""
+    with AMX-BF16 or AVX512-BF16 (torch's CPU capabilities, else Linux's /proc/cpuinfo flags).
+    Elsewhere bf16 autocast is emulated and slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        found = capabilities()
+        return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return device.type == "cpu" and re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:

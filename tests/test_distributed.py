@@ -112,6 +112,7 @@ def train_config(files: dict, out_dir: str) -> train.Config:
         eval_questions=0,
         save_every=1,
         out_dir=out_dir,
+        precision="fp32",  # ranks and one process agree to float rounding in fp32
     )
 
 

@@ -59,6 +59,7 @@ def train_args(files: dict, run: Path, steps: int, **extra) -> list[str]:
         steps=steps,
         save_every=1,
         out_dir=str(run),
+        precision="fp32",
     )
     args.update(extra)
     return [s for k, v in args.items() for s in (f"--{k}", str(v))]

@@ -73,6 +73,7 @@ def tiny_config(files, out_dir, **kw) -> Config:
         save_every=1,
         lr=1e-3,
         out_dir=str(out_dir),
+        precision="fp32",  # the tests compare runs at fp32 tolerances; test_bf16 runs bf16
         **files,
     )
     base.update(kw)
