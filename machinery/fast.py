@@ -1,17 +1,18 @@
-"""Speed-ups: each gives what a plain function of igsearch.py, lm.py or train.py gives (up to float
+"""Speed-ups: each gives what a plain function of igsearch.py or machinery/lm.py gives (up to float
 rounding: the tests compare at 1e-4 to 1e-6; greedy rollouts are token for token the same), in less
-time or memory. train.py uses them unless `--fast false`, as nanoGPT uses torch.compile unless told
-not to; tests/test_fast.py checks each against its plain twin.
+time or memory. step.choose_compute picks them once for a run (training, in-training evaluation and
+evaluate.py alike) unless `--fast false`, as nanoGPT uses torch.compile unless told not to;
+tests/test_fast.py checks each against its plain twin.
 
 1. CachedTurns equals lm.generate_turn: it keeps a rollout's KV cache from one turn to the
    next, so a turn prefills only what was added (documents, the invalid-action note) instead of
-   the whole sequence again.
-2. answer_scores_shared_prefix equals igsearch.answer_scores: step t's contexts hold every earlier
-   step's real blocks, so all contexts of one rollout share one trunk: it runs once and its KV
-   cache is reused by each context's continuation.
+   the whole sequence again. (static_turns.StaticTurns is a third twin, for CUDA graphs.)
+2. answer_logprobs_shared_prefix equals igsearch.answer_logprobs: step t's contexts hold every
+   earlier step's real blocks, so all contexts of one rollout share one trunk: it runs once and
+   its KV cache is reused by each context's continuation.
 3. policy_logprobs equals igsearch.policy_logprobs: the LM head runs only on the trained positions
    (with a 49k vocabulary the head over every position costs more than the body).
-4. lean_backward and backward equal loss.backward() in train.update, with less memory: a tied
+4. lean_backward and backward equal loss.backward() in step.update, with less memory: a tied
    embedding gets a sparse gradient, and the heap's freed blocks go back to the OS (glibc).
 """
 
