@@ -17,6 +17,7 @@ import pytest
 import prepare
 import retriever
 from machinery import bm25 as inverted  # "bm25" names the fixture below
+from machinery import corpus as corpus_module  # "corpus_file" names a fixture
 from machinery import loaders
 from retriever import (
     BM25Retriever,
@@ -565,7 +566,7 @@ def test_saved_index_is_memory_mapped_and_answers_as_the_in_memory_one(tmp_path:
     built = BM25Retriever(str(path), index=folder)
     loaded = BM25Retriever(str(path), index=folder)  # the second time: loaded, not built
     assert isinstance(loaded.bm25.doc_ids, np.memmap) and isinstance(
-        loaded.passages, corpus_file.CorpusFile
+        loaded.passages, corpus_module.CorpusFile
     )
     memory = BM25Retriever(str(path))
     for k in (1, 3, 11, 20):
