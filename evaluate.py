@@ -95,6 +95,28 @@ def evaluate(
     return summarize(answered), answered
 
 
+def question_records(answered: list[Answered]) -> list[dict]:
+    """One record per evaluated question, for tests across questions (tools/significance.py) and
+    for reading what a policy wrote: id, prediction, EM, searches, first query, each search's
+    hit."""
+    out = []
+    for q, traj, _ in answered:
+        pred, golds = ig.extract_answer(traj), q["golden_answers"]
+        hits = [ig.documents_hold_answer(s.documents, golds) for s in traj.steps]
+        out.append(
+            {
+                "id": q.get("id", ""),
+                "prediction": pred,
+                "em": ig.exact_match(pred, golds),
+                "searches": len(traj.steps),
+                "first_query": traj.steps[0].query if traj.steps else None,
+                "hits": hits,
+                "hit1": bool(hits) and hits[0],
+            }
+        )
+    return out
+
+
 def summarize(answered: list[Answered]) -> dict:
     """n, EM, F1, searches a question, valid-answer rate, hit and hit1 over evaluated questions."""
     n = len(answered)

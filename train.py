@@ -27,7 +27,7 @@ from tqdm import tqdm
 import prepare
 import step as rl
 from config import Config, check_config, estimate_seconds, method_name, parse_config
-from evaluate import evaluate, format_table
+from evaluate import evaluate, format_table, question_records
 from machinery import credit_page, fast, lm, loaders, lora, memory_estimate, records
 from machinery import distributed as dd
 from machinery import run_folder as ckpt
@@ -209,10 +209,15 @@ def reference_model(policy, cfg: Config, device: torch.device):
 # ------------------------------------------------------------------------------------ train
 
 
-def evaluate_on(s: Setup, questions: list[dict], desc: str) -> dict:
+def evaluate_on(s: Setup, questions: list[dict], desc: str, save_as: str = "") -> dict:
     """Greedy EM of the policy on held-out questions (rank 0 alone holds them), with the run's
-    rollout settings and Compute."""
-    return evaluate(s.policy, s.tokenizer, questions, s.search, s.cfg, s.compute, desc=desc)[0]
+    rollout settings and Compute; save_as: a file of the run folder for one record a question."""
+    summary, answered = evaluate(
+        s.policy, s.tokenizer, questions, s.search, s.cfg, s.compute, desc=desc
+    )
+    if save_as:
+        ckpt.write_lines(s.run / save_as, [json.dumps(r) for r in question_records(answered)])
+    return summary
 
 
 def validate(s: Setup, step: int) -> dict:
@@ -287,12 +292,14 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
         # ---- the start model on the test questions; the format warm-up; the warmed-up model on
         #      the test questions and on validation (step 0 of the learning curve)
         if s.test_q and cfg.eval_start:
-            s.table["start model"] = evaluate_on(s, s.test_q, "eval start")
+            s.table["start model"] = evaluate_on(s, s.test_q, "eval start", "questions-start.jsonl")
         if cfg.warmup_examples:
             warmup(s.model, s.tokenizer, s.train_q, s.search, cfg, s.compute, s.gens["data"])
             s.sync_policy()
             if s.test_q:
-                s.table["after warm-up"] = evaluate_on(s, s.test_q, "eval warm-up")
+                s.table["after warm-up"] = evaluate_on(
+                    s, s.test_q, "eval warm-up", "questions-warmup.jsonl"
+                )
         if s.table:
             ckpt.write_json(s.run / "table.json", s.table)
         if s.val_q and (cfg.eval_start or cfg.warmup_examples):  # this run made its start model
@@ -347,7 +354,9 @@ def train(cfg: Config, resume: str = "", restart: bool = False) -> dict:
         s.save(0)
     # ---- the trained model on the test questions
     if s.test_q and cfg.steps > 0:
-        s.table[method_name(dataclasses.asdict(cfg))] = evaluate_on(s, s.test_q, "eval trained")
+        s.table[method_name(dataclasses.asdict(cfg))] = evaluate_on(
+            s, s.test_q, "eval trained", "questions.jsonl"
+        )
         ckpt.write_json(s.run / "table.json", s.table)
         print(format_table(s.table, average=False, first="model"))  # rows: one test set
     dd.barrier()  # ranks leave together, once rank 0's checkpoint and table are written

@@ -37,6 +37,9 @@ RUN_FILES = (
     "checkpoint.old",
     "checkpoint.tmp",
     "checkpoint.eval.json",
+    "questions-start.jsonl",
+    "questions-warmup.jsonl",
+    "questions.jsonl",
 )
 _held: dict[Path, int] = {}  # run folder -> the open lock file this process holds on it
 

@@ -936,3 +936,26 @@ def test_an_ig_mean_over_no_step_is_logged_as_null_not_zero():
     assert rec["ig_hit"] is rec["ig_miss"] is rec["ig_mean"] is rec["ig_pos"] is None
     assert rec["hit"] == 0.5
     assert json.loads(json.dumps(rec))["ig_hit"] is None  # JSON null in metrics.jsonl
+
+
+def test_a_test_evaluation_keeps_one_record_a_question(tiny_run_files, tmp_path):
+    """Issue 47: no per-question outputs were kept, so no paired test across questions was
+    possible. The trained model's test evaluation writes questions.jsonl, whose EM averages to the
+    table's row, with each question's searches, first query and hits."""
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_run_files, run, steps=1, eval_questions=3, eval_start=False, warmup_examples=0
+    )
+    table = train.train(cfg)
+    rows = [json.loads(line) for line in (run / "questions.jsonl").read_text().splitlines()]
+    (trained,) = table.values()
+    assert len(rows) == 3 == trained["n"]
+    assert sum(r["em"] for r in rows) / 3 == pytest.approx(trained["em"])
+    assert sum(r["searches"] for r in rows) / 3 == pytest.approx(trained["searches"])
+    assert all(
+        len(r["hits"]) == r["searches"] and r["hit1"] == bool(r["hits"][:1] == [True]) for r in rows
+    )
+    assert [r["id"] for r in rows] == [
+        json.loads(line)["id"]
+        for line in Path(tiny_run_files["test_data"]).read_text().splitlines()
+    ][:3]
