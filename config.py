@@ -49,6 +49,7 @@ class Config:
     ig_alpha: float = 0.3  # weight of IG on the query tokens (paper 0.3)
     ig_n_random: int = 3  # N counterfactual document sets per step (paper 3)
     ig_baseline: str = "random"  # random (paper) or empty (the paper's ablation)
+    ig_pool: str = "batch"  # counterfactuals from the batch (official) or others: other questions
     ig_head_weight: float = 3.0  # weight of the first 3 answer tokens in s(a*|C) (official 3)
     ig_all_golds: bool = False  # score every gold answer and keep the best (default: the first)
     ig_dead_zone: float = 0.0  # |IG| below this counts as 0 (paper: delta, value not public)
@@ -191,6 +192,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("ig_n_random", c.ig_n_random >= 1, ">= 1"),
         ("micro_batch", c.micro_batch >= 1, ">= 1"),
         ("ig_baseline", c.ig_baseline in ("random", "empty"), "random or empty"),
+        ("ig_pool", c.ig_pool in ("batch", "others"), "batch or others"),
         (
             "warmup_query",
             c.warmup_query in ("question", "varied", "retry"),
@@ -253,6 +255,7 @@ def method_name(config: dict) -> str:
     hit = config.get("step_reward") == "hit"  # not the paper's: alpha * [the documents hold a gold]
     marks = [
         ("empty baseline", config.get("ig_baseline") == "empty" and not hit),
+        ("other questions' documents", config.get("ig_pool") == "others" and not hit),
         ("centred", config.get("ig_center")),
         (f"alpha {config.get('ig_alpha'):g}", config.get("ig_alpha", 0.3) != 0.3),
         (f"dead zone {config.get('ig_dead_zone'):g}", config.get("ig_dead_zone", 0) > 0),

@@ -33,7 +33,8 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 11. only the first gold answer is scored unless --ig_all_golds;
 12. --ig_center (not the paper's): IG centred in its question's group;
 13. --step_reward hit (not the paper's): the hit itself as the step bonus, a baseline;
-14. bf16 autocast where the device has bf16 matrix units, fp32 weights and log-softmax.
+14. bf16 autocast where the device has bf16 matrix units, fp32 weights and log-softmax;
+15. --ig_pool others (not the default yet): a step's own question is left out of its pool.
 """
 
 from __future__ import annotations
@@ -381,17 +382,21 @@ def plan_counterfactuals(
     n_random: int = 3,
     baseline: str = "random",
     generator: torch.Generator | None = None,
+    group_size: int = 0,
 ) -> Draws:
     """The baselines of every step: draws[i][t] replaces step t of trajectory i ([] = no IG).
 
     pairs[i] = step_pairs(trajectory i) over the whole batch. The pool is every pair whose documents
     hold at least 10 characters; steps draw in batch order from one generator, so ranks of a
     data-parallel run that plan over the same gathered list draw exactly what one process draws.
+    group_size = G leaves the step's own question (its G rollouts) out of its pool (departure 15):
+    at a small batch they are a large share of it and may hold the same gold; 0: the whole batch.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    pool = [p for steps in pairs for p in steps if len(p[0].strip()) >= 10]
+    pool = [(i, p) for i, steps in enumerate(pairs) for p in steps if len(p[0].strip()) >= 10]
+    same = lambda i, j: group_size > 0 and i // group_size == j // group_size
     draws = []
-    for steps in pairs:
+    for i, steps in enumerate(pairs):
         row = []
         for own in steps:
             if len(own[0].strip()) == 0:
@@ -399,7 +404,8 @@ def plan_counterfactuals(
             elif baseline == "empty":
                 row.append([Evidence("", "")])  # departure 5
             else:
-                row.append(draw_counterfactuals(own, pool, n_random, generator))
+                mine = [p for j, p in pool if not same(i, j)]  # the pool this step draws from
+                row.append(draw_counterfactuals(own, mine, n_random, generator))
         draws.append(row)
     return draws
 

@@ -155,7 +155,11 @@ def counterfactual_draws(
     parts = dd.all_gather([ig.step_pairs(t) for t in trajs])  # one list per rank
     first = sum(len(p) for p in parts[: dd.rank()])
     draws = ig.plan_counterfactuals(
-        [x for p in parts for x in p], cfg.ig_n_random, cfg.ig_baseline, generator
+        [x for p in parts for x in p],
+        cfg.ig_n_random,
+        cfg.ig_baseline,
+        generator,
+        group_size=cfg.group_size if cfg.ig_pool == "others" else 0,
     )
     return draws[first : first + len(trajs)]
 

@@ -461,3 +461,25 @@ def test_policy_logprobs_equal_full_logits_at_trained_positions(tokenizer, tiny_
         R = len(t.response_ids)
         assert torch.allclose(logp[b, -R:][mask], ref[mask], atol=1e-5)
         assert torch.all(logp[b, -R:][~mask] == 0) and torch.all(entropy[b, -R:][mask] > 0)
+
+
+def test_the_pool_can_leave_the_step_s_own_question_out():
+    """Issue 47: at 4 questions x 4 rollouts the official pool (the whole batch) gives a step 3 of
+    its 15 other steps from its own question, whose documents may hold the same gold. group_size
+    leaves them out; 0 keeps the whole batch."""
+    docs = lambda q, k: ig.Evidence(f"documents of question {q}, rollout {k}", "")
+    pairs = [[docs(i // 2, i % 2)] for i in range(6)]  # 3 questions x 2 rollouts, one step each
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        draws = ig.plan_counterfactuals(pairs, 3, "random", gen, group_size=2)
+        for i, row in enumerate(draws):
+            assert len(row[0]) == 3 and all(f"question {i // 2}," not in p[0] for p in row[0])
+    whole = [
+        p
+        for seed in range(20)
+        for row in ig.plan_counterfactuals(pairs, 3, "random", torch.Generator().manual_seed(seed))
+        for p in row[0]
+    ]
+    assert any("question 0, rollout 1" in p[0] for p in whole)  # the batch pool holds siblings
+    alone = [[docs(0, 0)], [docs(0, 1)]]  # one question: no other question to draw from
+    assert ig.plan_counterfactuals(alone, 3, "random", group_size=2) == [[[]], [[]]]
