@@ -273,8 +273,9 @@ def parse_bool(text: str) -> bool:
 
 
 # what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
-# the split and test set its earlier records were measured on, the warm-up it already did, its
-# adapter's rank
+# the split and test set its earlier records were measured on, the warm-up it already did, the
+# prompt template the weights were trained on, and what its adapter's weights mean (rank, alpha:
+# the scale alpha / rank of B A, targets: the layers they belong to)
 FIXED_ON_RESUME = (
     "model",
     "out_dir",
@@ -290,6 +291,9 @@ FIXED_ON_RESUME = (
     "warmup_query",
     "task",
     "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "template",
 )
 
 
@@ -316,6 +320,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:
     given = {k: v for k, v in vars(args).items() if k in values and v is not None}
     if args.resume:
         run = Path(args.resume)
+        ckpt.refuse_model_folder(run, "--resume")
         if not (run / "config.json").exists():
             raise InputError(f"{run}: not a run folder (no config.json)")
         if not ckpt.last_checkpoint(run).exists():

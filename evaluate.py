@@ -27,7 +27,7 @@ import step as rl
 from config import TASKS, Config, checked_fields, parse_bool
 from machinery import credit_page, lm, loaders
 from machinery.errors import InputError, OneLineParser, RetrieverError
-from machinery.run_folder import check_writable, read_json, write_json
+from machinery.run_folder import check_not_input, check_writable, read_json, write_json
 from retriever import make_search
 
 
@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         files = args.data or [data["test"]]
         question_sets = [loaders.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or default_out(args.model)
+        inputs = [*files, args.corpus]
+        for flag, path in (("--out", out), ("--html", args.html)):
+            if path:  # never over an input, a model's file or a run's file; before the work
+                check_not_input(path, flag, inputs, args.model)
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(
             args.corpus or data.get("corpus", ""),

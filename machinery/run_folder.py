@@ -53,6 +53,7 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         )
     if run.resolve() in _held:  # this process holds it already (train.train called again)
         return
+    refuse_model_folder(run, "--resume" if resume else "--out_dir")
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -85,6 +86,28 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         raise InputError(
             f"{run}: holds a run ({', '.join(older)}): --resume {run} continues it, "
             f"--restart starts it over (removing them), or choose another --out_dir"
+        )
+
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def refuse_model_folder(run: Path, flag: str) -> None:
+    """A model folder (its config.json a model's, or weights beside it) is never taken for a run
+    folder: --restart would remove its config.json, a run would write among the model's files."""
+    if not run.is_dir():
+        return
+    weights = [name for name in MODEL_FILES if (run / name).exists()]
+    try:
+        saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved):
+        weights.insert(0, f"config.json of a {saved.get('model_type', 'transformers')} model")
+    if weights:
+        raise InputError(
+            f"{flag} {run}: a model folder ({', '.join(weights)}), not a run folder: nothing "
+            f"in it is changed; give a new folder for the run"
         )
 
 
@@ -152,6 +175,25 @@ def check_writable(path: str | Path) -> None:
         tmp.unlink()
     except OSError as e:
         raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
+
+
+def check_not_input(path: str | Path, flag: str, inputs: list[str], model: str = "") -> None:
+    """An output never overwrites what the program reads (a question file, the corpus), a model
+    folder's files or a run's own files: refused in one line before any work."""
+    out = Path(path).resolve()
+    for name in inputs:
+        if name and Path(name).resolve() == out:
+            raise InputError(
+                f"{flag} {path}: is an input of this command ({name}), not overwritten"
+            )
+    folder = Path(model).resolve() if model and Path(model).is_dir() else None
+    if folder is not None and folder in out.parents:
+        raise InputError(
+            f"{flag} {path}: inside the model folder {model}, which is not written to; "
+            f"give a path outside it"
+        )
+    if out.name in RUN_FILES[:4] and (out.parent / "config.json").exists():
+        raise InputError(f"{flag} {path}: a run folder's own file, not overwritten")
 
 
 def read_json(path: str | Path) -> dict:
