@@ -174,6 +174,8 @@ def _json_object(line: str, where: str) -> object:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not JSON ({e.msg})") from None
+    except RecursionError:  # [[[[...: Python's parser gives up, the line is no question
+        raise InputError(f"{where}: JSON nested too deep") from None
 
 
 def check_question_row(row: object, where: str, index: int) -> dict:

@@ -161,6 +161,6 @@ class RemoteRetriever:
                     if isinstance(e, OSError)
                     else f"{type(e).__name__}: {e}"
                 )
-            except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
+            except (ValueError, RecursionError) as e:  # not JSON, nested too deep, wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")

@@ -206,6 +206,8 @@ def read_json(path: str | Path) -> dict:
         raise InputError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+    except RecursionError:  # [[[[...: Python's parser gives up
+        raise InputError(f"{path}: JSON nested too deep") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -259,6 +261,8 @@ def load_metrics(path: Path, upto: float) -> list[dict]:
     for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
+        except RecursionError:
+            raise InputError(f"{path}:{n}: JSON nested too deep") from None
         except json.JSONDecodeError as e:
             if n < len(lines):
                 raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None

@@ -82,6 +82,8 @@ def make_server(
             request = json.loads(body)
         except ValueError:
             raise ValueError("body is not JSON") from None
+        except RecursionError:  # [[[[...: Python's parser gives up; a 400 like any bad body
+            raise ValueError("body is JSON nested too deep") from None
         queries = request.get("queries") if isinstance(request, dict) else None
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
             raise ValueError("'queries' must be a list of strings")

@@ -161,3 +161,225 @@ def test_evaluate_never_writes_over_its_inputs_or_a_model(
         assert f"{flag} {out}: {problem}" in one_line_error(capsys, code)
         if before is not None:
             assert open(out, "rb").read() == before
+
+
+# ------------------------------------------------ 4. an index never serves a corpus it was not from
+
+
+@pytest.fixture
+def indexed(tmp_path):
+    """(corpus file, index folder) of the ten-passage corpus, the index built."""
+    from test_retriever import PASSAGES
+
+    from retriever import BM25Retriever
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
+            for i, (t, x) in enumerate(PASSAGES)
+        )
+    )
+    folder = tmp_path / "index"
+    BM25Retriever(str(path), index=str(folder))
+    return path, folder
+
+
+def test_an_index_of_a_corpus_edited_in_place_is_refused(indexed):
+    """Issue 49: after an edit that kept the corpus's size, the saved index still answered with the
+    old passages, rc 0: the fingerprint read only sampled blocks. The whole file is hashed unless
+    the corpus's size, inode, mtime and ctime are those recorded at the build."""
+    from retriever import BM25Retriever, InputError
+
+    path, folder = indexed
+
+    def filler(ids):
+        return "".join(
+            json.dumps({"id": f"f{i}", "contents": f"filler passage {i} " + "word " * 30}) + "\n"
+            for i in ids
+        )
+
+    # 2.5 MB: the edit falls between the blocks the old fingerprint sampled
+    path.write_text(filler(range(600)) + path.read_text() + filler(range(600, 12600)))
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    text = path.read_text()
+    assert BM25Retriever(str(path), index=str(folder)).search(["Hamlet"], 1)[0][0].title == "Hamlet"
+    path.write_text(text.replace("Hamlet", "Homlet"))  # the same size, one byte in the middle
+    assert path.stat().st_size == len(text)
+    with pytest.raises(InputError, match=r"meta.json: corpus_fingerprint is .*another corpus"):
+        BM25Retriever(str(path), index=str(folder))
+    path.write_text(text)  # written back: the same bytes, a new stamp: hashed, and accepted
+    assert BM25Retriever(str(path), index=str(folder)).search(["Hamlet"], 1)[0][0].title == "Hamlet"
+
+
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("doc_ids", lambda a: a + 1000, "an id outside 0..9"),
+        ("doc_ids", lambda a: a - 5, "an id outside 0..9"),
+        ("doc_ids", lambda a: a.astype("float32"), "of type float32, not integers"),
+        ("doc_len", lambda a: a * 0, "no document holds a word"),
+        ("doc_len", lambda a: -a, "a negative length"),
+        ("offsets", lambda a: a[::-1].copy(), "entries, expected|not in increasing order"),
+        ("offsets", lambda a: np_swap(a), "not in increasing order"),
+        ("tfs", lambda a: a.astype("float64"), "of type float64, not integers"),
+        ("passage_offsets", lambda a: a[::-1].copy(), "not in increasing order"),
+        ("passage_offsets", lambda a: a + 3, "outside the corpus file"),
+        ("passage_offsets", lambda a: a.astype("float64"), "not integers"),
+    ],
+)
+def test_damaged_index_arrays_are_refused_naming_the_file(indexed, capsys, name, damage, problem):
+    """Issue 49: ids out of range or negative, zero lengths, offsets out of order, a field of the
+    wrong type were served as wrong passages, NaN scores or a traceback."""
+    import re
+
+    import numpy as np
+
+    import retriever
+
+    path, folder = indexed
+    array = folder / f"{name}.npy"
+    np.save(array, damage(np.load(array)))
+    code = retriever.main(["search", "--corpus", str(path), "--index", str(folder), "Hamlet"])
+    message = one_line_error(capsys, code)
+    assert re.search(problem, message) and str(folder) in message, message
+
+
+def np_swap(a):
+    a = a.copy()
+    a[1], a[2] = a[2] + 1, a[1]  # two words' ranges crossed, the ends kept
+    return a
+
+
+def test_index_meta_fields_of_the_wrong_type_are_one_line(indexed, capsys):
+    import retriever
+
+    path, folder = indexed
+    meta = json.loads((folder / "meta.json").read_text())
+    for key, value in (("passages", "10"), ("words", None), ("postings", -1)):
+        (folder / "meta.json").write_text(json.dumps({**meta, key: value}))
+        code = retriever.main(["search", "--corpus", str(path), "--index", str(folder), "x"])
+        assert "meta.json: passages, words and postings must be counts" in one_line_error(
+            capsys, code
+        )
+
+
+# --------------------------------------------------------- 5. the error path itself never crashes
+
+
+@pytest.mark.parametrize("fault", ["parent is a file", "full disk", "second build"])
+def test_an_os_error_while_building_an_index_is_one_line(tmp_path, capsys, monkeypatch, fault):
+    """Issue 49: any OSError while building an index (a second build at the same time, a parent
+    that is a file, a full disk) ended `retriever.py search` in an AttributeError raised by its
+    own error handler, and `serve` reported it as 'cannot listen on ...'. One line naming the
+    folder; nothing half-built is left; a build that loses a race uses the winner's index."""
+    import errno
+
+    import numpy as np
+    from test_retriever import PASSAGES
+
+    import retriever
+    from machinery import bm25
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"contents": f"{t} {x}"}) + "\n" for t, x in PASSAGES))
+    folder = tmp_path / "index"
+    if fault == "parent is a file":
+        (tmp_path / "file").write_text("")
+        folder = tmp_path / "file" / "index"
+    elif fault == "full disk":
+        real = np.save
+
+        def full(path, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(np, "save", full)
+    else:  # another process finishes the same index while this one builds
+        real_meta = bm25.save_meta
+
+        def race(work, index, meta):
+            real_meta(work, index, meta)
+            if not folder.exists():
+                other = tmp_path / "other"
+                other.mkdir()
+                for p in __import__("pathlib").Path(work).iterdir():
+                    (other / p.name).write_bytes(p.read_bytes())
+                other.rename(folder)
+
+        monkeypatch.setattr(bm25, "save_meta", race)
+        code = retriever.main(["search", "--corpus", str(corpus), "--index", str(folder), "Paris"])
+        assert code == 0 and 'Doc 1(Title: "")' in capsys.readouterr().out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "index"]
+        return
+    for command in (["search"], ["serve", "--port", "0"]):
+        argv = [*command, "--corpus", str(corpus), "--index", str(folder)]
+        code = retriever.main(argv + (["Paris"] if command == ["search"] else []))
+        message = one_line_error(capsys, code)
+        assert f"{folder}: cannot build the index there" in message and "listen" not in message
+    if fault == "full disk":
+        monkeypatch.setattr(np, "save", real)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+# ------------------------------------------------------------ 6. every JSON reader bounds nesting
+
+BOMB = "[" * 100_000 + "]" * 100_000
+
+
+def test_a_nesting_bomb_is_one_line_in_every_file_reader(tmp_path):
+    """Issue 49: a nesting bomb gave RecursionError in every file reader (corpus, question files,
+    a run's config.json and metrics.jsonl, which compare.py and --resume read)."""
+    from machinery import corpus as corpus_file
+    from machinery import run_folder
+    from machinery.errors import InputError
+
+    path = tmp_path / "bomb.jsonl"
+    path.write_text(json.dumps({"contents": "a", "question": "Who?", "golden_answers": ["X"]}))
+    path.write_text(path.read_text() + "\n" + BOMB + "\n")
+    for read in (corpus_file.load_corpus, loaders.load_questions):
+        with pytest.raises(InputError, match=f"^{path}:2: JSON nested too deep$"):
+            read(str(path))
+    (tmp_path / "config.json").write_text(BOMB)
+    with pytest.raises(InputError, match="config.json: JSON nested too deep$"):
+        run_folder.read_json(tmp_path / "config.json")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n' + BOMB + '\n{"step": 2}\n')
+    with pytest.raises(InputError, match=f"^{metrics}:2: JSON nested too deep$"):
+        run_folder.load_metrics(metrics, 10)
+
+
+def test_compare_with_a_nesting_bomb_in_config_json_is_one_line(tmp_path, capsys):
+    from tools import compare
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(BOMB)
+    code = compare.main([str(run)])
+    assert "config.json: JSON nested too deep" in one_line_error(capsys, code)
+
+
+def test_a_nesting_bomb_gets_a_400_and_the_server_keeps_serving(capsys):
+    """Issue 49: the server met a nesting bomb with RecursionError: no reply, a traceback on
+    stderr. Now a 400 naming it, and the next request is answered."""
+    import urllib.error
+    import urllib.request
+
+    from test_retriever import PASSAGES, serve
+
+    from retriever import BM25Retriever, RemoteRetriever, make_server
+
+    rows = [{"id": str(i), "contents": f'"{t}"\n{x}'} for i, (t, x) in enumerate(PASSAGES)]
+    server = make_server(BM25Retriever(rows), port=0)
+    url = serve(server)
+    try:
+        request = urllib.request.Request(url, data=BOMB.encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 400 and b"nested too deep" in err.value.read()
+        assert RemoteRetriever(url).search(["hamlet"], 1)[0][0].title == "Hamlet"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capsys.readouterr().err
