@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from machinery import distributed as dd
 from machinery import lora
@@ -330,11 +331,13 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
         (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' writers
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # report a full disk as RuntimeError, SafetensorError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingError(
-            f"{tmp}: cannot save step {step} ({e.strerror or e}); removed it: "
-            f"{kept_checkpoint(run)}"
+            f"{tmp}: cannot save step {step} ({reason[:200]}); removed it: {kept_checkpoint(run)}"
         ) from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -383,3 +383,51 @@ def test_a_nesting_bomb_gets_a_400_and_the_server_keeps_serving(capsys):
         server.shutdown()
         server.server_close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_in_a_checkpoint_save_is_one_line_and_leaves_no_tmp(
+    tiny_run_files, tmp_path, capsys, monkeypatch, writer
+):  # noqa: F811
+    """Issue 49: on a real full disk torch.save raises RuntimeError ('PytorchStreamWriter failed
+    writing file'), safetensors a SafetensorError, not OSError: a torch traceback, and
+    checkpoint.tmp was left (the previous checkpoint survived)."""
+    import torch
+    from safetensors import SafetensorError
+
+    from machinery import lora
+
+    real_save, real_weights = torch.save, lora.save_weights
+    failure = (
+        RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed")
+        if writer == "torch.save"
+        else SafetensorError("Error while serializing: IoError(No space left on device)")
+    )
+
+    def full_disk(obj, path, *a, **k):
+        if "checkpoint.tmp" in str(path) and obj["step"] == 2:
+            open(path, "wb").write(b"half")
+            raise failure
+        return real_save(obj, path, *a, **k)
+
+    saves = []
+
+    def full_disk_weights(policy, folder):  # the second save (step 2) meets a full disk
+        real_weights(policy, folder)
+        saves.append(folder)
+        if len(saves) == 2:
+            raise failure
+
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", full_disk)
+    else:
+        monkeypatch.setattr(lora, "save_weights", full_disk_weights)
+    run = tmp_path / "run"
+    code = train.main(train_args(tiny_run_files, run, 3))
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(lines), lines[-5:]
+    assert f"{run}/checkpoint.tmp: cannot save step 2" in lines[-1]
+    assert f"the last complete checkpoint is {run}/checkpoint (step 1)" in lines[-1]
+    assert not (run / "checkpoint.tmp").exists()
+    monkeypatch.undo()
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
