@@ -183,6 +183,11 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("lora_rank", not (c.lora_rank and c.fsdp), "0 with --fsdp (LoRA runs in one process)"),
         ("lora_alpha", c.lora_alpha > 0, "> 0"),
         (
+            "lora_alpha",
+            not c.lora_rank or c.lora_alpha <= 256 * c.lora_rank,
+            f"<= 256 x lora_rank = {256 * c.lora_rank} (B A is scaled by alpha / rank)",
+        ),
+        (
             "fsdp",
             not c.fsdp or world_size > 1,
             "False in one process: launch with torchrun --nproc_per_node K to shard",
@@ -197,6 +202,12 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
             "question, varied or retry",
         ),
         ("task", c.task in TASKS, " or ".join(TASKS)),
+        (
+            "task",
+            c.task == "plain" or not (c.train_data and (c.corpus or c.retriever_url)),
+            "plain with your own --train_data and --corpus or --retriever_url (the task picks "
+            "the offline question sets, which these replace)",
+        ),
         ("step_reward", c.step_reward in ("ig", "hit"), "ig or hit"),
         ("precision", c.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
         ("template", c.template in TEMPLATES, " or ".join(TEMPLATES)),

@@ -62,6 +62,16 @@ def add_adapter(
             f"--lora_targets: {model.config.model_type} has no linear layer named "
             f"{', '.join(missing)} (its linear layers: {', '.join(sorted(have))})"
         )
+    smallest = min(
+        min(m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
+    )
+    if rank > smallest:  # B A of rank r > min(in, out) has no more freedom than the full weight
+        raise InputError(
+            f"--lora_rank {rank}: above the smallest targeted layer's size ({smallest}); "
+            f"give at most {smallest}"
+        )
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,

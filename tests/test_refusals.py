@@ -431,3 +431,61 @@ def test_a_full_disk_in_a_checkpoint_save_is_one_line_and_leaves_no_tmp(
     assert not (run / "checkpoint.tmp").exists()
     monkeypatch.undo()
     assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+
+
+# ------------------------------------------------------------- 8. a flag means what it says
+
+
+@pytest.mark.parametrize(
+    "program, argv",
+    [
+        ("train", ["--outcome"]),  # started an outcome-only run
+        ("train", ["--lora_r", "4"]),
+        ("evaluate", ["--limi", "3"]),
+        ("retriever", ["search", "--corp", "c.jsonl", "x"]),
+        ("prepare", ["--flash", "out"]),
+        ("compare", ["--pl", "x.png", "runs"]),
+        ("significance", ["--round", "10", "a", "b"]),
+    ],
+)
+def test_an_abbreviated_flag_is_refused_by_every_parser(program, argv, capsys, monkeypatch):
+    """Issue 49: argparse's abbreviations were accepted by every parser: `train.py --outcome`
+    started an outcome-only run. A flag is taken only spelt out whole."""
+    import importlib
+
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("started"))
+    module = importlib.import_module(
+        f"tools.{program}" if program in ("compare", "significance") else program
+    )
+    code = module.main(argv)
+    message = one_line_error(capsys, code)
+    assert "unrecognized arguments" in message or "--corpus --url is required" in message
+
+
+def test_task_noisy_with_your_own_data_is_refused(tiny_run_files, tmp_path, capsys):  # noqa: F811
+    """Issue 49: --task noisy with your own --train_data and --corpus was ignored yet recorded, and
+    compare.py then labelled the run noisy."""
+    code = train.main(train_args(tiny_run_files, tmp_path / "run", 1, task="noisy"))
+    assert "config: task='noisy' is out of range (accepted: plain with your own" in (
+        one_line_error(capsys, code)
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        ({"lora_rank": 4096}, "--lora_rank 4096: above the smallest targeted layer's size"),
+        ({"lora_rank": 4, "lora_alpha": 1e6}, "lora_alpha=1000000.0 is out of range"),
+    ],
+)
+def test_a_lora_rank_above_the_layers_or_an_absurd_alpha_is_refused(
+    tiny_run_files, tmp_path, capsys, extra, problem
+):  # noqa: F811
+    """Issue 49: a LoRA rank above the hidden size (no more freedom than the full weight, more
+    memory) or an absurd alpha (the delta scaled by alpha / rank = 250,000) passed."""
+    pytest.importorskip("peft")
+    run = tmp_path / "run"
+    code = train.main(train_args(tiny_run_files, run, 1, **extra))
+    assert problem in one_line_error(capsys, train_code(code, capsys))
+    assert snapshot(run) == {} if run.exists() else True
