@@ -489,3 +489,84 @@ def test_a_lora_rank_above_the_layers_or_an_absurd_alpha_is_refused(
     code = train.main(train_args(tiny_run_files, run, 1, **extra))
     assert problem in one_line_error(capsys, train_code(code, capsys))
     assert snapshot(run) == {} if run.exists() else True
+
+
+# ------------------------------------------------------------- 7. the memory tool is a command
+
+
+def test_the_memory_tool_has_its_own_help(capsys):
+    """Issue 49: tools/memory.py --help printed train.py's help and hid its own flags."""
+    from tools import memory
+
+    with pytest.raises(SystemExit) as done:
+        memory.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--model_config" in out and "--ranks" in out
+    assert "--device_gib" in out and "Every train.py flag is taken too" in out
+    assert "--ig_alpha" not in out  # train.py's flags are named, not listed
+
+
+QWEN = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 100,
+    "num_attention_heads": 4,
+}
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["--ranks", "-4"], "--ranks -4: a rank is >= 0"),
+        (["--ranks", "a,b"], "--ranks a,b: not comma-separated whole numbers"),
+        (["--ranks", "0,,16"], "not comma-separated whole numbers"),
+        (["--device_gib", "-1"], "--device_gib -1.0: a size in GiB >= 0"),
+        (["--device_gib", "nan"], "--device_gib nan: a size in GiB >= 0"),
+        (["--device", "tpu"], "--device tpu: cpu or cuda"),
+        (["--ranks", "16", "--lora_targets", "c_attn"], "--lora_targets: c_attn is not a proj"),
+        (["--lora_rank", "-3"], "config: lora_rank=-3 is out of range"),
+        (["--ranks", "128"], "--ranks: 128 is above the model's hidden size 64"),
+        (["--rank", "4"], "unrecognized arguments: --rank"),
+        ({"hidden_size": None}, "'hidden_size' is None, not a positive integer (missing)"),
+        ({"num_attention_heads": 0}, "'num_attention_heads' is 0, not a positive integer"),
+        ({"num_hidden_layers": "2"}, "'num_hidden_layers' is '2', not a positive integer"),
+        ({"head_dim": -1}, "'head_dim' is -1, not a positive"),
+        ([1, 2], "not a model config"),
+        ("{", ":1: not JSON"),
+        ("[" * 100_000, "not a JSON config (RecursionError)"),
+        ("missing", "No such file"),
+    ],
+)
+def test_the_memory_tool_checks_its_flags_and_the_model_config(tmp_path, capsys, argv, problem):
+    """Issue 49: negative or non-numeric ranks, a negative device size, targets that match nothing
+    (silently estimated as full fine-tuning), a partial or malformed model config, zero heads gave
+    ZeroDivisionError/KeyError/ValueError tracebacks or a wrong table. One line each, exit 2."""
+    from tools import memory
+
+    path = tmp_path / ("absent.json" if argv == "missing" else "config.json")
+    if argv == "missing":
+        pass
+    elif isinstance(argv, dict):
+        path.write_text(json.dumps({k: v for k, v in {**QWEN, **argv}.items() if v is not None}))
+    elif isinstance(argv, str):
+        path.write_text(argv)
+    elif not isinstance(argv, str) and not isinstance(argv[0], str):
+        path.write_text(json.dumps(argv))
+    else:
+        path.write_text(json.dumps(QWEN))
+    flags = argv if isinstance(argv, list) and isinstance(argv[0], str) else []
+    code = memory.main(["--model_config", str(path), "--device", "cpu", *flags])
+    message = one_line_error(capsys, code)
+    assert problem in message, message
+    if not flags:
+        assert str(path) in message
+
+
+def test_the_memory_tool_prints_a_good_config(tmp_path, capsys):
+    from tools import memory
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN))
+    argv = ["--model_config", str(tmp_path / "config.json"), "--device", "cpu", "--ranks", "0,8"]
+    assert memory.main(argv + ["--device_gib", "1"]) == 0
+    assert "| full fine-tuning | LoRA rank 8 |" in capsys.readouterr().out
