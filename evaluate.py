@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
         if bool(args.html) != bool(args.question and args.answer):
             raise InputError("--html, --question and --answer go together")
+        if args.html:  # the checks of a question file's row: an answer "The" scored EM 1
+            row = {"question": args.question, "golden_answers": args.answer}
+            loaders.check_question_row(row, "--question/--answer", 0)
         own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]

@@ -570,3 +570,52 @@ def test_the_memory_tool_prints_a_good_config(tmp_path, capsys):
     argv = ["--model_config", str(tmp_path / "config.json"), "--device", "cpu", "--ranks", "0,8"]
     assert memory.main(argv + ["--device_gib", "1"]) == 0
     assert "| full fine-tuning | LoRA rank 8 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 11. answers that are not there
+
+
+@pytest.mark.parametrize(
+    "answer", ["The", "?!", "\u200b", "\u200b\u200c\u2060", "a \u200d", "\u0301"]
+)
+def test_an_answer_that_is_not_there_is_refused_by_the_loaders(tmp_path, answer):
+    """Issue 49: an invisible answer (zero-width characters only) was accepted by the loaders, and
+    a prediction of the same invisible characters scored EM 1."""
+    from machinery.errors import InputError
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "Who?", "golden_answers": ["X", answer]}) + "\n")
+    with pytest.raises(InputError, match=f"^{path}:1: gold answer .* is empty once normalised"):
+        loaders.load_questions(str(path))
+    path.write_text(json.dumps({"question": "\u200b\u200b", "golden_answers": ["X"]}) + "\n")
+    with pytest.raises(InputError, match=r"'question' '\\u200b\\u200b' has no visible character"):
+        loaders.load_questions(str(path))
+
+
+@pytest.mark.parametrize("answer", ["The", "\u200b"])
+def test_the_credit_page_checks_its_question_and_answer_as_the_loaders_do(
+    tiny_run_files, tmp_path, capsys, monkeypatch, answer
+):  # noqa: F811
+    """Issue 49: evaluate.py --html --question --answer skipped the loaders' check, so an answer
+    that normalises to nothing scored EM 1 on the page. Refused before the model is loaded."""
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    argv = ["--data", tiny_run_files["train_data"], "--corpus", tiny_run_files["corpus"]]
+    argv += ["--html", str(tmp_path / "p.html"), "--question", "Who?", "--answer", "X", answer]
+    code = evaluate.main(argv)
+    assert "--question/--answer: gold answer" in one_line_error(capsys, code)
+    assert not (tmp_path / "p.html").exists()
+
+
+def test_em_normalisation_stays_squads_and_its_limits_are_documented():
+    """EM and F1 keep SQuAD/FlashRAG's normalisation (comparable with published numbers): curly
+    quotes and Unicode forms are not folded, and docs/reliability.md says so."""
+    import unicodedata
+    from pathlib import Path
+
+    from machinery.loaders import normalize_answer
+
+    assert normalize_answer("Don\u2019t") != normalize_answer("Don't")  # curly quote kept
+    nfc, nfd = "Curie \u00e9", unicodedata.normalize("NFD", "Curie \u00e9")
+    assert normalize_answer(nfc) != normalize_answer(nfd)  # Unicode forms not folded
+    doc = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    assert "curly quotes" in doc and "Unicode forms" in doc
