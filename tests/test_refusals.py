@@ -619,3 +619,97 @@ def test_em_normalisation_stays_squads_and_its_limits_are_documented():
     assert normalize_answer(nfc) != normalize_answer(nfd)  # Unicode forms not folded
     doc = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
     assert "curly quotes" in doc and "Unicode forms" in doc
+
+
+# ------------------------------------------------ 9. the server under bursts and slow clients
+
+
+@pytest.fixture
+def small_server():
+    from test_retriever import PASSAGES, serve
+
+    from retriever import BM25Retriever, make_server
+
+    rows = [{"id": str(i), "contents": f'"{t}"\n{x}'} for i, (t, x) in enumerate(PASSAGES)]
+    server = make_server(BM25Retriever(rows), port=0, read_timeout=0.5, max_query_chars=50)
+    yield server, serve(server)
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_burst_of_clients_is_queued_not_reset(small_server):
+    """Issue 49: 100-200 concurrent good clients got 22-30 % connection resets from socketserver's
+    listen backlog of 5. The backlog now holds a burst: 150 clients at once, every one answered."""
+    import socket
+    import threading
+
+    server, _ = small_server
+    port = server.server_address[1]
+    body = json.dumps({"queries": ["hamlet"], "topk": 1}).encode()
+    request = (
+        f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n"
+    ).encode() + body
+    gate, answers = threading.Barrier(150), []
+
+    def client():
+        gate.wait()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(request)
+                answers.append(b"".join(iter(lambda: s.recv(65536), b"")).split(b" ")[1])
+        except OSError as e:
+            answers.append(type(e).__name__.encode())
+
+    threads = [threading.Thread(target=client) for _ in range(150)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert answers == [b"200"] * 150, sorted(set(answers))
+
+
+def test_slow_clients_that_are_cut_leave_no_traceback(small_server, capfd):
+    """Issue 49: slow clients cut by the read deadline left tracebacks in the server's log."""
+    import socket
+    import time
+
+    from retriever import RemoteRetriever
+
+    server, url = small_server
+    port = server.server_address[1]
+    heads = [b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Le", b"POST /retrieve HTTP/1.1\r\n"]
+    heads += [b"POST /retrieve HTTP/1.1\r\nContent-Length: 100\r\n\r\n{", b"GET /retrie"]
+    socks = []
+    for head in heads:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head)
+        socks.append(s)
+    linger = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # close with a reset (RST), as a killed client
+    time.sleep(0.2)
+    for s in socks[:2]:  # reset while the server reads them: ConnectionResetError in its thread
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.close()
+    time.sleep(1.0)  # the others past the read deadline: cut
+    for s in socks[2:]:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.close()
+    time.sleep(0.3)
+    assert RemoteRetriever(url).search(["hamlet"], 1)[0][0].title == "Hamlet"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_a_query_longer_than_the_servers_limit_does_not_end_a_run(small_server):
+    """Issue 49: a sampled query longer than the server's limit ended a training run: the client
+    sent it whole and raised on the 400. The client cuts each query to the server's cap (BM25
+    scores its first 32 words anyway)."""
+    from retriever import RemoteRetriever
+
+    _, url = small_server
+    client = RemoteRetriever(url, retries=1, max_query_chars=50)
+    long = "hamlet " + "x" * 5000
+    assert client.search([long, "paris"], 1)[0][0].title == "Hamlet"
+    from machinery.remote import MAX_QUERY_CHARS
+
+    assert RemoteRetriever(url).max_query_chars == MAX_QUERY_CHARS
