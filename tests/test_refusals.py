@@ -713,3 +713,59 @@ def test_a_query_longer_than_the_servers_limit_does_not_end_a_run(small_server):
     from machinery.remote import MAX_QUERY_CHARS
 
     assert RemoteRetriever(url).max_query_chars == MAX_QUERY_CHARS
+
+
+# ------------------------------------------------- 10. temporary files and races in prepare.py
+
+
+def test_two_builds_at_once_do_not_race_on_one_temporary_name(tmp_path):
+    """Issue 49: two builds at once raced on one fixed PATH.tmp (FileNotFoundError traceback).
+    Each writer has a temporary file of its own; the file ends whole, and no temporary is left."""
+    import threading
+
+    import prepare
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"question": f"q{i}", "golden_answers": ["a" * 50]} for i in range(3000)]
+    errors = []
+
+    def build():
+        try:
+            for _ in range(5):
+                prepare._write_jsonl(path, rows)
+        except Exception as e:  # noqa: BLE001 (the race's error is what the test looks for)
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_killed_conversions_temporary_folder_is_removed_by_the_next(tmp_path):
+    """Issue 49: a killed model conversion left a ~0.5 GB temporary folder that no later run
+    removed. The next conversion removes those of processes no longer running."""
+    import os
+    import subprocess
+    import time
+
+    import prepare
+
+    final = tmp_path / "smollm2-135m-instruct"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{final.name}.tmp{dead.pid}-abc"  # its process is gone
+    running = tmp_path / f"{final.name}.tmp{os.getpid()}-def"  # this one runs
+    old = tmp_path / f"{final.name}.tmpxyz"  # the old naming, two days old
+    recent = tmp_path / f"{final.name}.tmpuvw"  # the old naming, maybe still being written
+    for folder in (stale, running, old, recent):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    prepare.remove_stale(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, recent.name])
