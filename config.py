@@ -184,6 +184,11 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         ("lora_rank", not (c.lora_rank and c.fsdp), "0 with --fsdp (LoRA runs in one process)"),
         ("lora_alpha", c.lora_alpha > 0, "> 0"),
         (
+            "lora_alpha",
+            not c.lora_rank or c.lora_alpha <= 256 * c.lora_rank,
+            f"<= 256 x lora_rank = {256 * c.lora_rank} (B A is scaled by alpha / rank)",
+        ),
+        (
             "fsdp",
             not c.fsdp or world_size > 1,
             "False in one process: launch with torchrun --nproc_per_node K to shard",
@@ -199,6 +204,12 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
             "question, varied or retry",
         ),
         ("task", c.task in TASKS, " or ".join(TASKS)),
+        (
+            "task",
+            c.task == "plain" or not (c.train_data and (c.corpus or c.retriever_url)),
+            "plain with your own --train_data and --corpus or --retriever_url (the task picks "
+            "the offline question sets, which these replace)",
+        ),
         ("step_reward", c.step_reward in ("ig", "hit"), "ig or hit"),
         ("precision", c.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
         ("template", c.template in TEMPLATES, " or ".join(TEMPLATES)),
@@ -276,8 +287,9 @@ def parse_bool(text: str) -> bool:
 
 
 # what a resumed run cannot change: its folder and start, its seed (every RNG state is restored),
-# the split and test set its earlier records were measured on, the warm-up it already did, its
-# adapter's rank
+# the split and test set its earlier records were measured on, the warm-up it already did, the
+# prompt template the weights were trained on, and what its adapter's weights mean (rank, alpha:
+# the scale alpha / rank of B A, targets: the layers they belong to)
 FIXED_ON_RESUME = (
     "model",
     "out_dir",
@@ -293,6 +305,9 @@ FIXED_ON_RESUME = (
     "warmup_query",
     "task",
     "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "template",
 )
 
 
@@ -319,6 +334,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str, bool]:
     given = {k: v for k, v in vars(args).items() if k in values and v is not None}
     if args.resume:
         run = Path(args.resume)
+        ckpt.refuse_model_folder(run, "--resume")
         if not (run / "config.json").exists():
             raise InputError(f"{run}: not a run folder (no config.json)")
         if not ckpt.last_checkpoint(run).exists():

@@ -27,7 +27,7 @@ import step as rl
 from config import TASKS, Config, checked_fields, parse_bool
 from machinery import credit_page, lm, loaders
 from machinery.errors import InputError, OneLineParser, RetrieverError
-from machinery.run_folder import check_writable, read_json, write_json
+from machinery.run_folder import check_not_input, check_writable, read_json, write_json
 from machinery.tables import format_paper_table, format_table
 from machinery.text import f1_score
 from retriever import make_search
@@ -282,11 +282,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--{name} {getattr(args, name)}: must be at least 0")
         if bool(args.html) != bool(args.question and args.answer):
             raise InputError("--html, --question and --answer go together")
+        if args.html:  # the checks of a question file's row: an answer "The" scored EM 1
+            row = {"question": args.question, "golden_answers": args.answer}
+            loaders.check_question_row(row, "--question/--answer", 0)
         own = args.data and (args.corpus or args.retriever_url)  # nothing of the offline default
         data = {} if own else prepare.default_data(args.task)
         files = args.data or [data["test"]]
         question_sets = [loaders.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or default_out(args.model)
+        inputs = [*files, args.corpus]
+        for flag, path in (("--out", out), ("--html", args.html)):
+            if path:  # never over an input, a model's file or a run's file; before the work
+                check_not_input(path, flag, inputs, args.model)
         check_writable(out)  # before the evaluation, which may take an hour
         search = make_search(
             args.corpus or data.get("corpus", ""),

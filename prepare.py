@@ -116,7 +116,8 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
     if tokenizer.pad_token is None:  # SmolLM2's GGUF sets pad = <|im_end|>; keep a fallback
         tokenizer.pad_token = tokenizer.eos_token or "<|endoftext|>"
 
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp"))
+    remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp{os.getpid()}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -144,6 +145,24 @@ def _convert_gguf(folder: Path, gguf_name: str, final: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(final: Path) -> None:
+    """Remove the temporary folders of conversions into `final` that were killed (~0.5 GB each):
+    FINAL.tmpPID-* of a process no longer running (one without a PID, older than a day)."""
+    for path in final.parent.glob(f"{final.name}.tmp*"):
+        pid = path.name[len(final.name) + 4 :].split("-", 1)[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its conversion still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # another user's, running
+                continue
+        elif time.time() - path.stat().st_mtime < 86400:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_question(entry: dict) -> dict | None:
@@ -174,11 +193,17 @@ def is_test(title: str) -> bool:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write JSON lines atomically: a crash leaves the old file or none, never half a file."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    # a name of this build's own: two builds at once raced on one fixed PATH.tmp
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # (mkstemp's file is private)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_data(summaries: dict[str, dict], out_dir: Path) -> dict[str, str]:

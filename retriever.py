@@ -177,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         check_server_limits({k: getattr(args, k) for k in limits})
         local = BM25Retriever(args.corpus, index=args.index)
+    except (InputError, RetrieverError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading the corpus or its index (not the socket: below)
+        print(f"error: {e.filename or args.corpus}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
         server = make_server(
             local,
             args.host,
@@ -188,15 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             args.max_connections,
             args.read_timeout,
         )
-    except (InputError, RetrieverError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # from make_server: port in use, unknown host
         print(
             f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr
         )
         return 2
-    except (OverflowError, UnicodeError) as e:  # a host name that cannot be encoded
+    except (OverflowError, ValueError) as e:  # a host name that cannot be encoded
         print(f"error: cannot listen on {args.host!r}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]

@@ -144,8 +144,6 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
     model, tokenizer = loaders.load_model(
         start_model, device, cfg.trust_remote_code, dtype=torch.float32
     )
-    if main:  # every input is checked: now config.json (and --restart removes the older files)
-        ckpt.start_run(run, dataclasses.asdict(cfg), bool(resume))
     if cfg.lora_rank:  # the base stays the loaded model; a resumed run reloads only its adapter
         lora.add_adapter(
             model,
@@ -186,6 +184,9 @@ def set_up(cfg: Config, resume: str, restart: bool = False) -> Setup:
         s.step = ckpt.load_state(run, model, s.optimizer, gens)
         if dd.rank():  # the checkpoint holds rank 0's sampling state; the others must not repeat it
             gens["sample"].manual_seed(cfg.seed + 2 + 1000 * dd.rank() + s.step)
+    if main:  # every input is checked (the adapter, the saved state too): a refusal changed nothing
+        ckpt.start_run(run, dataclasses.asdict(cfg), bool(resume))  # config.json; --restart cleans
+    if resume:
         kept = ckpt.load_metrics(run / "metrics.jsonl", s.step)  # drop records after the checkpoint
         if main:
             ckpt.write_lines(run / "metrics.jsonl", [json.dumps(r) for r in kept])

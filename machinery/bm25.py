@@ -241,8 +241,14 @@ def load(folder: str, expect: dict, extra: tuple[str, ...] = ()) -> tuple[BM25In
         with open(path, encoding="utf-8") as f:
             words = f.read().split("\n") if meta["words"] else []
         n, v, p = meta["passages"], meta["words"], meta["postings"]
-    # missing, truncated, not JSON, not .npy
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (n, v, p)):
+            path = os.path.join(folder, "meta.json")
+            raise InputError(
+                f"{path}: passages, words and postings must be counts, got {n!r}, {v!r}, {p!r}: "
+                f"a damaged index; delete {folder} to build it again"
+            )
+    # missing, truncated, not JSON, not .npy, nested too deep
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(
@@ -264,8 +270,40 @@ def load(folder: str, expect: dict, extra: tuple[str, ...] = ()) -> tuple[BM25In
                 f"{os.path.join(folder, name)}: {got} entries, expected {size}: a damaged "
                 f"index; delete {folder} to build it again"
             )
+    check_arrays(folder, arrays)
     index = BM25Index(words, *(arrays[name] for name in ARRAYS))
     return index, {name: arrays[name] for name in extra}, meta
+
+
+def check_arrays(folder: str, arrays: dict[str, np.ndarray], chunk: int = 1 << 26) -> None:
+    """Arrays that would serve wrong passages, NaN scores or an IndexError are refused naming the
+    file: a field of the wrong type, offsets out of order, a document id out of range (negative
+    ids index from the end), negative lengths, or no word in any document (avgdl 0)."""
+    offsets, doc_ids, doc_len = arrays["offsets"], arrays["doc_ids"], arrays["doc_len"]
+    n = len(doc_len)
+
+    def ids_out_of_range() -> bool:  # read in chunks: a wiki-18 index holds ~1.5 G ids
+        return any(
+            len(part) and (part.min() < 0 or part.max() >= n)
+            for part in (doc_ids[i : i + chunk] for i in range(0, len(doc_ids), chunk))
+        )
+
+    checks = [
+        *(
+            (name, f"of type {arrays[name].dtype}, not integers", arrays[name].dtype.kind in "iu")
+            for name in ARRAYS
+        ),
+        ("offsets", "not in increasing order", lambda: (np.diff(offsets) >= 0).all()),
+        ("doc_len", "a negative length", lambda: not n or doc_len.min() >= 0),
+        ("doc_len", "no document holds a word (all lengths 0)", lambda: not n or doc_len.any()),
+        ("doc_ids", f"an id outside 0..{n - 1}", lambda: not ids_out_of_range()),
+    ]
+    for name, problem, ok in checks:
+        if not (ok() if callable(ok) else ok):
+            raise InputError(
+                f"{os.path.join(folder, name + '.npy')}: {problem}: a damaged index; delete "
+                f"{folder} to build it again"
+            )
 
 
 def open_folder(
@@ -282,15 +320,25 @@ def open_folder(
                 f"{folder}: neither a saved index (no meta.json) nor empty; give a new folder"
             )
         parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".bm25-", dir=parent)
+        work = None
         try:
+            os.makedirs(parent, exist_ok=True)
+            work = tempfile.mkdtemp(prefix=".bm25-", dir=parent)
             made = build_into(work)
             for name in extra:
                 np.save(os.path.join(work, f"{name}.npy"), made.pop(name))
             save_meta(work, made.pop("index"), {**facts, **made})
-            os.replace(work, folder)
+            try:
+                os.replace(work, folder)
+            except OSError:  # another build of the same index finished first: use it, if whole
+                if not os.path.exists(os.path.join(folder, "meta.json")):
+                    raise
+        except OSError as e:  # a parent that is a file, a full disk, no permission
+            raise InputError(
+                f"{folder}: cannot build the index there ({e.strerror or e}); nothing was kept"
+            ) from None
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
     index, arrays, meta = load(folder, facts, extra)
     return index, arrays

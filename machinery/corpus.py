@@ -95,6 +95,8 @@ def iter_corpus(path: str):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not JSON ({e.msg})") from None
+            except RecursionError:  # [[[[...: Python's parser gives up
+                raise InputError(f"{where}: JSON nested too deep") from None
             if not isinstance(row, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             contents = row.get("contents")
@@ -152,23 +154,60 @@ class CorpusFile:
 
 
 def fingerprint(path: str) -> str:
-    """A hash of a file's size and of 16 blocks of 64 KiB spread over it: a check, cheap on a 14 GB
-    corpus, that a saved index belongs to this file."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
+    """A SHA-256 of the whole file: a saved index belongs to this file, byte for byte (a hash of
+    sampled blocks let an edit that kept the size serve the old passages)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for k in range(16):
-            f.seek(size * k // 16)
-            digest.update(f.read(1 << 16))
-    return digest.hexdigest()[:16]
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def file_stamp(path: str) -> list[int]:
+    """What any write to a file changes (ctime cannot be set back): size, inode, mtime, ctime."""
+    st = os.stat(path)
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def corpus_facts(corpus: str, folder: str) -> tuple[dict, list[int]]:
+    """(what a saved index's meta.json must hold of the corpus, the corpus's stamp now). The whole
+    file is hashed unless the saved index recorded this very stamp (a 14 GB corpus is hashed when
+    it is indexed, and again only after it changed)."""
+    stamp = file_stamp(corpus)
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("corpus_stamp") == stamp:
+        digest = saved.get("corpus_fingerprint")
+    else:
+        digest = fingerprint(corpus)
+    return {"corpus_bytes": stamp[0], "corpus_fingerprint": digest}, stamp
+
+
+def check_passage_offsets(path: str, offsets: np.ndarray, size: int) -> None:
+    """passage_offsets.npy: integers, strictly increasing, within the corpus file."""
+    problem = (
+        f"of type {offsets.dtype}, not integers"
+        if offsets.dtype.kind not in "iu"
+        else "not in increasing order"
+        if len(offsets) and not (np.diff(offsets) > 0).all()
+        else f"outside the corpus file of {size} bytes"
+        if len(offsets) and (offsets[0] < 0 or offsets[-1] != size)
+        else None
+    )
+    if problem:
+        raise InputError(f"{path}: {problem}: a damaged index (delete its folder to rebuild)")
 
 
 def open_index(corpus: str, folder: str) -> tuple[bm25.BM25Index, CorpusFile]:
     """The BM25 index of a corpus file saved in folder, memory-mapped; built from the file and saved
-    there first when folder does not exist or is empty. Another corpus's index is refused."""
+    there first when folder does not exist or is empty. Another corpus's index is refused, and so
+    is an index of this file made before an edit."""
     try:
-        size = os.path.getsize(corpus)
-        facts = {"corpus_bytes": size, "corpus_fingerprint": fingerprint(corpus)}
+        facts, stamp = corpus_facts(corpus, folder)
+        size = facts["corpus_bytes"]
     except OSError as e:
         raise InputError(f"{corpus}: {e.strerror}") from None
 
@@ -194,6 +233,7 @@ def open_index(corpus: str, folder: str) -> tuple[bm25.BM25Index, CorpusFile]:
             "index": index,
             "passage_offsets": np.array(offsets + [size]),
             "corpus": os.path.abspath(corpus),
+            "corpus_stamp": stamp,
         }
 
     index, extra = bm25.open_folder(folder, facts, build, ("passage_offsets",))
@@ -202,4 +242,7 @@ def open_index(corpus: str, folder: str) -> tuple[bm25.BM25Index, CorpusFile]:
             f"{os.path.join(folder, 'passage_offsets.npy')}: {len(extra['passage_offsets'])} "
             f"entries, expected {len(index) + 1}: a damaged index (delete {folder} to rebuild)"
         )
+    check_passage_offsets(
+        os.path.join(folder, "passage_offsets.npy"), extra["passage_offsets"], size
+    )
     return index, CorpusFile(corpus, extra["passage_offsets"])

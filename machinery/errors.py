@@ -15,7 +15,13 @@ class InputError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Command-line mistakes end in one line naming the problem and a non-zero exit."""
+    """Command-line mistakes end in one line naming the problem and a non-zero exit. A flag is
+    taken only when spelt out whole: argparse's abbreviations made `--outcome` mean --outcome_only
+    and a typo name another flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise InputError(f"command line: {message} (see --help)")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import string
+import unicodedata
 from pathlib import Path
 
 from machinery.corpus import read_lines
@@ -28,6 +29,12 @@ def normalize_answer(s: str) -> str:
     s = "".join(ch for ch in s if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
+
+
+def visible(text: str) -> bool:
+    """Whether text holds a letter, digit or symbol: zero-width characters, controls, marks and
+    spaces alone show nothing (an answer of U+200B only was accepted, and matched by U+200B)."""
+    return any(unicodedata.category(ch)[0] in "LNS" for ch in text)
 
 
 def split_validation(questions: list[dict], n: int) -> tuple[list[dict], list[dict]]:
@@ -174,6 +181,8 @@ def _json_object(line: str, where: str) -> object:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not JSON ({e.msg})") from None
+    except RecursionError:  # [[[[...: Python's parser gives up, the line is no question
+        raise InputError(f"{where}: JSON nested too deep") from None
 
 
 def check_question_row(row: object, where: str, index: int) -> dict:
@@ -183,6 +192,8 @@ def check_question_row(row: object, where: str, index: int) -> dict:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: 'question' missing, empty or not a string")
+    if not visible(question):
+        raise InputError(f"{where}: 'question' {question!r} has no visible character")
     if len(question) > MAX_QUESTION_CHARS:  # the prompt holds it whole: bound it
         raise InputError(
             f"{where}: 'question' is {len(question)} characters, more than {MAX_QUESTION_CHARS}"
@@ -202,10 +213,10 @@ def check_question_row(row: object, where: str, index: int) -> dict:
                 f"{MAX_QUESTION_CHARS}"
             )
         check_unicode(answer, f"{where}: gold answer")
-        if not normalize_answer(answer):  # "the", "?!": an empty prediction would match it
+        if not visible(normalize_answer(answer)):  # "the", "?!", "\u200b": nothing to match
             raise InputError(
                 f"{where}: gold answer {answer!r} is empty once normalised "
-                f"(articles and punctuation removed)"
+                f"(articles and punctuation removed) or has no visible character"
             )
     doc_id = row.get("id", index)
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):

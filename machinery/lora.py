@@ -62,6 +62,16 @@ def add_adapter(
             f"--lora_targets: {model.config.model_type} has no linear layer named "
             f"{', '.join(missing)} (its linear layers: {', '.join(sorted(have))})"
         )
+    smallest = min(
+        min(m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
+    )
+    if rank > smallest:  # B A of rank r > min(in, out) has no more freedom than the full weight
+        raise InputError(
+            f"--lora_rank {rank}: above the smallest targeted layer's size ({smallest}); "
+            f"give at most {smallest}"
+        )
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -170,9 +180,27 @@ def load_adapter(model, folder: Path) -> None:
     path = folder / "adapter_model.safetensors"
     if not path.exists():
         raise InputError(f"{path}: no adapter to resume the LoRA run from")
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    if saved.get("r") != model.lora_config.r:
-        raise InputError(f"{folder}: adapter of rank {saved.get('r')}, not {model.lora_config.r}")
+    config = folder / "adapter_config.json"
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{config}: cannot read the adapter's config ({e})") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"{config}: expected a JSON object, got {type(saved).__name__}")
+    want = model.lora_config
+    # what the saved weights mean: y = W x + (alpha / r) B A x on these layers
+    for key, have in (
+        ("r", want.r),
+        ("lora_alpha", want.lora_alpha),
+        ("target_modules", sorted(want.target_modules)),
+    ):
+        got = saved.get(key)
+        got = sorted(got) if key == "target_modules" and isinstance(got, list) else got
+        if got != have:
+            raise InputError(
+                f"{config}: the adapter was trained with {key} {got}, not {have}: resumed with "
+                f"another value, its weights would mean something else"
+            )
     prefix = "base_model.model."
     state = {k[len(prefix) :]: v for k, v in load_file(path).items()}
     result = set_peft_model_state_dict(model, state)

@@ -72,10 +72,24 @@ class Shape:
     vocab: int
 
 
-def model_shape(config) -> Shape:
-    """From a transformers config (or its dict): the parameter count is computed, not loaded."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    c = c.get("text_config", c)  # multimodal configs nest the language model's
+def model_shape(config, where: str = "model config") -> Shape:
+    """From a transformers config (or its dict): the parameter count is computed, not loaded. A
+    config without the sizes, or with sizes that are not positive integers, is refused in one line
+    naming `where` and the field."""
+    c = config.to_dict() if hasattr(config, "to_dict") else config
+    c = c.get("text_config", c) if isinstance(c, dict) else c  # multimodal: the LM's is nested
+    if not isinstance(c, dict):
+        raise InputError(f"{where}: not a model config (a JSON object of sizes)")
+    sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+    for key in sizes + ("num_key_value_heads", "head_dim", "intermediate_size"):
+        value = c.get(key)
+        if (value is not None or key in sizes) and not (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            raise InputError(
+                f"{where}: '{key}' is {value!r}, not a positive integer "
+                f"({'missing' if value is None else 'a model config has it as a count'})"
+            )
     H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or heads
@@ -86,6 +100,10 @@ def model_shape(config) -> Shape:
     layer = H * heads * d * 2 + 2 * H * kv * d + bias + 3 * H * inter + 2 * H
     embed = V * H * (1 if c.get("tie_word_embeddings", False) else 2)
     return Shape(L * layer + embed + H, L, H, heads, kv, d, inter, V)
+
+
+# the projections of a Llama/Qwen-style layer the estimate knows (lora_params counts no other name)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def lora_params(shape: Shape, rank: int, targets: str) -> int:

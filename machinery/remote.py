@@ -116,6 +116,7 @@ class RemoteRetriever:
         backoff: float = 0.5,
         max_queries: int = MAX_QUERIES,
         max_bytes: int = MAX_RESPONSE_BYTES,
+        max_query_chars: int = MAX_QUERY_CHARS,
     ):
         if retries < 1:
             raise ValueError("retries counts tries and must be at least 1")
@@ -130,12 +131,16 @@ class RemoteRetriever:
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.max_queries = max_queries  # a request holds at most this many (the server's cap)
         self.max_bytes = max_bytes  # the largest answer read
+        # a query is sent cut to the server's cap (its 400 on a longer one ended a training run);
+        # BM25 scores a query's first 32 words, well within it
+        self.max_query_chars = max_query_chars
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
         """POST the batch in requests of at most max_queries queries (each request retried on
         connection errors, timeouts, 5xx and bad bodies, never on 4xx). Each try has `timeout`
         seconds from connect to the last byte."""
         check_search_args(queries, topk)
+        queries = [q[: self.max_query_chars] for q in queries]
         return [
             hits
             for k in range(0, len(queries), self.max_queries)
@@ -161,6 +166,6 @@ class RemoteRetriever:
                     if isinstance(e, OSError)
                     else f"{type(e).__name__}: {e}"
                 )
-            except ValueError as e:  # non-JSON body (JSONDecodeError) or wrong shape
+            except (ValueError, RecursionError) as e:  # not JSON, nested too deep, wrong shape
                 last = f"bad response: {e}"
         raise RetrieverError(f"retriever {self.url}: {last} (after {attempt + 1} tries)")

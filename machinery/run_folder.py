@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from machinery import distributed as dd
 from machinery import lora
@@ -56,6 +57,7 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         )
     if run.resolve() in _held:  # this process holds it already (train.train called again)
         return
+    refuse_model_folder(run, "--resume" if resume else "--out_dir")
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -88,6 +90,28 @@ def claim_run(run: Path, resume: bool, restart: bool) -> None:
         raise InputError(
             f"{run}: holds a run ({', '.join(older)}): --resume {run} continues it, "
             f"--restart starts it over (removing them), or choose another --out_dir"
+        )
+
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def refuse_model_folder(run: Path, flag: str) -> None:
+    """A model folder (its config.json a model's, or weights beside it) is never taken for a run
+    folder: --restart would remove its config.json, a run would write among the model's files."""
+    if not run.is_dir():
+        return
+    weights = [name for name in MODEL_FILES if (run / name).exists()]
+    try:
+        saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved):
+        weights.insert(0, f"config.json of a {saved.get('model_type', 'transformers')} model")
+    if weights:
+        raise InputError(
+            f"{flag} {run}: a model folder ({', '.join(weights)}), not a run folder: nothing "
+            f"in it is changed; give a new folder for the run"
         )
 
 
@@ -157,6 +181,25 @@ def check_writable(path: str | Path) -> None:
         raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
+def check_not_input(path: str | Path, flag: str, inputs: list[str], model: str = "") -> None:
+    """An output never overwrites what the program reads (a question file, the corpus), a model
+    folder's files or a run's own files: refused in one line before any work."""
+    out = Path(path).resolve()
+    for name in inputs:
+        if name and Path(name).resolve() == out:
+            raise InputError(
+                f"{flag} {path}: is an input of this command ({name}), not overwritten"
+            )
+    folder = Path(model).resolve() if model and Path(model).is_dir() else None
+    if folder is not None and folder in out.parents:
+        raise InputError(
+            f"{flag} {path}: inside the model folder {model}, which is not written to; "
+            f"give a path outside it"
+        )
+    if out.name in RUN_FILES[:4] and (out.parent / "config.json").exists():
+        raise InputError(f"{flag} {path}: a run folder's own file, not overwritten")
+
+
 def read_json(path: str | Path) -> dict:
     """A run file written by write_json: a JSON object, or one line naming the file's problem."""
     try:
@@ -167,6 +210,8 @@ def read_json(path: str | Path) -> dict:
         raise InputError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+    except RecursionError:  # [[[[...: Python's parser gives up
+        raise InputError(f"{path}: JSON nested too deep") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -220,6 +265,8 @@ def load_metrics(path: Path, upto: float) -> list[dict]:
     for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
+        except RecursionError:
+            raise InputError(f"{path}:{n}: JSON nested too deep") from None
         except json.JSONDecodeError as e:
             if n < len(lines):
                 raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
@@ -287,11 +334,13 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
         (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' writers
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # report a full disk as RuntimeError, SafetensorError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingError(
-            f"{tmp}: cannot save step {step} ({e.strerror or e}); removed it: "
-            f"{kept_checkpoint(run)}"
+            f"{tmp}: cannot save step {step} ({reason[:200]}); removed it: {kept_checkpoint(run)}"
         ) from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

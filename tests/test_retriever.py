@@ -17,7 +17,6 @@ import pytest
 import prepare
 import retriever
 from machinery import bm25 as inverted  # "bm25" names the fixture below
-from machinery import corpus as corpus_module  # "corpus_file" names a fixture
 from machinery import loaders
 from retriever import (
     BM25Retriever,
@@ -555,6 +554,8 @@ def test_build_in_chunks_and_into_a_folder_gives_the_same_index(tmp_path: Path):
 
 
 def test_saved_index_is_memory_mapped_and_answers_as_the_in_memory_one(tmp_path: Path):
+    from machinery.corpus import CorpusFile  # (the corpus_file fixture hides the module's name)
+
     path = (
         tmp_path / "win.jsonl"
     )  # a BOM, CRLF, a blank line, a missing id: read back from the file
@@ -565,9 +566,7 @@ def test_saved_index_is_memory_mapped_and_answers_as_the_in_memory_one(tmp_path:
     folder = str(tmp_path / "index")
     built = BM25Retriever(str(path), index=folder)
     loaded = BM25Retriever(str(path), index=folder)  # the second time: loaded, not built
-    assert isinstance(loaded.bm25.doc_ids, np.memmap) and isinstance(
-        loaded.passages, corpus_module.CorpusFile
-    )
+    assert isinstance(loaded.bm25.doc_ids, np.memmap) and isinstance(loaded.passages, CorpusFile)
     memory = BM25Retriever(str(path))
     for k in (1, 3, 11, 20):
         assert (

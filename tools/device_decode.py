@@ -123,7 +123,7 @@ def bench_shape(name, model, tok, rows, prompt, steps, args):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bandwidth", type=float, default=None, help="B/s (H200 4.8e12, H100 3.35e12)")
     p.add_argument("--steps", type=int, default=64, help="decode steps a timed turn")

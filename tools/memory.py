@@ -10,18 +10,20 @@ Every train.py flag is taken too. The estimate itself is machinery/memory_estima
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import math
 import sys
 
 import torch
 from transformers import AutoConfig
 
 import prepare
-from config import Config, parse_config
-from machinery.errors import InputError
+from config import Config, check_config, parse_config
+from machinery.errors import InputError, OneLineParser
 from machinery.memory_estimate import (
     NAMED,
+    PROJECTIONS,
     GiB,
     device_memory,
     estimate,
@@ -31,8 +33,37 @@ from machinery.memory_estimate import (
 )
 
 
+def read_model_config(name: str) -> dict:
+    """A config.json named on the command line: a JSON object, or one line naming the file."""
+    try:
+        with open(name, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"{name}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{name}:{e.lineno}: not JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{name}: not a JSON config ({type(e).__name__})") from None
+
+
+def parse_ranks(text: str, default: int) -> list[int]:
+    """--ranks '0,16,64' -> [0, 16, 64]; each a whole number >= 0."""
+    if not text:
+        return [default]
+    try:
+        ranks = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise InputError(f"--ranks {text}: not comma-separated whole numbers") from None
+    if any(r < 0 for r in ranks):
+        raise InputError(f"--ranks {text}: a rank is >= 0 (0 = full fine-tuning)")
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p = OneLineParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every train.py flag is taken too (python train.py --help): the run to estimate.",
+    )
     p.add_argument("--model_config", default="", help="qwen2.5-3b, a model folder, a config.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -41,22 +72,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ranks", default="", help="comma-separated --lora_rank values, one column each"
     )
-    args, rest = p.parse_known_args(argv)
     try:
+        args, rest = p.parse_known_args(argv)
         cfg = parse_config(rest)[0]
+        if not (math.isfinite(args.device_gib) and args.device_gib >= 0):
+            raise InputError(f"--device_gib {args.device_gib}: a size in GiB >= 0 (0: this one's)")
+        if args.device not in ("cpu", "cuda"):
+            raise InputError(f"--device {args.device}: cpu or cuda")
+        ranks = parse_ranks(args.ranks, cfg.lora_rank)
+        for r in ranks:
+            check_config(dataclasses.replace(cfg, lora_rank=r))
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in PROJECTIONS] or ([] if targets else ["(none)"])
+        if any(ranks) and unknown:  # counted as 0 parameters: a LoRA column of full fine-tuning
+            raise InputError(
+                f"--lora_targets: {', '.join(unknown)} is not a projection the estimate knows "
+                f"({', '.join(PROJECTIONS)})"
+            )
         name = args.model_config or cfg.model or prepare.default_model()
         if name.lower() in NAMED:
-            shape = model_shape(NAMED[name.lower()])
+            shape = model_shape(NAMED[name.lower()], name)
         elif name.endswith(".json"):
-            shape = model_shape(json.loads(open(name).read()))
+            shape = model_shape(read_model_config(name), name)
         else:
-            shape = model_shape(AutoConfig.from_pretrained(name))
-    except (OSError, ValueError) as e:
-        print(
-            f"error: {args.model_config or 'model'}: no config ({str(e).splitlines()[0]})",
-            file=sys.stderr,
-        )
-        return 2
+            try:
+                config = AutoConfig.from_pretrained(name)
+            except (OSError, ValueError, KeyError) as e:
+                raise InputError(f"{name}: no model config ({str(e).splitlines()[0]})") from None
+            shape = model_shape(config, name)
+        too_big = [r for r in ranks if r > shape.hidden]
+        if too_big:
+            raise InputError(
+                f"--ranks: {too_big[0]} is above the model's hidden size {shape.hidden}"
+            )
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu" or torch.cuda.is_available()
         else None
     )
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [cfg.lora_rank]
     columns = {
         ("full fine-tuning" if r == 0 else f"LoRA rank {r}"): estimate(
             Config(**{**cfg.__dict__, "lora_rank": r}), shape, args.device

@@ -173,6 +173,8 @@ def read_questions(path: Path) -> dict[str, float]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{n}: JSON nested too deep") from None
         em = rec.get("em") if isinstance(rec, dict) else None
         if (
             not isinstance(rec, dict)
