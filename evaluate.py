@@ -224,48 +224,21 @@ def question_page(
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model", default="", help="HF model name or folder; empty = the offline default"
-    )
-    p.add_argument(
-        "--trust_remote_code", action="store_true", help="run Python code shipped with the model"
-    )
-    p.add_argument(
-        "--data",
-        nargs="*",
-        default=[],
-        help="FlashRAG JSON-lines files; empty = offline test split",
-    )
-    p.add_argument(
-        "--task", default="plain", choices=TASKS, help="the offline test split: plain or noisy"
-    )
-    p.add_argument(
-        "--corpus", default="", help="wiki-18 JSON lines for BM25; empty = offline corpus"
-    )
-    p.add_argument(
-        "--retriever_url", default="", help="Search-R1 /retrieve endpoint (replaces --corpus)"
-    )
+    p.add_argument("--model", default="", help="HF model name or folder; '' = offline default")
+    p.add_argument("--trust_remote_code", action="store_true", help="run the model's own code")
+    p.add_argument("--data", nargs="*", default=[], help="FlashRAG JSON-lines files")
+    p.add_argument("--task", default="plain", choices=TASKS, help="the offline test split")
+    p.add_argument("--corpus", default="", help="wiki-18 JSON lines for BM25")
+    p.add_argument("--retriever_url", default="", help="Search-R1 /retrieve endpoint")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--doc_words", type=int, default=30, help="words kept per passage (0 = all)")
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0 = all)")
     p.add_argument("--template", default="igsearch", choices=sorted(ig.TEMPLATES))
     p.add_argument("--max_searches", type=int, default=2)
     p.add_argument("--max_turn_tokens", type=int, default=32)
-    p.add_argument(
-        "--max_response_tokens", type=int, default=4096, help="response budget, documents included"
-    )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "bf16", "fp32"),
-        help="bf16 autocast (auto: where the device has bf16 matrix units) or fp32",
-    )
-    p.add_argument(
-        "--fast",
-        type=parse_bool,
-        default=True,
-        help="machinery/fast.py's speed-ups (true/false; the same results up to float rounding)",
-    )
+    p.add_argument("--max_response_tokens", type=int, default=4096, help="documents included")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--fast", type=parse_bool, default=True, help="machinery/fast.py's twins")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--show", type=int, default=0, help="print N trajectories with per-step IG")
     p.add_argument("--out", default="", help="results JSON (default: beside the model folder)")

@@ -547,9 +547,8 @@ def center_in_groups(
 ) -> list[list[float | None]]:
     """IG_t minus the mean IG of the scored steps of its group (the G rollouts of one question).
 
-    Not in the paper (a variant, `--ig_center`): with random documents as the baseline almost every
-    query gets IG > 0, so the raw bonus pushes up every sampled query; centred, it ranks a
-    question's queries against each other, as the group baseline does for the outcome.
+    Not in the paper (`--ig_center`): with random documents as the baseline almost every query gets
+    IG > 0; centred, the bonus ranks a question's queries as the group baseline ranks outcomes.
     """
     out = []
     for g in range(0, len(step_bonus), group_size):
