@@ -58,7 +58,7 @@ def test_floor_after_left_truncation_and_with_nothing_shared():
 
 
 def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
-    """bench.set_up on a four-city corpus and the tiny model (args: bench's command line)."""
+    """bench.bench_setup on a four-city corpus and the tiny model (args: bench's command line)."""
     import copy
     import json
     from types import SimpleNamespace
@@ -86,11 +86,11 @@ def scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model, **args):
         bench.prepare, "default_data", lambda task: {"train": str(qa), "corpus": str(corpus)}
     )
     argv = dict(model="", batch=4, device="cpu", shape="default", repeats=1, lora_rank=0)
-    return bench.set_up(SimpleNamespace(**{**argv, **args}))
+    return bench.bench_setup(SimpleNamespace(**{**argv, **args}))
 
 
 def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, tokenizer, tiny_model):
-    """bench.step times step.py's own phase functions in train.train's order, with the step's
+    """bench.timed_step times step.py's own phase functions in train.train's order, with the step's
     config (the old bench re-built the step and left out ig_center); the scripted policy makes
     every rollout use the whole search budget."""
     import step as rl
@@ -111,7 +111,7 @@ def test_a_bench_step_is_train_py_s_phase_functions(monkeypatch, tmp_path, token
     b.cfg = b.policy.cfg = bench.dataclasses.replace(b.cfg, ig_center=True)
     for with_ig in (True, False):
         calls.clear()
-        rec = bench.step(b, with_ig)
+        rec = bench.timed_step(b, with_ig)
         assert [n for n, _ in calls] == ["generate_rollouts", "step_bonus", "advantages", "update"]
         assert all(c.ig_center and c.outcome_only != with_ig for _, c in calls)
         assert all(rec[k] >= 0 for k in bench.PHASES) and rec["total"] > 0
@@ -136,7 +136,7 @@ def test_bench_with_lora_trains_the_adapter_and_prints_the_estimate(
     adapter = {id(w) for n, w in b.model.named_parameters() if "lora_" in n}
     assert adapter and trained == adapter
     assert isinstance(b.ref, lora.AdapterOff)
-    steps = {"IG": [bench.step(b, True)]}
+    steps = {"IG": [bench.timed_step(b, True)]}
     capsys.readouterr()
     bench.bench_memory(b, steps)
     out = capsys.readouterr().out
@@ -150,3 +150,66 @@ def test_bench_with_lora_trains_the_adapter_and_prints_the_estimate(
     row = next(line for line in out.splitlines() if line.startswith("update (median"))
     printed = float(row.split()[-2])  # the estimate column, GiB
     assert printed == pytest.approx(sum(est["update"].values()) / memory.GiB, rel=2e-3)
+
+
+def test_spearman_on_known_ranks_with_a_tie():
+    """Spearman is Pearson's correlation of the ranks, tied values sharing their mean rank:
+    y = [5, 6, 7, 8, 7] ranks [1, 2, 3.5, 5, 3.5], so rho = 8 / sqrt(10 * 9.5)."""
+    from tools.bench import ranks, spearman
+
+    assert ranks([5, 6, 7, 8, 7]).tolist() == [1, 2, 3.5, 5, 3.5]
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / (10 * 9.5) ** 0.5)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([0.1, 0.5, 0.2], [1, 9, 3]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3], [4, 4, 4]) != spearman([1, 2, 3], [4, 4, 4])  # nan: no ranking
+
+
+def test_ig_agreement_tells_sign_from_ranking():
+    """A step can change sign while the order of the steps stays (and the other way round)."""
+    from tools.bench import ig_agreement
+
+    a = ig_agreement([0.5, -0.2, 0.1], [0.45, 0.1, 0.12])
+    assert a.same_sign == pytest.approx(2 / 3) and a.same_ranking and a.spearman == 1.0
+    assert a.mean_abs_diff == pytest.approx(0.37 / 3) and a.max_abs_diff == pytest.approx(0.3)
+    b = ig_agreement([0.3, 0.2, 0.1], [0.2, 0.3, 0.1])
+    assert b.same_sign == 1.0 and not b.same_ranking and b.spearman == pytest.approx(0.5)
+
+
+def test_precision_section_scores_both_precisions_and_reports_equal_ig_as_agreeing(
+    monkeypatch, tmp_path, tokenizer, tiny_model, capsys
+):
+    """bench_precision runs step.py's phases once in fp32 and once under bf16 autocast on the same
+    rollouts; where both precisions return the same IG it must report sign agreement 1, Spearman 1
+    and the ranking unchanged (a mix-up of the two runs' values would not)."""
+    import torch
+
+    import step as rl
+    from tools import bench
+
+    seen = {"step_bonus": [], "update": []}
+    fixed = [[0.3, -0.1], [0.2, 0.05], [-0.4, 0.1], [0.0, 0.25]]
+
+    def fake_bonus(*args, **kw):
+        seen["step_bonus"].append(args[-1].amp_dtype)
+        trajs = args[2]
+        return rl.StepBonus(bonus=[row[: len(t.steps)] for row, t in zip(fixed, trajs)], gains=[])
+
+    def spy_update(*args, _real=rl.update, **kw):
+        seen["update"].append(args[-1].amp_dtype)
+        return _real(*args, **kw)
+
+    monkeypatch.setattr(rl, "step_bonus", fake_bonus)
+    monkeypatch.setattr(rl, "update", spy_update)
+    b = scripted_bench(monkeypatch, tmp_path, tokenizer, tiny_model)
+    capsys.readouterr()
+    bench.bench_precision(b)
+    out = capsys.readouterr().out
+    for phase in ("step_bonus", "update"):  # a warm-up and a timed run of each
+        assert sorted(map(str, seen[phase])) == sorted(map(str, [None, torch.bfloat16] * 2))
+    rows = [line.rsplit("  ", 1) for line in out.splitlines() if "  " in line]
+    lines = {name.strip(): value.strip() for name, value in rows}
+    assert lines["same sign (share of steps)"] == "1"
+    assert lines["Spearman rank correlation"] == "1"
+    assert lines["same ranking of steps"] == "yes"
+    assert "target IG ranking of steps unchanged: met" in out
+    assert "are the same tokens: yes" in out
