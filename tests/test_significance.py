@@ -193,3 +193,30 @@ def test_compare_shows_a_mean_no_step_defines_as_a_dash(tmp_path):
         ("mean IG of steps that miss", "1.00 -> 1.00 (1.00)"),
     ):
         assert means_line(lines, title).split() == [*ig_means.split(), "-"]
+
+
+def test_first_search_hit_is_tested_beside_em_when_the_runs_record_it(tmp_path, capsys):
+    """Issue 47 point 5: first-search hit gets the same tests as EM: Welch over the seeds' test
+    rows and the paired permutation over questions' hit1."""
+    runs = []
+    for name, hits, extra in (("ig", [1.0] * 30 + [0.0] * 30, {}), ("out", [0.0] * 60, {})):
+        for s in (0, 1):
+            folder = tmp_path / f"{name}-s{s}"
+            kw = {"outcome_only": True} if name == "out" else {}
+            runs.append(fake_run(folder, s, [0.0, 1.0] * 30, **kw))
+            table = json.loads((folder / "table.json").read_text())
+            row = next(iter(table.values()))
+            row["hit1"] = sum(hits) / 60 + 0.01 * s  # seeds differ a little: Welch is defined
+            (folder / "table.json").write_text(json.dumps(table))
+            lines = [
+                json.dumps({"id": f"q{i}", "em": e, "hit1": h})
+                for i, (e, h) in enumerate(zip([0.0, 1.0] * 30, hits))
+            ]
+            (folder / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    assert significance.main(runs + ["--rounds", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "first-search hit: means 0.505 and 0.005, Welch two-sided p 0.000" in out
+    assert (
+        "over questions: 60 questions, mean difference +50.0 points, two-sided p 0.0005" in out
+    )  # hit1 pairs as EM does; the EM of both is equal question by question
+    assert "paired permutation over questions: 60 questions, mean difference +0.0 points" in out

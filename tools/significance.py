@@ -35,7 +35,11 @@ from typing import NamedTuple
 import numpy as np
 
 from machinery.errors import InputError, OneLineParser
-from tools.compare import Run, run_labels
+
+try:  # imported as tools.significance (the tests), or run as `python tools/significance.py`
+    from tools.compare import Run, run_labels
+except ModuleNotFoundError:  # (then tools/ is sys.path[0])
+    from compare import Run, run_labels
 
 QUESTIONS_FILE = "questions.jsonl"
 
@@ -163,8 +167,9 @@ def paired_permutation(d: np.ndarray, rounds: int = 20_000, seed: int = 0) -> tu
 # ----------------------------------------------------------------------------- run folders
 
 
-def read_questions(path: Path) -> dict[str, float]:
-    """questions.jsonl: question id -> EM (0 or 1, or a share), one JSON object a line."""
+def read_questions(path: Path, key: str = "em") -> dict[str, float]:
+    """questions.jsonl: question id -> EM (0 or 1, or a share), one JSON object a line; key "hit1":
+    whether its first search found the gold (files written before hit1 was recorded lack it)."""
     got: dict[str, float] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -175,14 +180,14 @@ def read_questions(path: Path) -> dict[str, float]:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
         except RecursionError:
             raise InputError(f"{path}:{n}: JSON nested too deep") from None
-        em = rec.get("em") if isinstance(rec, dict) else None
+        em = rec.get(key) if isinstance(rec, dict) else None
         if (
             not isinstance(rec, dict)
             or "id" not in rec
             or isinstance(em, bool)
             or not isinstance(em, (int, float))
         ):
-            raise InputError(f"{path}:{n}: not an object with an 'id' and a number 'em'")
+            raise InputError(f"{path}:{n}: not an object with an 'id' and a number '{key}'")
         if str(rec["id"]) in got:
             raise InputError(f"{path}:{n}: question id {rec['id']!r} appears twice")
         got[str(rec["id"])] = float(em)
@@ -212,12 +217,13 @@ def methods(runs: list[Run]) -> tuple[list[Method], list[str]]:
     return sorted(found, key=lambda m: -float(np.mean(m.em))), notes + label_notes
 
 
-def question_test(a: Method, b: Method, rounds: int) -> str:
-    """The paired permutation test over questions, or why it was skipped."""
+def question_test(a: Method, b: Method, rounds: int, key: str = "em") -> str:
+    """The paired permutation test over questions of per-question `key` (em, or hit1) averaged over
+    each method's seeds, or why it was skipped."""
     missing = [str(r.path) for r in a.runs + b.runs if not (r.path / QUESTIONS_FILE).exists()]
     if missing:
         return f"skipped: no {QUESTIONS_FILE} in {len(missing)} of {len(a.runs + b.runs)} runs"
-    per_run = lambda m: [read_questions(r.path / QUESTIONS_FILE) for r in m.runs]
+    per_run = lambda m: [read_questions(r.path / QUESTIONS_FILE, key) for r in m.runs]
     qa, qb = per_run(a), per_run(b)
     common = sorted(set.intersection(*(set(q) for q in qa + qb)))
     if not common:
@@ -266,6 +272,14 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
             f"{gaps} seeds a method (points)",
             f"  paired permutation over questions: {question_test(a, b, rounds)}",
         ]
+        hit1 = [[r.table[next(reversed(r.table))].get("hit1") for r in m.runs] for m in (a, b)]
+        if all(v is not None for h in hit1 for v in h):
+            w = welch(*hit1)
+            lines.append(
+                f"  first-search hit: means {np.mean(hit1[0]):.3f} and {np.mean(hit1[1]):.3f}, "
+                + (f"Welch two-sided p {w.p:.3f}" if w else "Welch: undefined")
+                + f"; over questions: {question_test(a, b, rounds, 'hit1')}"
+            )
     return lines + ([""] + notes if notes else [])
 
 
