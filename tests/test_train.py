@@ -80,6 +80,14 @@ def tiny_config(files, out_dir, **kw) -> Config:
     return Config(**base)
 
 
+def step_record(rolls: list, stats: dict) -> dict:
+    """The log line of step 1 over rolls (records.RolloutStats), groups of 2, timings 0."""
+    times = records.PhaseTimes(0.0, 0.0, 0.0)
+    return records.step_record(
+        step=0, rollouts=rolls, group_size=2, stats=stats, times=times, device=torch.device("cpu")
+    )
+
+
 def strip_times(records):
     return [
         {k: v for k, v in r.items() if not k.startswith("t_") and k != "mem_gb"} for r in records
@@ -339,14 +347,7 @@ def test_query_entropy_and_bonus_share_are_taken_over_query_tokens(tokenizer, ti
         )
         for i, t in enumerate(trajs)
     ]
-    rec = records.step_record(
-        step=0,
-        rollouts=rolls,
-        group_size=2,
-        stats=stats,
-        times=records.PhaseTimes(0.0, 0.0, 0.0),
-        device=torch.device("cpu"),
-    )  # the log line computes it from the update's entropies
+    rec = step_record(rolls, stats)  # the log line computes it from the update's entropies
     assert rec["query_entropy"] == pytest.approx(
         (expect[0] * n[0] + expect[1] * n[1]) / sum(n), rel=1e-4
     )
@@ -921,14 +922,7 @@ def test_an_ig_mean_over_no_step_is_logged_as_null_not_zero():
             )
             for h, v in zip(hits, igs)
         ]
-        return records.step_record(
-            step=0,
-            rollouts=rolls,
-            group_size=2,
-            stats=stats,
-            times=records.PhaseTimes(0.0, 0.0, 0.0),
-            device=torch.device("cpu"),
-        )
+        return step_record(rolls, stats)
 
     rec = record([[False], [False]], [[1.5], [-0.5]])  # no step hit
     assert rec["ig_hit"] is None and rec["ig_miss"] == 0.5 and rec["ig_mean"] == 0.5
