@@ -13,7 +13,8 @@ and this page shows that number on every token of every rollout: the colour is A
 used (the IG part is A_{i,p} - A_i). Inserted documents are grey: loss mask 0, not trained. Each
 search step shows its query, IG_t, the scores s(a*|C) of the real context and of each counterfactual
 that IG_t came from, and whether its documents hold a gold answer. One static HTML file: inline CSS,
-no script, every text escaped.
+no script, every text escaped, at most MAX_PAGE_BYTES (whole groups while they fit, then a line that
+says how many were left out).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-from machinery.run_folder import write_lines
+from machinery.run_folder import write_text
 
 POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # pushed up: blue; pushed down: red (RdBu ends)
+MAX_PAGE_BYTES = 32 * 2**20  # a page shows whole groups up to this size and names those left out
+NOTICE_BYTES = 1024  # room kept for the line that names them
+CONTEXT = 8  # tokens decoded before each token to find its text (a character spans at most 4)
 
 CSS = """
 body { font: 15px/1.5 "DejaVu Sans", Verdana, sans-serif; color: #1a1a1a; background: #fff;
@@ -38,6 +42,7 @@ h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 0 0 4px; }
 .sw { display: inline-block; min-width: 54px; text-align: center; padding: 1px 3px;
       border: 1px solid #ccc; font-family: "DejaVu Sans Mono", monospace; }
 .group { border: 1px solid #bbb; border-radius: 6px; margin: 18px 0; padding: 10px 12px; }
+.cut { background: #fde0dd; border: 1px solid #b2182b; padding: 4px 8px; }
 .badge { background: #fff3c4; border: 1px solid #d9b700; padding: 0 6px; border-radius: 4px; }
 .rollout { border-top: 1px dashed #bbb; margin-top: 10px; padding-top: 6px; }
 .rhead { font-size: 14px; margin-bottom: 4px; }
@@ -74,9 +79,9 @@ def colour(a: float, scale: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """The text of each token, joining to the decoded text of all of them: a token that ends inside
-    a multi-byte character shows nothing, and the token that completes it shows the character."""
+def exact_token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """token_texts from whole prefixes: decodes ids[: k + 1] for every k, so quadratic in len(ids);
+    the fallback of token_texts for a tokenizer whose decoding needs more than CONTEXT tokens."""
     out, done = [], ""
     for k in range(len(ids)):
         text = tokenizer.decode(ids[: k + 1])
@@ -85,6 +90,30 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
             continue
         out.append(text[len(done) :])
         done = text
+    return out
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token, joining to the decoded text of all of them: a token that ends inside
+    a multi-byte character shows nothing, and the token that completes it shows the character.
+
+    Each token is decoded after at most CONTEXT tokens of context, so the work is linear in
+    len(ids); where the pieces do not join to tokenizer.decode(ids), the exact quadratic pass."""
+    out, done = [], 0  # ids[:done] have their text in out
+    for k in range(len(ids)):
+        lo = max(0, done - CONTEXT)
+        text = tokenizer.decode(ids[lo : k + 1])
+        # a run of CONTEXT tokens ending in U+FFFD holds the character itself, not a split one
+        if text.endswith("\ufffd") and k + 1 < len(ids) and k + 1 - done < CONTEXT:
+            out.append("")  # ends inside a character: the token that completes it shows it
+            continue
+        before = tokenizer.decode(ids[lo:done]) if done > lo else ""
+        if not text.startswith(before):
+            return exact_token_texts(tokenizer, ids)
+        out.append(text[len(before) :])
+        done = k + 1
+    if "".join(out) != tokenizer.decode(ids):
+        return exact_token_texts(tokenizer, ids)
     return out
 
 
@@ -195,6 +224,49 @@ def legend(scale: float) -> str:
     )
 
 
+def group_html(tokenizer, *, g: int, group_size: int, questions, trajs, outcome, gains, adv, scale):
+    """The box of the group whose rollouts start at index g: its question, golds, rewards (and the
+    badge when its outcome advantages are all zero), then its rollouts."""
+    rewards, tok_adv, a = outcome.rewards, adv.tokens, adv.outcome
+    r = rewards[g : g + group_size].float()  # (G,)
+    q = questions[g]
+    zero = bool((a[g : g + group_size] == 0).all())
+    scored = any(x is not None for row in gains[g : g + group_size] for x in row)
+    badge = (
+        ' &nbsp; <span class="badge">outcome advantage all zero: '
+        f"{'only IG teaches' if scored else 'nothing trains'} this group</span>"
+        if zero
+        else ""
+    )
+    rolls = "".join(
+        rollout_html(
+            tokenizer,
+            trajs[i],
+            i,
+            answer=outcome.answers[i],
+            hits=outcome.hits[i],
+            gains=gains[i],
+            reward=float(rewards[i]),
+            a_i=float(a[i]),
+            tok_adv=tok_adv[i],
+            scale=scale,
+        )
+        for i in range(g, min(g + group_size, len(trajs)))
+    )
+    return (
+        f'<div class="group" data-zero="{int(zero)}"><h2>question {g // group_size + 1}: '
+        f'{esc(q["question"])}</h2><div class="meta">gold: '
+        f"{esc(' | '.join(q['golden_answers']))} &nbsp; rewards R = "
+        f"{' '.join(f'{x:g}' for x in r.tolist())} &nbsp; mean {float(r.mean()):.3f} &nbsp; "
+        f"std {float(r.std()) if len(r) > 1 else 0.0:.3f}{badge}</div>{rolls}</div>"
+    )
+
+
+def size(text: str) -> int:
+    """Bytes in the file (pages are written as UTF-8)."""
+    return len(text.encode("utf-8"))
+
+
 def step_page(
     tokenizer,
     *,
@@ -206,49 +278,19 @@ def step_page(
     group_size: int,
     title: str,
     settings: str,
+    max_bytes: int | None = None,
 ) -> str:
     """The page of one step, from step.py's phases: outcome (step.Outcome: R_i (B,), answers,
     hits), gains[i][t] (igsearch.Gain or None), adv (step.Advantages: A_i (B,) and the per-token
     advantages the update used, one (R_i,) tensor per trajectory); consecutive groups of
-    group_size share a question."""
-    rewards, tok_adv = outcome.rewards, adv.tokens
-    adv = adv.outcome
-    trained = [float(a[p]) for a, t in zip(tok_adv, trajs) for p, m in enumerate(t.loss_mask) if m]
+    group_size share a question. At most max_bytes (MAX_PAGE_BYTES when None): whole groups in
+    order while they fit, and a line near the top naming how many were left out."""
+    max_bytes = MAX_PAGE_BYTES if max_bytes is None else max_bytes
+    rewards = outcome.rewards
+    trained = [
+        float(a[p]) for a, t in zip(adv.tokens, trajs) for p, m in enumerate(t.loss_mask) if m
+    ]
     scale = max(abs(a) for a in trained) if any(trained) else 1.0  # all zero: any scale will do
-    groups = []
-    for g in range(0, len(trajs), group_size):
-        r = rewards[g : g + group_size].float()  # (G,)
-        q = questions[g]
-        zero = bool((adv[g : g + group_size] == 0).all())
-        scored = any(x is not None for row in gains[g : g + group_size] for x in row)
-        badge = (
-            ' &nbsp; <span class="badge">outcome advantage all zero: '
-            f"{'only IG teaches' if scored else 'nothing trains'} this group</span>"
-            if zero
-            else ""
-        )
-        rolls = "".join(
-            rollout_html(
-                tokenizer,
-                trajs[i],
-                i,
-                answer=outcome.answers[i],
-                hits=outcome.hits[i],
-                gains=gains[i],
-                reward=float(rewards[i]),
-                a_i=float(adv[i]),
-                tok_adv=tok_adv[i],
-                scale=scale,
-            )
-            for i in range(g, min(g + group_size, len(trajs)))
-        )
-        groups.append(
-            f'<div class="group" data-zero="{int(zero)}"><h2>question {g // group_size + 1}: '
-            f'{esc(q["question"])}</h2><div class="meta">gold: '
-            f"{esc(' | '.join(q['golden_answers']))} &nbsp; rewards R = "
-            f"{' '.join(f'{x:g}' for x in r.tolist())} &nbsp; mean {float(r.mean()):.3f} &nbsp; "
-            f"std {float(r.std()) if len(r) > 1 else 0.0:.3f}{badge}</div>{rolls}</div>"
-        )
     search_steps = [s for t in trajs for s in t.steps]
     igs = [x.ig for row in gains for x in row if x is not None]
     summary = (
@@ -264,13 +306,45 @@ def step_page(
         "group. IG<sub>t</sub> = s(a*|C real) &minus; the mean of s(a*|C rand): the gold "
         "answer's mean log-prob after the real documents against other steps' documents."
     )
-    return (
+    head = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
         f'<h1>Where the credit goes: {esc(title)}</h1><div class="meta">{esc(settings)}</div>'
-        f'<div class="meta">{esc(summary)}</div><p class="note">{how}</p>{legend(scale)}'
-        f"{''.join(groups)}</body></html>"
+        f'<div class="meta">{esc(summary)}</div>'
     )
+    body = f'<p class="note">{how}</p>{legend(scale)}'
+    tail = "</body></html>\n"
+    room = max_bytes - size(head) - size(body) - size(tail) - NOTICE_BYTES
+    if room < 0:
+        raise ValueError(f"max_bytes {max_bytes} leaves no room for the page's header")
+    groups, starts = [], range(0, len(trajs), group_size)
+    for g in starts:  # one group past the bound is made, never the rest
+        box = group_html(
+            tokenizer,
+            g=g,
+            group_size=group_size,
+            questions=questions,
+            trajs=trajs,
+            outcome=outcome,
+            gains=gains,
+            adv=adv,
+            scale=scale,
+        )
+        room -= size(box)
+        if room < 0:
+            break
+        groups.append(box)
+    notice, left = "", len(starts) - len(groups)
+    if left:
+        shown = min(len(trajs), len(groups) * group_size)
+        notice = (
+            f'<p class="cut" data-left-out="{left}">{left} of {len(starts)} groups '
+            f"({len(trajs) - shown} of {len(trajs)} rollouts) left out: a page is kept under "
+            f"{max_bytes:,} bytes, and it shows the first {len(groups)} groups whole (the next "
+            f"would have gone over). The summary above and the colour scale are of all "
+            f"{len(trajs)} rollouts.</p>"
+        )
+    return f"{head}{notice}{body}{''.join(groups)}{tail}"
 
 
 def settings_line(cfg) -> str:
@@ -296,7 +370,8 @@ def write_step_page(
     cfg,
     title: str,
 ) -> Path:
-    """step_page for a Config, written atomically to path (its folder made)."""
+    """step_page for a Config, written atomically to path (its folder made); at most
+    MAX_PAGE_BYTES."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     page = step_page(
@@ -310,5 +385,5 @@ def write_step_page(
         title=title,
         settings=settings_line(cfg),
     )
-    write_lines(path, [page])
+    write_text(path, page)
     return path

@@ -286,3 +286,141 @@ def test_question_page_advantages_are_trainings(tiny_run_files, tokenizer, tiny_
     assert_page_shows(PageReader(Path(path).read_text()), trajs, adv.tokens)
     assert len(trajs) == Config().group_size
     assert torch.equal(adv.outcome, ig.group_advantages(outcome.rewards, Config().group_size))
+
+
+def a_step(tokenizer, n_groups: int, group_size: int = 2) -> dict:
+    """step_page's arguments for n_groups questions of group_size rollouts that search once (with
+    multi-byte text in every part) and answer; the first rollout of each group is right."""
+    trajs, questions = [], []
+    for i in range(n_groups * group_size):
+        t = warmup.supervised_trajectory(
+            tokenizer,
+            f"Question {i // group_size}: naïve 東京?",
+            [
+                ("<think> café 😀 </think> <search> q </search>", True),
+                (ig.observation_text(f"Doc 1 Zürich {i} 東京", ig.TEMPLATES["igsearch"]), False),
+                (f"<answer> Paris {i} </answer>", True),
+            ],
+        )
+        lo = len(
+            tokenizer("<think> café 😀 </think> <search> ", add_special_tokens=False).input_ids
+        )
+        t.steps.append(ig.Step("q", f"Doc 1 Zürich {i} 東京", (lo, lo + 1)))
+        trajs.append(t)
+        questions.append({"question": f"Question {i // group_size}?", "golden_answers": ["Paris"]})
+    outcome = rl.rewards(trajs, [q["golden_answers"] for q in questions])
+    rewards = torch.tensor([float(i % group_size == 0) for i in range(len(trajs))])
+    outcome = outcome._replace(rewards=rewards)
+    gains = [[ig.Gain(0.5, [-1.0, -1.5, -1.5, -1.5])] for _ in trajs]
+    adv = rl.advantages(trajs, rewards, [[0.5]] * len(trajs), Config(group_size=group_size))
+    return dict(
+        questions=questions,
+        trajs=trajs,
+        outcome=outcome,
+        gains=gains,
+        adv=adv,
+        group_size=group_size,
+        title="a step",
+        settings="settings",
+    )
+
+
+def test_a_page_over_its_bound_shows_whole_groups_and_says_how_many_it_left_out(tokenizer):
+    """Issue 49, family 12: the page had no bound (148 bytes a generated token, ~0.5 GB for a step
+    of the paper preset). Over max_bytes it shows the first groups whole, stays valid HTML (every
+    tag it opens closed), and says near the top how many groups and rollouts it left out."""
+    step = a_step(tokenizer, n_groups=6)
+    whole = credit.step_page(tokenizer, **step)
+    assert 'class="cut"' not in whole  # under the bound: every group, no notice
+    bound = len(whole.encode()) // 2
+    for max_bytes in (bound, len(whole.encode()) - 1, 12_000):
+        html = credit.step_page(tokenizer, **step, max_bytes=max_bytes)
+        assert len(html.encode()) <= max_bytes
+        page = PageReader(html)
+        for tag in ("details", "div", "span", "table", "p"):
+            assert page.opened.count(tag) == page.closed.count(tag), tag
+        shown = len(page.rollouts)
+        assert shown % 2 == 0 and shown < 12  # whole groups of 2, some left out
+        assert_page_shows(page, step["trajs"][:shown], step["adv"].tokens[:shown])
+        left = 6 - shown // 2
+        text = "".join(page.text)
+        assert f"{left} of 6 groups ({12 - shown} of 12 rollouts) left out" in text
+        assert f"under {max_bytes:,} bytes" in text
+        assert html.index('class="cut"') < html.index('class="note"')  # near the top
+    assert len(PageReader(credit.step_page(tokenizer, **step, max_bytes=bound)).rollouts) >= 4
+    assert not PageReader(credit.step_page(tokenizer, **step, max_bytes=12_000)).rollouts
+
+
+def test_the_step_page_file_is_bounded_by_max_page_bytes(tokenizer, tmp_path, monkeypatch):
+    """train.py --html_every and evaluate.py --html write through write_step_page: the file on disk
+    holds at most MAX_PAGE_BYTES bytes (32 MiB; here made small)."""
+    step = a_step(tokenizer, n_groups=4)
+    del step["group_size"], step["settings"]
+    monkeypatch.setattr(credit, "MAX_PAGE_BYTES", 20_000)
+    path = credit.write_step_page(tmp_path / "steps" / "p.html", tokenizer, **step, cfg=Config())
+    assert 0 < path.stat().st_size <= 20_000
+    assert "left out: a page is kept under 20,000 bytes" in "".join(
+        PageReader(path.read_text()).text
+    )
+
+
+MULTIBYTE = "Café naïve 東京 Zürich 😀 <answer> ß </answer> ありがとう 🇫🇷 Ωmega "
+
+
+def decode_counter(tokenizer, monkeypatch) -> list[int]:
+    """tokenizer.decode spied on: the lengths of the id lists it was asked to decode."""
+    real, lengths = tokenizer.decode, []
+
+    def decode(ids, *a, **kw):
+        lengths.append(len(ids))
+        return real(ids, *a, **kw)
+
+    monkeypatch.setattr(tokenizer, "decode", decode)
+    return lengths
+
+
+def test_token_texts_of_multibyte_text_equal_the_exact_pass(tokenizer):
+    """Each token's text is that of the exact prefix-by-prefix pass: "" for a token that ends inside
+    a character, the character on the token that completes it; the pieces join to the decode."""
+    ids = tokenizer(MULTIBYTE * 6, add_special_tokens=False).input_ids
+    pieces = credit.token_texts(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == MULTIBYTE * 6
+    assert pieces == credit.exact_token_texts(tokenizer, ids)
+    assert "" in pieces and "\ufffd" not in "".join(pieces)
+    for n in (1, 2, 3, 17):  # a segment that ends inside a character keeps its U+FFFD, as decode
+        assert "".join(credit.token_texts(tokenizer, ids[:n])) == tokenizer.decode(ids[:n])
+
+
+def test_token_texts_work_is_linear_in_the_segment(tokenizer, monkeypatch):
+    """Issue 49, family 12: token_texts decoded ids[:k+1] for every k, 2 million ids for a segment
+    of 2,000 tokens (a paper-preset response holds up to 4,096). Now at most 20 ids a token."""
+    ids = tokenizer(MULTIBYTE * 200, add_special_tokens=False).input_ids[:2000]
+    assert len(ids) == 2000
+    whole = tokenizer.decode(ids)
+    lengths = decode_counter(tokenizer, monkeypatch)
+    pieces = credit.token_texts(tokenizer, ids)
+    assert "".join(pieces) == whole
+    assert sum(lengths) <= 20 * len(ids)
+
+
+class CapsLock:
+    """A decoder with state further back than any window: ids 0-25 are a-z, id 26 switches upper
+    case on or off for what follows."""
+
+    def decode(self, ids):
+        upper, out = False, []
+        for i in ids:
+            if i == 26:
+                upper = not upper
+            else:
+                out.append(chr(97 + i).upper() if upper else chr(97 + i))
+        return "".join(out)
+
+
+def test_token_texts_fall_back_to_the_exact_pass_where_the_window_is_not_enough():
+    """Where the windowed pieces do not join to the whole decode, token_texts takes the exact pass:
+    correctness never depends on the tokenizer."""
+    ids = [26] + list(range(26)) * 2 + [26] + list(range(5))
+    pieces = credit.token_texts(CapsLock(), ids)
+    assert "".join(pieces) == CapsLock().decode(ids)
+    assert pieces == credit.exact_token_texts(CapsLock(), ids)
