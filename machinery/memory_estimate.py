@@ -130,9 +130,13 @@ def lengths(cfg) -> tuple[int, int, int]:
     return PROMPT_TOKENS + response, min(generated, response), inserted
 
 
-def estimate(cfg, shape: Shape, device_type: str, world_size: int = 1) -> dict[str, dict]:
-    """Bytes each term holds, per phase (rollout and evaluation, IG scoring, update), per rank."""
-    s, act = shape, (2 if device_type == "cuda" else 4)  # bf16 activations under autocast on CUDA
+def estimate(
+    cfg, shape: Shape, device_type: str, world_size: int = 1, bf16: bool | None = None
+) -> dict[str, dict]:
+    """Bytes each term holds, per phase (rollout and evaluation, IG scoring, update), per rank.
+    bf16: the run autocasts to bf16 (train.py's choice from --precision; None: on CUDA only)."""
+    bf16 = device_type == "cuda" if bf16 is None else bf16
+    s, act = shape, (2 if bf16 else 4)  # bf16 activations under autocast
     T, generated, inserted = lengths(cfg)
     adapter = lora_params(s, cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else 0
     trained = adapter or s.params
@@ -144,7 +148,7 @@ def estimate(cfg, shape: Shape, device_type: str, world_size: int = 1) -> dict[s
     }
     if adapter:
         fixed["LoRA adapter"] = 4 * adapter
-    elif device_type == "cuda":  # autocast keeps a bf16 copy of every weight that trains
+    elif bf16:  # autocast keeps a bf16 copy of every weight that trains
         fixed["autocast bf16 weights"] = 2 * s.params
     if cfg.kl_coef > 0 and not adapter:  # LoRA's reference is the base, adapter off: no copy
         fixed["reference model"] = s.params * (2 if device_type == "cuda" else 4)
@@ -223,7 +227,10 @@ def check(cfg, model_path: str, device, world_size: int = 1, quiet: bool = False
     except Exception as e:  # an estimate never stops a run: loading the model says what is wrong
         say(f"memory: no estimate ({str(e).strip().splitlines()[0][:120]})")
         return
-    phase, total, terms = peak(estimate(cfg, shape, device.type, world_size))
+    from machinery.lm import amp_dtype  # torch, imported only when a run checks
+
+    bf16 = amp_dtype(cfg.precision, device) is not None
+    phase, total, terms = peak(estimate(cfg, shape, device.type, world_size, bf16=bf16))
     have, what = device_memory(device)
     say(f"memory: estimate {summary(phase, total, terms)}; device: {what}")
     if total > have and not cfg.ignore_memory_check:

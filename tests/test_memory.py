@@ -126,3 +126,31 @@ def test_the_table_prints_offline_for_qwen(capsys):
     )
     out = capsys.readouterr().out
     assert "3.09 B parameters" in out and "| fits 24.0 GiB | no | no |" in out
+
+
+def test_the_estimate_follows_the_runs_precision_on_the_cpu(monkeypatch, capsys):
+    """bf16 autocast on a CPU adds the bf16 copy of the trained weights and holds bf16 activations;
+    train.py's check passes the run's own choice (--precision fp32 on a bf16 CPU: no copy)."""
+    shape = memory.model_shape(memory.QWEN25_3B)
+    fp32 = memory.estimate(Config(), shape, "cpu", bf16=False)["update"]
+    bf16 = memory.estimate(Config(), shape, "cpu", bf16=True)["update"]
+    assert "autocast bf16 weights" not in fp32 and bf16["autocast bf16 weights"] == 2 * shape.params
+    assert bf16["update activations"] < fp32["update activations"]  # bf16 where autocast casts
+    lora = memory.estimate(Config(lora_rank=16), shape, "cpu", bf16=True)["update"]
+    assert "autocast bf16 weights" not in lora  # the frozen base is not a leaf that trains
+
+    import torch
+
+    from machinery import lm
+
+    monkeypatch.setattr(lm, "native_bf16", lambda device: True)  # a CPU with bf16 units
+    monkeypatch.setattr(memory, "model_shape", lambda config: shape)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: None)
+    estimate, asked = memory.estimate, []
+    monkeypatch.setattr(
+        memory, "estimate", lambda *a, **k: asked.append(k["bf16"]) or estimate(*a, **k)
+    )
+    for precision in ("auto", "fp32", "bf16"):
+        cfg = Config(precision=precision, ignore_memory_check=True)  # 3B: over this RAM
+        memory.check(cfg, "any", torch.device("cpu"), quiet=True)
+    assert asked == [True, False, True]

@@ -338,7 +338,8 @@ def bench_memory(b, steps: dict[str, list[dict]]) -> None:
     """The peak memory of each phase beside memory.py's estimate of it (train.py's check before a
     run); the update with fast.lean_backward beside it without."""
     cfg = dataclasses.replace(b.cfg, eval_questions=0, eval_every=0)  # bench evaluates nothing
-    est = memory.estimate(cfg, memory.model_shape(b.model.config), b.device.type)
+    shape, bf16 = memory.model_shape(b.model.config), b.compute.amp_dtype is not None
+    est = memory.estimate(cfg, shape, b.device.type, bf16=bf16)
     rows = []
     for k in ("rollout", "IG", "update"):
         got, want = statistics.median(s[f"mem {k}"] for s in steps["IG"]), sum(est[k].values())

@@ -21,6 +21,7 @@ from transformers import AutoConfig
 import prepare
 from config import Config, check_config, parse_config
 from machinery.errors import InputError, OneLineParser
+from machinery.lm import native_bf16
 from machinery.memory_estimate import (
     NAMED,
     PROJECTIONS,
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu" or torch.cuda.is_available()
         else None
     )
+    # bf16 as train.py would choose it: this machine's CPU, or any CUDA GPU (the paper's A100s)
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and (args.device == "cuda" or native_bf16(torch.device("cpu")))
+    )
     columns = {
         ("full fine-tuning" if r == 0 else f"LoRA rank {r}"): estimate(
-            Config(**{**cfg.__dict__, "lora_rank": r}), shape, args.device
+            Config(**{**cfg.__dict__, "lora_rank": r}), shape, args.device, bf16=bf16
         )
         for r in ranks
     }
