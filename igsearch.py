@@ -34,7 +34,7 @@ Departures from the paper and its official code (reasons in docs/departures.md, 
 12. --ig_center (not the paper's): IG centred in its question's group;
 13. --step_reward hit (not the paper's): the hit itself as the step bonus, a baseline;
 14. bf16 autocast where the device has bf16 matrix units, fp32 weights and log-softmax;
-15. --ig_pool others (not the paper's, not the default): a step's own question is left out of its pool.
+15. --ig_pool others (not the paper's, not the default): the own question left out of the pool.
 """
 
 from __future__ import annotations
