@@ -54,6 +54,8 @@ def choose_compute(
     use_fast: bool, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> Compute:
     """Compute with the fast twins (use_fast) or the plain functions, autocast to amp_dtype."""
+    if amp_dtype is not None and device.type == "cpu":
+        lm.bound_kernel_caches()  # before the first bf16 product
     if use_fast:
         return Compute(
             new_turn=fast.CachedTurns,

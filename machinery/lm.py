@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def native_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+KERNEL_CACHE = 16  # compiled oneDNN kernels kept per cache (torch's and oneDNN's: 1024 each)
+
+
+def bound_kernel_caches() -> None:
+    """Keep few compiled bf16 kernels. On the CPU, bf16 products run through oneDNN, which compiles
+    a kernel for each new shape and keeps it, with memory of its own, in two caches of 1,024
+    entries; the rollout's prefills, the IG batches and the update change their length at every
+    call, so the default run grew by ~0.5 GiB over its 12 RL steps (docs/performance.md). Both
+    caches read their size at the first product that uses them, so call this before it; a size set
+    in the environment wins."""
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(KERNEL_CACHE))
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -2,6 +2,7 @@
 trained weights stay fp32, inserted tokens never train, advantages land on the tokens they name."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ def test_precision_is_chosen_once_from_the_flag_and_the_hardware():
     with BF16.autocast():
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
+
+
+def test_a_bf16_cpu_run_bounds_the_kernel_caches_and_a_users_size_wins(monkeypatch):
+    """oneDNN keeps a compiled kernel per product shape (1,024 by default in each of two caches):
+    a bf16 run on the CPU asks for few before its first product; fp32 and CUDA runs leave them."""
+    names = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    rl.choose_compute(True, torch.device("cpu"), None)
+    rl.choose_compute(True, torch.device("cuda"), torch.bfloat16)
+    assert not any(name in os.environ for name in names)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "256")
+    rl.choose_compute(False, torch.device("cpu"), torch.bfloat16)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "256"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(lm.KERNEL_CACHE)
 
 
 def trajectories(tokenizer):
