@@ -151,6 +151,26 @@ def scripted():
     return ScriptedLM
 
 
+@pytest.fixture
+def script_rollouts(monkeypatch):
+    """script_rollouts(tok, scripts): igsearch.rollout writes each prompt's script greedily (a
+    ScriptedLM in place of the policy), whatever the caller's model and temperature."""
+    import igsearch as ig
+
+    real_rollout = ig.rollout
+
+    def script(tok, scripts):
+        monkeypatch.setattr(
+            ig,
+            "rollout",
+            lambda model, tokenizer, prompts, search, **kw: real_rollout(
+                ScriptedLM(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
+            ),
+        )
+
+    return script
+
+
 class CopyLM(torch.nn.Module):
     """Favours tokens it has already seen: logit[v] = bonus * [v occurred at or before position p].
 

@@ -93,7 +93,7 @@ def test_bf16_logprobs_are_fp32_masked_and_close_to_fp32(tokenizer, tiny_model):
 
 
 def test_advantages_land_on_the_query_tokens_in_a_bf16_run(
-    tiny_run_files, tmp_path, monkeypatch, scripted
+    tiny_run_files, tmp_path, monkeypatch, script_rollouts
 ):
     """A tiny training run with --precision bf16 (a scripted policy that searches, then answers):
     each update's per-token advantages are A_i off the query tokens and carry IG on them, as in
@@ -101,20 +101,13 @@ def test_advantages_land_on_the_query_tokens_in_a_bf16_run(
     from test_train import PASSAGES, tiny_config
     from transformers import AutoTokenizer
 
-    import igsearch as ig
     import train
 
     tok = AutoTokenizer.from_pretrained(tiny_run_files["model"])
     keys = [p[1].split()[-1] for p in PASSAGES]  # each question's last word: its own documents
     scripts = {k: [f"<search> {k.strip('.')} </search>", "<answer> Paris </answer>"] for k in keys}
-    real_rollout, real_update, seen = ig.rollout, rl.update, []
-    monkeypatch.setattr(
-        ig,
-        "rollout",
-        lambda model, tokenizer, prompts, search, **kw: real_rollout(
-            scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
-        ),
-    )
+    real_update, seen = rl.update, []
+    script_rollouts(tok, scripts)
 
     def spy(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute=None):
         seen.append((trajs, tok_adv, compute))

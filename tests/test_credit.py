@@ -66,7 +66,9 @@ def assert_page_shows(page: PageReader, trajs, tok_adv):
         assert all(r["adv"][p] is None for p, m in enumerate(t.loss_mask) if not m)
 
 
-def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypatch, scripted):
+def test_step_pages_show_what_the_update_used(
+    tiny_run_files, tmp_path, monkeypatch, script_rollouts
+):
     """A scripted policy that searches (different documents per question) then answers; the tiny
     model scores IG and trains. Pages come every html_every steps and for the last one, and show
     the advantages passed to update, the masks and ids of its trajectories, and the IG scores."""
@@ -81,14 +83,8 @@ def test_step_pages_show_what_the_update_used(tiny_run_files, tmp_path, monkeypa
         ]
         for k in keys
     }
-    real_rollout, real_update, seen = ig.rollout, rl.update, []
-    monkeypatch.setattr(
-        ig,
-        "rollout",
-        lambda model, tokenizer, prompts, search, **kw: real_rollout(
-            scripted(tok, scripts), tokenizer, prompts, search, **{**kw, "temperature": 0.0}
-        ),
-    )
+    real_update, seen = rl.update, []
+    script_rollouts(tok, scripts)
 
     def spy_update(model, ref, tokenizer, trajs, tok_adv, optimizer, cfg, compute=None):
         seen.append((trajs, [a.clone() for a in tok_adv]))
