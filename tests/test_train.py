@@ -679,6 +679,9 @@ def test_learning_curves_average_seeds_per_method_from_the_shared_warmup(tmp_pat
         2: [0.5, 0.5],
     }  # a trailing mean over steps
     assert "val_em" not in curves["outcome-only"] and "val_hit" not in curves["IG-Search"]
+    (Path(warm) / "table.json").unlink()  # a warm-up that tested nothing (--eval_questions 0)
+    assert compare.Run.read(warm).method == "after warm-up"
+    assert compare.learning_curves([compare.Run.read(warm), *runs[1:]]) == curves
     pytest.importorskip("matplotlib")
     assert compare.main([warm, *ig_runs, out, "--plot", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000

@@ -73,9 +73,11 @@ class Run:
     @property
     def method(self) -> str:
         """The method of an RL run; a run without RL steps is named by its last table row (e.g.
-        after warm-up: the model it produced). A task other than the plain one is part of the
-        name: runs of two tasks are never averaged."""
-        name = method_name(self.config) if self.rl_steps else next(reversed(self.table), "-")
+        after warm-up: the model it produced), or "after warm-up" when it warmed up and tested
+        nothing (--eval_questions 0). A task other than the plain one is part of the name: runs of
+        two tasks are never averaged."""
+        warmed = "after warm-up" if self.config.get("warmup_examples") else "-"
+        name = method_name(self.config) if self.rl_steps else next(reversed(self.table), warmed)
         return name + (f" [{self.task}]" if self.task != "plain" else "")
 
     @property
