@@ -21,7 +21,7 @@ from transformers import AutoConfig
 import prepare
 from config import Config, check_config, parse_config
 from machinery.errors import InputError, OneLineParser
-from machinery.lm import native_bf16
+from machinery.lm import amp_dtype
 from machinery.memory_estimate import (
     NAMED,
     PROJECTIONS,
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu" or torch.cuda.is_available()
         else None
     )
-    # bf16 as train.py would choose it: this machine's CPU, or any CUDA GPU (the paper's A100s)
-    bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and (args.device == "cuda" or native_bf16(torch.device("cpu")))
-    )
+    # bf16 as train.py chooses it (lm.amp_dtype) for this machine's CPU; any CUDA GPU is taken to
+    # have bf16 units (the paper's A100s), as one need not be present to print its table
+    if args.device == "cuda":
+        bf16 = cfg.precision != "fp32"
+    else:
+        bf16 = amp_dtype(cfg.precision, torch.device("cpu")) is not None
     columns = {
         ("full fine-tuning" if r == 0 else f"LoRA rank {r}"): estimate(
             Config(**{**cfg.__dict__, "lora_rank": r}), shape, args.device, bf16=bf16
