@@ -204,8 +204,8 @@ def test_precision_section_scores_both_precisions_and_reports_equal_ig_as_agreei
     capsys.readouterr()
     bench.bench_precision(b)
     out = capsys.readouterr().out
-    for phase in ("step_bonus", "update"):  # a warm-up and a timed run of each
-        assert sorted(map(str, seen[phase])) == sorted(map(str, [None, torch.bfloat16] * 2))
+    for phase in ("step_bonus", "update"):  # a warm-up, a timed and a profiled run of each
+        assert sorted(map(str, seen[phase])) == sorted(map(str, [None, torch.bfloat16] * 3))
     rows = [line.rsplit("  ", 1) for line in out.splitlines() if "  " in line]
     lines = {name.strip(): value.strip() for name, value in rows}
     assert lines["same sign (share of steps)"] == "1"
@@ -213,3 +213,25 @@ def test_precision_section_scores_both_precisions_and_reports_equal_ig_as_agreei
     assert lines["same ranking of steps"] == "yes"
     assert "target IG ranking of steps unchanged: met" in out
     assert "are the same tokens: yes" in out
+    ceiling = out[out.index("== 9d.") :].splitlines()[2:6]  # the header, then a row a phase
+    assert [r.split("  ")[0] for r in ceiling] == ["rollout (sampling)", "IG scoring"] + [
+        "update (lr 0)",
+        "step",
+    ]
+
+
+def test_amdahl_and_the_product_split():
+    """Half the time 2x faster is the whole 4/3 faster; a product and an elementwise op land on
+    their own sides of product_seconds' split."""
+    import torch
+
+    from tools.bench import amdahl, product_seconds
+
+    assert amdahl(share=0.5, speedup=2.0) == pytest.approx(4 / 3)
+    assert amdahl(share=1.0, speedup=3.0) == pytest.approx(3.0)
+    assert amdahl(share=0.0, speedup=9.0) == 1.0
+    x = torch.randn(256, 256)
+    products, rest = product_seconds(lambda: x @ x)
+    assert products > 0 and rest < products
+    products, rest = product_seconds(lambda: (x * x).exp())
+    assert products == 0 and rest > 0

@@ -667,6 +667,58 @@ def precision_step(b, trajs: list[ig.Trajectory], compute: rl.Compute) -> dict:
     return rec
 
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")  # what bf16 matrix units speed up
+
+
+def product_seconds(fn) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in everything else) of fn: profiler CPU self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = prof.key_averages()
+    products = sum(r.self_cpu_time_total for r in rows if r.key in PRODUCTS) / 1e6
+    return products, sum(r.self_cpu_time_total for r in rows) / 1e6 - products
+
+
+def amdahl(share: float, speedup: float) -> float:
+    """The whole's speed-up when a share of its time gains `speedup` and the rest none."""
+    return 1 / ((1 - share) + share / speedup)
+
+
+def bench_ceiling(b, trajs: list[ig.Trajectory], computes: dict) -> None:
+    """9d: where bf16's gain comes from: each phase profiled once in each precision, its time split
+    into matrix products and the rest (attention, casts, elementwise work, sampling), and Amdahl's
+    ceiling: the phase's fp32 / bf16 if its products gained what they gain here and the rest kept
+    its fp32 time, 1 / ((1 - s) + s / r)."""
+    c, ones = b.cfg, [torch.ones(len(t.response_ids)) for t in trajs]
+    phases = {
+        "rollout (sampling)": lambda x: timed_rollouts(b, c, x),
+        "IG scoring": lambda x: timed_bonus(b, trajs, c, x),
+        "update (lr 0)": lambda x: timed_update(b, trajs, ones, c, x),
+    }
+    rows, t32, t16, bound = [], 0.0, 0.0, 0.0  # bound: the step's seconds at every ceiling
+    for name, run in phases.items():
+        (p32, o32), (p16, o16) = (product_seconds(lambda: run(computes[x])) for x in computes)
+        r = p32 / p16 if p16 else 1.0  # no products (a scripted phase): nothing to gain
+        ceiling = amdahl(share=p32 / ((p32 + o32) or 1), speedup=r)
+        ratio = (p32 + o32) / ((p16 + o16) or 1)
+        rows.append([name, p32, p16, r, o32, o16, o32 / (o16 or 1), ratio, ceiling])
+        t32, t16, bound = t32 + p32 + o32, t16 + p16 + o16, bound + (p32 + o32) / ceiling
+    rows.append(["step", "", "", "", "", "", "", t32 / (t16 or 1), t32 / (bound or 1)])
+    table(
+        "9d. where bf16's gain comes from: matrix products and the rest, profiled (CPU self "
+        "seconds, one run each), and Amdahl's ceiling",
+        ["phase", "prod fp32", "prod bf16", "ratio", "rest fp32", "rest bf16", "ratio"]
+        + ["fp32 / bf16", "ceiling"],
+        rows,
+        "ceiling = 1 / ((1 - s) + s / r), s the products' share of the fp32 time and r their "
+        "fp32 / bf16: the",
+        "phase's speed-up if only its products gained; a target above it needs faster products "
+        "(AMX units) or less other work",
+    )
+
+
 def bench_precision(b) -> None:
     """The same step in fp32 and under bf16 autocast, alternated: each phase's time and the ratio,
     the IG of the same rollouts, the update's loss and gradient norm."""
@@ -728,6 +780,7 @@ def bench_precision(b) -> None:
             for k in ("loss", "grad_norm")
         ],
     )
+    bench_ceiling(b, trajs, computes)
 
 
 def main(argv: list[str] | None = None) -> int:
