@@ -5,12 +5,14 @@
 
 Greedy rollouts through the same loop as training; prints dataset, n, EM, F1, searches per
 question and valid-answer rate, with an average row, and writes the results (config, retriever,
-corpus and top-k stated) atomically to a JSON file. `--show N` prints N trajectories with the
-information gain of each search step against the gold answer.
+corpus and top-k stated) atomically to a JSON file, with one record a question beside it
+(x.questions.jsonl: id, prediction, EM, searches, first query, each search's hit). `--show N`
+prints N trajectories with the information gain of each search step against the gold answer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -27,10 +29,16 @@ import step as rl
 from config import TASKS, Config, checked_fields, parse_bool
 from machinery import credit_page, lm, loaders
 from machinery.errors import InputError, OneLineParser, RetrieverError
-from machinery.run_folder import check_not_input, check_writable, read_json, write_json
+from machinery.run_folder import check_not_input, check_writable, read_json, write_json, write_lines
 from machinery.tables import format_paper_table, format_table
 from machinery.text import f1_score
 from retriever import make_search
+
+
+def questions_path(out: str) -> Path:
+    """The per-question records beside the results JSON: x.eval.json -> x.eval.questions.jsonl."""
+    path = Path(out)
+    return path.with_name(path.stem + ".questions.jsonl")
 
 
 def default_out(model: str) -> str:
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         question_sets = [loaders.load_questions(path)[: args.limit or None] for path in files]
         out = args.out or default_out(args.model)
         inputs = [*files, args.corpus]
-        for flag, path in (("--out", out), ("--html", args.html)):
+        for flag, path in (("--out", out), ("--out", questions_path(out)), ("--html", args.html)):
             if path:  # never over an input, a model's file or a run's file; before the work
                 check_not_input(path, flag, inputs, args.model)
         check_writable(out)  # before the evaluation, which may take an hour
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         device = next(model.parameters()).device
         compute = rl.choose_compute(args.fast, device, lm.amp_dtype(args.precision, device))
-        rows, shown, everything = {}, [], []
+        rows, shown, everything, records = {}, [], [], []
         for path, questions in zip(files, question_sets):
             summary, answered = evaluate(
                 model,
@@ -304,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 desc=Path(path).stem,
             )
             name = Path(path).stem
-            rows[name if name not in rows else f"{name}_{len(rows) + 1}"] = summary
+            name = name if name not in rows else f"{name}_{len(rows) + 1}"
+            rows[name] = summary
+            records += [{"dataset": name, **r} for r in question_records(answered)]
             shown += answered[: max(0, args.show - len(shown))]
             everything += answered
     except (InputError, RetrieverError) as e:
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             "results": rows,
         },
     )
-    print(f"results written to {out}")
+    write_lines(questions_path(out), [json.dumps(r) for r in records])
+    print(f"results written to {out}, one record a question to {questions_path(out)}")
     return 0
 
 

@@ -38,6 +38,7 @@ RUN_FILES = (
     "checkpoint.old",
     "checkpoint.tmp",
     "checkpoint.eval.json",
+    "checkpoint.eval.questions.jsonl",
     "questions-start.jsonl",
     "questions-warmup.jsonl",
     "questions.jsonl",

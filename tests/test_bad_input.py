@@ -498,6 +498,8 @@ def test_evaluate_writes_beside_a_checkpoint_not_inside_it(tmp_path):
     )
     assert evaluate.default_out("HuggingFaceTB/SmolLM2-135M") == "runs/eval.json"
     assert "checkpoint.eval.json" in checkpoint.RUN_FILES  # a --restart removes it with the run
+    default = evaluate.default_out(str(tmp_path / "checkpoint"))
+    assert evaluate.questions_path(default).name in checkpoint.RUN_FILES  # and its records
 
 
 def test_resume_honours_a_new_step_count_and_records_it(finished_run, tmp_path):

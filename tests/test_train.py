@@ -149,11 +149,42 @@ def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path,
         "outcome-only"
     ]  # a shared start checkpoint is evaluated once, by its own run
     assert json.loads((tmp_path / "b" / "table.json").read_text()) == table
+    for run, name, row in (
+        ("a", "questions-start.jsonl", "start model"),
+        ("a", "questions-warmup.jsonl", "after warm-up"),
+        ("a", "questions.jsonl", "IG-Search"),
+        ("b", "questions.jsonl", "outcome-only"),
+    ):  # one record a test question, agreeing with the table's row
+        got = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
+        rows = json.loads((tmp_path / run / "table.json").read_text())
+        assert [r["id"] for r in got] == ["0", "1", "2"]
+        assert sum(r["em"] for r in got) / 3 == pytest.approx(rows[row]["em"])
+        assert all(r["hit1"] == (bool(r["hits"]) and r["hits"][0]) for r in got)
     cfg, c = Config(), config.CPU_SECONDS
     more = dataclasses.replace(cfg, steps=cfg.steps + 1)
     assert train.estimate_seconds(more) - train.estimate_seconds(cfg) == pytest.approx(
         cfg.questions_per_step * cfg.group_size * c["rollout"]
     )  # one more step costs one step's rollouts
+
+
+def test_evaluate_writes_one_record_a_question_beside_its_results(tiny_run_files, tmp_path):
+    """evaluate.py's per-question records: every question of every file, named by its dataset
+    (the second copy of a file gets its row's name), their EM averaging to the table's."""
+    import evaluate
+
+    out = tmp_path / "e.eval.json"
+    data = tiny_run_files["train_data"]
+    argv = ["--model", tiny_run_files["model"], "--corpus", tiny_run_files["corpus"]]
+    argv += ["--data", data, data, "--limit", "3", "--max_turn_tokens", "3", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    got = [json.loads(line) for line in (tmp_path / "e.eval.questions.jsonl").open()]
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == ["qa", "qa_2"]
+    assert [(r["dataset"], r["id"]) for r in got] == [(d, i) for d in rows for i in "012"]
+    for name, row in rows.items():
+        ems = [r["em"] for r in got if r["dataset"] == name]
+        assert sum(ems) / len(ems) == pytest.approx(row["em"])
+    assert {"prediction", "searches", "first_query", "hits", "hit1"} <= set(got[0])
 
 
 def test_validation_curve_is_held_out_and_logged_with_query_quality(
