@@ -70,7 +70,9 @@ def test_the_query_task_figures_come_from_the_committed_runs(capsys):
     assert "paired permutation over questions: skipped: no questions.jsonl in 6 of 6 runs" in pair
     empty = out[out.index("against IG-Search (empty baseline, centred) [noisy] (2 runs)") :]
     assert "two-sided p 0.505" in empty
-    assert "results/query/warmup: left out (no RL steps" in out
+    ref = out[out.index("results/query/warmup (after warm-up): test EM 0.1571") :]
+    assert "IG-Search (centred) [noisy]: EM +8.2 points (mean over 3 runs)" in ref
+    assert "skipped: no questions-warmup.jsonl or questions.jsonl in 4 of 4 runs" in ref
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -220,3 +222,52 @@ def test_first_search_hit_is_tested_beside_em_when_the_runs_record_it(tmp_path, 
         "over questions: 60 questions, mean difference +50.0 points, two-sided p 0.0005" in out
     )  # hit1 pairs as EM does; the EM of both is equal question by question
     assert "paired permutation over questions: 60 questions, mean difference +0.0 points" in out
+
+
+def test_a_run_without_rl_steps_is_the_reference_each_method_is_tested_against(tmp_path, capsys):
+    """Issue 47's hit target is against the warm-up: a --steps 0 run that tested its start model
+    is a reference, paired over questions through its questions-start.jsonl (30 of 60 questions
+    more right is far past chance; the same answers give p = 1), first-search hit beside EM."""
+    runs = [fake_run(tmp_path / f"ig-s{s}", s, [0.0, 1.0] * 30) for s in (0, 1)]
+    ref = tmp_path / "warm"
+    fake_run(ref, 0, None)
+    (ref / "metrics.jsonl").write_text("")  # no RL step
+    (ref / "table.json").write_text(
+        json.dumps(
+            {
+                "start model": {
+                    "n": 60,
+                    "em": 0.0,
+                    "f1": 0.0,
+                    "searches": 1,
+                    "valid": 1,
+                    "hit1": 0.25,
+                }
+            }
+        )
+    )
+    lines = [json.dumps({"id": f"q{i}", "em": 0.0, "hit1": i % 4 == 0}) for i in range(60)]
+    (ref / "questions-start.jsonl").write_text("\n".join(lines) + "\n")
+    for s in (0, 1):  # the trained runs' first-search hit: the same questions as the reference's
+        folder = tmp_path / f"ig-s{s}"
+        table = json.loads((folder / "table.json").read_text())
+        next(iter(table.values()))["hit1"] = 0.25
+        (folder / "table.json").write_text(json.dumps(table))
+        recs = [json.loads(x) for x in (folder / "questions.jsonl").read_text().splitlines()]
+        body = [json.dumps({**r, "hit1": i % 4 == 0}) for i, r in enumerate(recs)]
+        (folder / "questions.jsonl").write_text("\n".join(body) + "\n")
+    assert significance.main([str(ref), *runs, "--rounds", "2000"]) == 0
+    out = capsys.readouterr().out
+    part = out[out.index(f"against {ref} (start model): test EM 0.0000") :]
+    assert (
+        ": EM +50.0 points (mean over 2 runs); over questions: 60 questions, mean difference "
+        in part
+    )
+    assert "+50.0 points, two-sided p 0.0005" in part
+    assert (
+        "first-search hit 0.250 against 0.250 (+0.000); over questions: 60 questions, mean " in part
+    )
+    assert "difference +0.0 points, two-sided p 1" in part
+    (ref / "questions-start.jsonl").unlink()
+    assert significance.main([str(ref), *runs, "--rounds", "2000"]) == 0
+    assert "skipped: no questions-start.jsonl in 1 of 3 runs" in capsys.readouterr().out

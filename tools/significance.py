@@ -19,6 +19,11 @@ model's). For every pair of methods with at least two runs each it prints:
   method's seeds, the signs of the paired differences flipped at random. It counts the spread of
   questions, not of seeds: the trained models are held fixed. Without the files it is skipped and
   the output says so.
+
+A run that trained no RL step but tested a model (its start or warmed-up model, e.g. `train.py
+--steps 0 --eval_start true`) is a reference: every method's mean test EM and first-search hit is
+given against its, with the same paired test over questions (its questions-start.jsonl or
+questions-warmup.jsonl).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ except ModuleNotFoundError:  # (then tools/ is sys.path[0])
     from compare import Run, run_labels
 
 QUESTIONS_FILE = "questions.jsonl"
+# the per-question file of a table row that is not the trained model's (train.py's names)
+ROW_FILES = {"start model": "questions-start.jsonl", "after warm-up": "questions-warmup.jsonl"}
 
 
 # ----------------------------------------------------------------------------- Student's t
@@ -180,13 +187,8 @@ def read_questions(path: Path, key: str = "em") -> dict[str, float]:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
         except RecursionError:
             raise InputError(f"{path}:{n}: JSON nested too deep") from None
-        em = rec.get(key) if isinstance(rec, dict) else None
-        if (
-            not isinstance(rec, dict)
-            or "id" not in rec
-            or isinstance(em, bool)
-            or not isinstance(em, (int, float))
-        ):
+        em = rec.get(key) if isinstance(rec, dict) else None  # hit1 is written true or false
+        if not isinstance(rec, dict) or "id" not in rec or not isinstance(em, (int, float)):
             raise InputError(f"{path}:{n}: not an object with an 'id' and a number '{key}'")
         if str(rec["id"]) in got:
             raise InputError(f"{path}:{n}: question id {rec['id']!r} appears twice")
@@ -200,12 +202,32 @@ class Method(NamedTuple):
     em: list[float]  # each run's test EM
 
 
+def last_row(run: Run) -> str:
+    return next(reversed(run.table))
+
+
+def questions_file(run: Run) -> Path:
+    """The per-question file of the run's last table row: the trained model's, or for a run
+    without RL steps its start model's or warmed-up model's."""
+    return run.path / ROW_FILES.get(last_row(run), QUESTIONS_FILE)
+
+
+def references(runs: list[Run]) -> list[Method]:
+    """The runs that trained no RL step but tested a model (e.g. --steps 0 --eval_start true): each
+    a reference, by its last table row, that every method is measured against."""
+    found = [r for r in runs if r.table and not r.rl_steps]
+    em = lambda run: float(run.table[last_row(run)]["em"])
+    return [Method(f"{r.path} ({last_row(r)})", [r], [em(r)]) for r in found]
+
+
 def methods(runs: list[Run]) -> tuple[list[Method], list[str]]:
     """The RL runs with a test figure, grouped as compare.py groups them; and notes on runs left
     out."""
     notes = [f"{r.path}: left out (no table.json)" for r in runs if r.rl_steps and not r.table]
     notes += [
-        f"{r.path}: left out (no RL steps: {r.method})" for r in runs if r.table and not r.rl_steps
+        f"{r.path}: no RL steps and no test row: left out ({r.method})"
+        for r in runs
+        if not r.table and not r.rl_steps
     ]
     tested = [r for r in runs if r.rl_steps and r.table]
     labels, label_notes = run_labels(tested)
@@ -220,10 +242,11 @@ def methods(runs: list[Run]) -> tuple[list[Method], list[str]]:
 def question_test(a: Method, b: Method, rounds: int, key: str = "em") -> str:
     """The paired permutation test over questions of per-question `key` (em, or hit1) averaged over
     each method's seeds, or why it was skipped."""
-    missing = [str(r.path) for r in a.runs + b.runs if not (r.path / QUESTIONS_FILE).exists()]
+    missing = [r for r in a.runs + b.runs if not questions_file(r).exists()]
     if missing:
-        return f"skipped: no {QUESTIONS_FILE} in {len(missing)} of {len(a.runs + b.runs)} runs"
-    per_run = lambda m: [read_questions(r.path / QUESTIONS_FILE, key) for r in m.runs]
+        names = sorted({questions_file(r).name for r in missing})
+        return f"skipped: no {' or '.join(names)} in {len(missing)} of {len(a.runs + b.runs)} runs"
+    per_run = lambda m: [read_questions(questions_file(r), key) for r in m.runs]
     qa, qb = per_run(a), per_run(b)
     common = sorted(set.intersection(*(set(q) for q in qa + qb)))
     if not common:
@@ -280,6 +303,20 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
                 + (f"Welch two-sided p {w.p:.3f}" if w else "Welch: undefined")
                 + f"; over questions: {question_test(a, b, rounds, 'hit1')}"
             )
+    for ref in references(runs):  # each method against a model that trained no RL step
+        lines += ["", f"against {ref.name}: test EM {ref.em[0]:.4f}"]
+        for m in found:
+            lines.append(
+                f"  {m.name}: EM {100 * (np.mean(m.em) - ref.em[0]):+.1f} points (mean over "
+                f"{len(m.em)} runs); over questions: {question_test(m, ref, rounds)}"
+            )
+            hit1 = [r.table[last_row(r)].get("hit1") for r in m.runs + ref.runs]
+            if all(v is not None for v in hit1):
+                lines.append(
+                    f"    first-search hit {np.mean(hit1[:-1]):.3f} against {hit1[-1]:.3f} "
+                    f"({np.mean(hit1[:-1]) - hit1[-1]:+.3f}); over questions: "
+                    f"{question_test(m, ref, rounds, 'hit1')}"
+                )
     return lines + ([""] + notes if notes else [])
 
 
