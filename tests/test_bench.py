@@ -235,3 +235,24 @@ def test_amdahl_and_the_product_split():
     assert products > 0 and rest < products
     products, rest = product_seconds(lambda: (x * x).exp())
     assert products == 0 and rest > 0
+
+
+def test_bench_bounds_the_kernel_caches_before_any_product(monkeypatch):
+    """bench.py runs fp32 sections before section 9's bf16 ones; the caches read their size at
+    their first product, so the bound is set before the model is even loaded."""
+    import os
+
+    from machinery.errors import InputError
+    from tools import bench
+
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+
+    def setup(args):
+        seen.update({k: os.environ.get(k) for k in ("LRU_CACHE_CAPACITY",)})
+        raise InputError("stop here")
+
+    monkeypatch.setattr(bench, "bench_setup", setup)
+    assert bench.main(["--only", "precision"]) == 2
+    assert seen == {"LRU_CACHE_CAPACITY": "16"}

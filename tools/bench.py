@@ -801,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start, only = time.time(), args.only.split(",")
     try:
+        lm.bound_kernel_caches()  # before any product: section 9's bf16 runs after fp32 ones
         b = bench_setup(args)
     except InputError as e:  # a model folder or data file that is not there, a bad --lora_rank
         print(f"error: {e}", file=sys.stderr)
