@@ -22,7 +22,7 @@ model's). For every pair of methods with at least two runs each it prints:
 
 A run that trained no RL step but tested a model (its start or warmed-up model, e.g. `train.py
 --steps 0 --eval_start true`) is a reference: every method's mean test EM and first-search hit is
-given against its, with the same paired test over questions (its questions-start.jsonl or
+given against it, with the same paired test over questions (its questions-start.jsonl or
 questions-warmup.jsonl).
 """
 
