@@ -16,6 +16,7 @@ import step as rl
 import train
 import warmup
 from machinery import lm, loaders, records
+from tools import significance
 from train import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,12 +150,13 @@ def test_before_after_table_rows_and_the_time_estimate(tiny_run_files, tmp_path,
         "outcome-only"
     ]  # a shared start checkpoint is evaluated once, by its own run
     assert json.loads((tmp_path / "b" / "table.json").read_text()) == table
-    for run, name, row in (
-        ("a", "questions-start.jsonl", "start model"),
-        ("a", "questions-warmup.jsonl", "after warm-up"),
-        ("a", "questions.jsonl", "IG-Search"),
-        ("b", "questions.jsonl", "outcome-only"),
-    ):  # one record a test question, agreeing with the table's row
+    for run, row in (
+        ("a", "start model"),
+        ("a", "after warm-up"),
+        ("a", "IG-Search"),
+        ("b", "outcome-only"),
+    ):  # one record a test question, where significance.py looks for it, agreeing with the row
+        name = significance.ROW_FILES.get(row, significance.QUESTIONS_FILE)
         got = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
         rows = json.loads((tmp_path / run / "table.json").read_text())
         assert [r["id"] for r in got] == ["0", "1", "2"]

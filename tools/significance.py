@@ -203,7 +203,13 @@ class Method(NamedTuple):
 
 
 def last_row(run: Run) -> str:
+    """The run's last table row: the trained model's, or the model a run without RL steps made."""
     return next(reversed(run.table))
+
+
+def last_figure(run: Run, key: str) -> float | None:
+    """A figure (em, hit1) of the run's last table row; None where the row lacks it."""
+    return run.table[last_row(run)].get(key)
 
 
 def questions_file(run: Run) -> Path:
@@ -216,8 +222,7 @@ def references(runs: list[Run]) -> list[Method]:
     """The runs that trained no RL step but tested a model (e.g. --steps 0 --eval_start true): each
     a reference, by its last table row, that every method is measured against."""
     found = [r for r in runs if r.table and not r.rl_steps]
-    em = lambda run: float(run.table[last_row(run)]["em"])
-    return [Method(f"{r.path} ({last_row(r)})", [r], [em(r)]) for r in found]
+    return [Method(f"{r.path} ({last_row(r)})", [r], [float(last_figure(r, "em"))]) for r in found]
 
 
 def methods(runs: list[Run]) -> tuple[list[Method], list[str]]:
@@ -234,8 +239,9 @@ def methods(runs: list[Run]) -> tuple[list[Method], list[str]]:
     groups: dict[str, list[Run]] = {}
     for run in tested:
         groups.setdefault(labels[id(run)], []).append(run)
-    last_em = lambda run: float(next(reversed(run.table.values()))["em"])
-    found = [Method(name, rs, [last_em(r) for r in rs]) for name, rs in groups.items()]
+    found = [
+        Method(name, rs, [float(last_figure(r, "em")) for r in rs]) for name, rs in groups.items()
+    ]
     return sorted(found, key=lambda m: -float(np.mean(m.em))), notes + label_notes
 
 
@@ -295,7 +301,7 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
             f"{gaps} seeds a method (points)",
             f"  paired permutation over questions: {question_test(a, b, rounds)}",
         ]
-        hit1 = [[r.table[next(reversed(r.table))].get("hit1") for r in m.runs] for m in (a, b)]
+        hit1 = [[last_figure(r, "hit1") for r in m.runs] for m in (a, b)]
         if all(v is not None for h in hit1 for v in h):
             w = welch(*hit1)
             lines.append(
@@ -310,7 +316,7 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
                 f"  {m.name}: EM {100 * (np.mean(m.em) - ref.em[0]):+.1f} points (mean over "
                 f"{len(m.em)} runs); over questions: {question_test(m, ref, rounds)}"
             )
-            hit1 = [r.table[last_row(r)].get("hit1") for r in m.runs + ref.runs]
+            hit1 = [last_figure(r, "hit1") for r in m.runs + ref.runs]
             if all(v is not None for v in hit1):
                 lines.append(
                     f"    first-search hit {np.mean(hit1[:-1]):.3f} against {hit1[-1]:.3f} "
