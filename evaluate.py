@@ -299,28 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         device = next(model.parameters()).device
         compute = rl.choose_compute(args.fast, device, lm.amp_dtype(args.precision, device))
-        rows, shown, everything, records = {}, [], [], []
+        rows, everything, records = {}, [], []
         for path, questions in zip(files, question_sets):
-            summary, answered = evaluate(
-                model,
-                tokenizer,
-                questions,
-                search,
-                cfg,
-                compute,
-                with_ig=args.show > 0,
-                desc=Path(path).stem,
-            )
             name = Path(path).stem
+            summary, answered = evaluate(
+                model, tokenizer, questions, search, cfg, compute, with_ig=args.show > 0, desc=name
+            )
             name = name if name not in rows else f"{name}_{len(rows) + 1}"
             rows[name] = summary
             records += [{"dataset": name, **r} for r in question_records(answered)]
-            shown += answered[: max(0, args.show - len(shown))]
             everything += answered
     except (InputError, RetrieverError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for a in shown:
+    for a in everything[: args.show]:  # the first N trajectories, across the files
         print(show_trajectory(a) + "\n")
     if args.show:
         print(ig_by_retrieval(everything) + "\n")
