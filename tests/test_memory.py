@@ -128,6 +128,56 @@ def test_the_table_prints_offline_for_qwen(capsys):
     assert "3.09 B parameters" in out and "| fits 24.0 GiB | no | no |" in out
 
 
+def saved_bytes_per_token(model, bf16: bool) -> float:
+    """What a forward pass saves for backward, per token and layer, counted by torch's hooks: the
+    slope between two lengths, so the bf16 weight copies autocast saves (no token dimension) cancel;
+    parameters and the logits are left out (their own terms)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    vocab = model.config.vocab_size
+
+    def saved(T: int) -> int:
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params and t.shape[-1:] != (vocab,):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, vocab, (2, T))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(input_ids=ids, use_cache=False)
+        return sum(seen.values())
+
+    return (saved(96) - saved(32)) / (2 * 64) / model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("hidden,intermediate", [(32, 64), (64, 160)])
+def test_a_layers_saved_activations_are_what_the_formula_counts(hidden, intermediate):
+    """In fp32 and under bf16 autocast: autocast keeps the residual stream and the norms in fp32,
+    so a layer saves ~0.72 of fp32's bytes, not half (counting half underestimated bf16 runs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model, shape = LlamaForCausalLM(cfg), memory.model_shape(cfg)
+    ratios = {}
+    for bf16 in (False, True):
+        ratios[bf16] = saved_bytes_per_token(model, bf16) / memory.saved_per_token(shape, bf16)
+        assert 0.95 < ratios[bf16] < 1.10, (bf16, ratios[bf16])
+    assert 0.65 < memory.saved_per_token(shape, True) / memory.saved_per_token(shape, False) < 0.8
+
+
 def test_the_estimate_follows_the_runs_precision_on_the_cpu(monkeypatch, capsys):
     """bf16 autocast on a CPU adds the bf16 copy of the trained weights and holds bf16 activations;
     train.py's check passes the run's own choice (--precision fp32 on a bf16 CPU: no copy)."""
