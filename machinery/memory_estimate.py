@@ -149,7 +149,7 @@ def estimate(
     """Bytes each term holds, per phase (rollout and evaluation, IG scoring, update), per rank.
     bf16: the run autocasts to bf16 (train.py's choice from --precision; None: on CUDA only)."""
     bf16 = device_type == "cuda" if bf16 is None else bf16
-    s, act = shape, (2 if bf16 else 4)  # bf16 activations under autocast
+    s, act = shape, (2 if bf16 else 4)  # the products' outputs are bf16 under autocast
     T, generated, inserted = lengths(cfg)
     adapter = lora_params(s, cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else 0
     trained = adapter or s.params

@@ -171,16 +171,16 @@ def test_a_layers_saved_activations_are_what_the_formula_counts(hidden, intermed
         num_key_value_heads=2,
     )
     model, shape = LlamaForCausalLM(cfg), memory.model_shape(cfg)
-    ratios = {}
     for bf16 in (False, True):
-        ratios[bf16] = saved_bytes_per_token(model, bf16) / memory.saved_per_token(shape, bf16)
-        assert 0.95 < ratios[bf16] < 1.10, (bf16, ratios[bf16])
+        ratio = saved_bytes_per_token(model, bf16) / memory.saved_per_token(shape, bf16)
+        assert 0.95 < ratio < 1.10, (bf16, ratio)
     assert 0.65 < memory.saved_per_token(shape, True) / memory.saved_per_token(shape, False) < 0.8
 
 
 def test_the_estimate_follows_the_runs_precision_on_the_cpu(monkeypatch, capsys):
-    """bf16 autocast on a CPU adds the bf16 copy of the trained weights and holds bf16 activations;
-    train.py's check passes the run's own choice (--precision fp32 on a bf16 CPU: no copy)."""
+    """bf16 autocast on a CPU adds the bf16 copy of the trained weights and holds the products'
+    activations in bf16; train.py's check passes the run's own choice (--precision fp32 on a bf16
+    CPU: no copy)."""
     shape = memory.model_shape(memory.QWEN25_3B)
     fp32 = memory.estimate(Config(), shape, "cpu", bf16=False)["update"]
     bf16 = memory.estimate(Config(), shape, "cpu", bf16=True)["update"]
