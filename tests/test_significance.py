@@ -271,3 +271,18 @@ def test_a_run_without_rl_steps_is_the_reference_each_method_is_tested_against(t
     (ref / "questions-start.jsonl").unlink()
     assert significance.main([str(ref), *runs, "--rounds", "2000"]) == 0
     assert "skipped: no questions-start.jsonl in 1 of 3 runs" in capsys.readouterr().out
+
+
+def test_a_folder_named_twice_counts_once(tmp_path, capsys):
+    """`significance.py results/fair/test-warmup results/fair/test-*` names the warm-up twice: read
+    twice, a run would be two seeds of its method (a made-up sd of 0 and a test on one run's
+    figure twice), and the reference's block would print twice."""
+    a = fake_run(tmp_path / "ig-s0", 0, [1.0, 0.0] * 4)
+    b = fake_run(tmp_path / "out-s0", 0, [0.0, 1.0] * 4, outcome_only=True)
+    runs = compare.Run.read_all([a, b, str(tmp_path / "." / "ig-s0"), a])
+    assert [r.path for r in runs] == [Path(a), Path(b)]
+    assert significance.main([a, b, a]) == 0
+    out = capsys.readouterr().out
+    assert "fewer than two runs, no test" in out  # one run a method, not two
+    assert compare.main([a, a, b]) == 0
+    assert compare.report([compare.Run.read(a), compare.Run.read(b)]) in capsys.readouterr().out

@@ -59,6 +59,15 @@ class Run:
             raise InputError(f"{path / 'wall.json'}: 'wall_seconds' is {wall!r}, not a number")
         return run
 
+    @classmethod
+    def read_all(cls, folders: list[str]) -> list[Run]:
+        """Each folder once, in the order given: a shell glob beside a named folder
+        (`test-warmup test-*`) names it twice, and a run read twice would count as two seeds."""
+        first: dict[Path, str] = {}
+        for folder in folders:
+            first.setdefault(Path(folder).resolve(), folder)
+        return [cls.read(folder) for folder in first.values()]
+
     @property
     def rl_steps(self) -> list[dict]:
         """The records of RL steps; none for a run that only warmed up (it holds validation at step
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", help="also draw the runs' learning curves to PNG")
     try:
         args = p.parse_args(argv)
-        runs = [Run.read(folder) for folder in args.runs]
+        runs = Run.read_all(args.runs)
         print(report(runs))
         if args.plot:
             plot(runs, args.plot)

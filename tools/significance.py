@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args = p.parse_args(argv)
-        print("\n".join(report([Run.read(folder) for folder in args.runs], args.rounds)))
+        print("\n".join(report(Run.read_all(args.runs), args.rounds)))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
