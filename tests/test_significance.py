@@ -286,3 +286,24 @@ def test_a_folder_named_twice_counts_once(tmp_path, capsys):
     assert "fewer than two runs, no test" in out  # one run a method, not two
     assert compare.main([a, a, b]) == 0
     assert compare.report([compare.Run.read(a), compare.Run.read(b)]) in capsys.readouterr().out
+
+
+def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp_path, capsys):
+    """What a run learned on the query task shows in its first queries' length: per run, the share
+    of questions searched and the mean words of a first query, counted from questions.jsonl; a file
+    without first queries (written before they were recorded) is left out; a first query that is
+    neither text nor null is a one-line error naming the file and line."""
+    runs = [fake_run(tmp_path / f"ig-s{s}", s, [1.0, 0.0, 1.0, 0.0]) for s in (0, 1)]
+    queries = ["a b c", None, "one two three four five", "x"]  # 3 searched, (3 + 5 + 1) / 3 words
+    path = tmp_path / "ig-s0" / "questions.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    body = [json.dumps({**r, "first_query": q}) for r, q in zip(recs, queries)]
+    path.write_text("\n".join(body) + "\n")
+    assert significance.main(runs + ["--rounds", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "  ig-s0  searched 0.750  mean words   3.0  first-search hit -  EM 0.500" in out
+    assert "  ig-s1 " not in out  # its file has no first queries
+    body[2] = json.dumps({**recs[2], "first_query": 7})
+    path.write_text("\n".join(body) + "\n")
+    assert significance.main(runs) == 2
+    assert capsys.readouterr().err == f"error: {path}:3: 'first_query' is 7, not a string or null\n"

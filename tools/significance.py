@@ -20,6 +20,10 @@ model's). For every pair of methods with at least two runs each it prints:
   questions, not of seeds: the trained models are held fixed. Without the files it is skipped and
   the output says so.
 
+Beside the tests, one descriptive line a run whose per-question file records first queries: the
+share of test questions it searched for and the mean words of its first queries (on the query
+task, what the policy learned to do with the noise clause), its first-search hit and EM.
+
 A run that trained no RL step but tested a model (its start or warmed-up model, e.g. `train.py
 --steps 0 --eval_start true`) is a reference: every method's mean test EM and first-search hit is
 given against it, with the same paired test over questions (its questions-start.jsonl or
@@ -196,6 +200,28 @@ def read_questions(path: Path, key: str = "em") -> dict[str, float]:
     return got
 
 
+def first_queries(path: Path) -> tuple[int, int, float] | None:
+    """questions.jsonl's first queries: (questions, questions searched, mean words of a first
+    query). The query task's noise clause makes a question's first query long; a policy that learns
+    to drop it writes short ones (docs/experiments.md), so the length says what a run learned. None
+    for a file written before first queries were recorded, or one without records."""
+    words: list[int] = []
+    n = 0
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)  # read_questions has read this file: it is JSON objects
+        if "first_query" not in rec:
+            return None
+        query = rec["first_query"]
+        if query is not None and not isinstance(query, str):
+            raise InputError(f"{path}:{i}: 'first_query' is {query!r}, not a string or null")
+        n += 1
+        if query is not None:
+            words.append(len(query.split()))
+    return (n, len(words), float(np.mean(words)) if words else math.nan) if n else None
+
+
 class Method(NamedTuple):
     name: str
     runs: list[Run]
@@ -278,6 +304,22 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
         lines.append(
             f"  {m.name:<{width}}{len(m.em):>2} runs  {np.mean(m.em):.4f}  sd {sd}  {each}"
         )
+    queries = []  # (run, its first queries' figures) where its per-question file records them
+    for r in [ref.runs[0] for ref in references(runs)] + [r for m in found for r in m.runs]:
+        if questions_file(r).exists():
+            read_questions(questions_file(r))  # the file's shape, checked with file:line errors
+            if (figures := first_queries(questions_file(r))) is not None:
+                queries.append((r, figures))
+    if queries:
+        lines.append("test first queries by run (from the per-question files):")
+        width = max(len(r.path.name) for r, _ in queries) + 2
+        for r, (n, searched, words) in queries:
+            hit1 = last_figure(r, "hit1")
+            lines.append(
+                f"  {r.path.name:<{width}}searched {searched / n:.3f}  mean words {words:5.1f}  "
+                f"first-search hit {'-' if hit1 is None else f'{hit1:.3f}'}  "
+                f"EM {last_figure(r, 'em'):.3f}"
+            )
     few = [m.name for m in found if len(m.em) < 2]
     if few:
         notes.append(f"fewer than two runs, no test: {', '.join(few)}")
