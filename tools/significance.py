@@ -39,7 +39,7 @@ import signal
 import sys
 from pathlib import Path
 from statistics import NormalDist
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -178,19 +178,25 @@ def paired_permutation(d: np.ndarray, rounds: int = 20_000, seed: int = 0) -> tu
 # ----------------------------------------------------------------------------- run folders
 
 
-def read_questions(path: Path, key: str = "em") -> dict[str, float]:
-    """questions.jsonl: question id -> EM (0 or 1, or a share), one JSON object a line; key "hit1":
-    whether its first search found the gold (files written before hit1 was recorded lack it)."""
-    got: dict[str, float] = {}
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """The per-question file's records with their line numbers; blank lines skipped, a line that is
+    not JSON a file:line error."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
         except RecursionError:
             raise InputError(f"{path}:{n}: JSON nested too deep") from None
+
+
+def read_questions(path: Path, key: str = "em") -> dict[str, float]:
+    """questions.jsonl: question id -> EM (0 or 1, or a share), one JSON object a line; key "hit1":
+    whether its first search found the gold (files written before hit1 was recorded lack it)."""
+    got: dict[str, float] = {}
+    for n, rec in json_lines(path):
         em = rec.get(key) if isinstance(rec, dict) else None  # hit1 is written true or false
         if not isinstance(rec, dict) or "id" not in rec or not isinstance(em, (int, float)):
             raise InputError(f"{path}:{n}: not an object with an 'id' and a number '{key}'")
@@ -207,11 +213,8 @@ def first_queries(path: Path) -> tuple[int, int, float] | None:
     for a file written before first queries were recorded, or one without records."""
     words: list[int] = []
     n = 0
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)  # read_questions has read this file: it is JSON objects
-        if "first_query" not in rec:
+    for i, rec in json_lines(path):
+        if not isinstance(rec, dict) or "first_query" not in rec:
             return None
         query = rec["first_query"]
         if query is not None and not isinstance(query, str):
@@ -305,7 +308,8 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
             f"  {m.name:<{width}}{len(m.em):>2} runs  {np.mean(m.em):.4f}  sd {sd}  {each}"
         )
     queries = []  # (run, its first queries' figures) where its per-question file records them
-    for r in [ref.runs[0] for ref in references(runs)] + [r for m in found for r in m.runs]:
+    refs = references(runs)
+    for r in [ref.runs[0] for ref in refs] + [r for m in found for r in m.runs]:
         if questions_file(r).exists():
             read_questions(questions_file(r))  # the file's shape, checked with file:line errors
             if (figures := first_queries(questions_file(r))) is not None:
@@ -351,7 +355,7 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
                 + (f"Welch two-sided p {w.p:.3f}" if w else "Welch: undefined")
                 + f"; over questions: {question_test(a, b, rounds, 'hit1')}"
             )
-    for ref in references(runs):  # each method against a model that trained no RL step
+    for ref in refs:  # each method against a model that trained no RL step
         lines += ["", f"against {ref.name}: test EM {ref.em[0]:.4f}"]
         for m in found:
             lines.append(
