@@ -292,16 +292,24 @@ def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp
     """What a run learned on the query task shows in its first queries' length: per run, the share
     of questions searched and the mean words of a first query, counted from questions.jsonl; a file
     without first queries (written before they were recorded) is left out; a first query that is
-    neither text nor null is a one-line error naming the file and line."""
-    runs = [fake_run(tmp_path / f"ig-s{s}", s, [1.0, 0.0, 1.0, 0.0]) for s in (0, 1)]
+    neither text nor null is a one-line error naming the file and line. Where the records say
+    whether the first search hit, the line gives the EM of the questions that hit."""
+    runs = [fake_run(tmp_path / f"ig-s{s}", s, [1.0, 0.0, 1.0, 0.0]) for s in (0, 1, 2)]
     queries = ["a b c", None, "one two three four five", "x"]  # 3 searched, (3 + 5 + 1) / 3 words
     path = tmp_path / "ig-s0" / "questions.jsonl"
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     body = [json.dumps({**r, "first_query": q}) for r, q in zip(recs, queries)]
     path.write_text("\n".join(body) + "\n")
+    hits = [True, True, False, False]  # EM 1, 0 on the two hits: 0.5; the miss answered counts not
+    with_hits = [{**r, "first_query": q, "hit1": h} for r, q, h in zip(recs, queries, hits)]
+    (tmp_path / "ig-s2" / "questions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in with_hits)
+    )
     assert significance.main(runs + ["--rounds", "100"]) == 0
     out = capsys.readouterr().out
-    assert "  ig-s0  searched 0.750  mean words   3.0  first-search hit -  EM 0.500" in out
+    line = "searched 0.750  mean words   3.0  first-search hit -  EM 0.500  EM given a first hit"
+    assert f"  ig-s0  {line} -\n" in out  # no hit1 in its records
+    assert f"  ig-s2  {line} 0.500\n" in out
     assert "  ig-s1 " not in out  # its file has no first queries
     body[2] = json.dumps({**recs[2], "first_query": 7})
     path.write_text("\n".join(body) + "\n")

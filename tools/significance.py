@@ -22,7 +22,9 @@ model's). For every pair of methods with at least two runs each it prints:
 
 Beside the tests, one descriptive line a run whose per-question file records first queries: the
 share of test questions it searched for and the mean words of its first queries (on the query
-task, what the policy learned to do with the noise clause), its first-search hit and EM.
+task, what the policy learned to do with the noise clause), its first-search hit and EM, and its
+EM over the questions whose first search hit (how well it reads what it found, apart from how well
+it asks).
 
 A run that trained no RL step but tested a model (its start or warmed-up model, e.g. `train.py
 --steps 0 --eval_start true`) is a reference: every method's mean test EM and first-search hit is
@@ -206,13 +208,23 @@ def read_questions(path: Path, key: str = "em") -> dict[str, float]:
     return got
 
 
-def first_queries(path: Path) -> tuple[int, int, float] | None:
-    """questions.jsonl's first queries: (questions, questions searched, mean words of a first
-    query). The query task's noise clause makes a question's first query long; a policy that learns
-    to drop it writes short ones (docs/experiments.md), so the length says what a run learned. None
-    for a file written before first queries were recorded, or one without records."""
+class FirstQueries(NamedTuple):
+    questions: int
+    searched: int  # questions with a first query
+    words: float  # mean words of a first query
+    em_hit1: float | None  # EM over the questions whose first search hit; None without hit1
+
+
+def first_queries(path: Path) -> FirstQueries | None:
+    """questions.jsonl's first queries. The query task's noise clause makes a question's first
+    query long; a policy that learns to drop it writes short ones (docs/experiments.md), so the
+    length says what a run learned. EM = P(first search hit) x EM given a hit, near enough (a miss
+    is rarely answered), so EM given a hit says how well the run reads what it found, apart from
+    how well it asks. None for a file written before first queries were recorded, or one without
+    records."""
     words: list[int] = []
-    n = 0
+    em_of_hits: list[float] = []
+    n, has_hit1 = 0, True
     for i, rec in json_lines(path):
         if not isinstance(rec, dict) or "first_query" not in rec:
             return None
@@ -222,7 +234,13 @@ def first_queries(path: Path) -> tuple[int, int, float] | None:
         n += 1
         if query is not None:
             words.append(len(query.split()))
-    return (n, len(words), float(np.mean(words)) if words else math.nan) if n else None
+        has_hit1 = has_hit1 and "hit1" in rec
+        if rec.get("hit1"):
+            em_of_hits.append(float(rec["em"]))  # a number: read_questions checked it
+    if not n:
+        return None
+    em_hit1 = (float(np.mean(em_of_hits)) if em_of_hits else math.nan) if has_hit1 else None
+    return FirstQueries(n, len(words), float(np.mean(words)) if words else math.nan, em_hit1)
 
 
 class Method(NamedTuple):
@@ -317,12 +335,14 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
     if queries:
         lines.append("test first queries by run (from the per-question files):")
         width = max(len(r.path.name) for r, _ in queries) + 2
-        for r, (n, searched, words) in queries:
-            hit1 = last_figure(r, "hit1")
+        for r, q in queries:
+            hit1, em_hit1 = last_figure(r, "hit1"), q.em_hit1
             lines.append(
-                f"  {r.path.name:<{width}}searched {searched / n:.3f}  mean words {words:5.1f}  "
+                f"  {r.path.name:<{width}}searched {q.searched / q.questions:.3f}  "
+                f"mean words {q.words:5.1f}  "
                 f"first-search hit {'-' if hit1 is None else f'{hit1:.3f}'}  "
-                f"EM {last_figure(r, 'em'):.3f}"
+                f"EM {last_figure(r, 'em'):.3f}  "
+                f"EM given a first hit {'-' if em_hit1 is None else f'{em_hit1:.3f}'}"
             )
     few = [m.name for m in found if len(m.em) < 2]
     if few:
