@@ -288,6 +288,26 @@ def test_a_folder_named_twice_counts_once(tmp_path, capsys):
     assert compare.report([compare.Run.read(a), compare.Run.read(b)]) in capsys.readouterr().out
 
 
+def test_the_fair_test_figures_come_from_the_committed_runs(capsys):
+    """Issue 47, step 5: the README's fair-test sentence rests on the committed test runs.
+    IG-Search 0.2101 against outcome-only 0.1598 over 4 seeds each: +5.0 points, significant over
+    the 751 questions (models fixed) but not over seeds (Welch p 0.571); first-search hit 0.530
+    against 0.380 and the warm-up's 0.321; the seeds that learned the query and lost the answer."""
+    fair = ROOT / "results" / "fair"
+    runs = sorted(str(p) for m in ("ig", "outcome") for p in fair.glob(f"test-{m}-s*"))
+    assert len(runs) == 8
+    assert significance.main([str(fair / "test-warmup"), *runs]) == 0
+    out = capsys.readouterr().out
+    pair = out[out.index("IG-Search (centred, alpha 1, neg x0) [noisy] (4 runs) against") :]
+    assert "means 0.2101 and 0.1598, difference +5.0 points" in pair
+    assert "two-sided p 0.571, 95 % CI of the difference -17.5 to +27.5 points" in pair
+    assert "mean difference +5.0 points, two-sided p 5e-05" in pair
+    assert "first-search hit: means 0.530 and 0.380, Welch two-sided p 0.083" in pair
+    assert "first-search hit 0.530 against 0.321 (+0.209)" in out
+    assert "EM 0.188  EM given a first hit 0.335" in out  # seed 12: found, then lost the answer
+    assert "EM 0.075  EM given a first hit 0.130" in out  # seed 13
+
+
 def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp_path, capsys):
     """What a run learned on the query task shows in its first queries' length: per run, the share
     of questions searched and the mean words of a first query, counted from questions.jsonl; a file
