@@ -335,3 +335,18 @@ def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp
     path.write_text("\n".join(body) + "\n")
     assert significance.main(runs) == 2
     assert capsys.readouterr().err == f"error: {path}:3: 'first_query' is 7, not a string or null\n"
+
+
+def test_first_queries_checks_em_itself(tmp_path):
+    """first_queries reads the EM of the questions whose first search hit; it checks that it is a
+    number itself (a file:line error) rather than relying on read_questions having run first."""
+    path = tmp_path / "questions.jsonl"
+    recs = [
+        {"id": "q1", "em": 1, "first_query": "a b", "hit1": True},
+        {"id": "q2", "em": "yes", "first_query": "c", "hit1": True},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(significance.InputError, match=rf"^{path}:2: 'em' is 'yes', not a number$"):
+        significance.first_queries(path)
+    path.write_text(json.dumps(recs[0]) + "\n")
+    assert significance.first_queries(path) == significance.FirstQueries(1, 1, 2.0, 1.0)

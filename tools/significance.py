@@ -236,7 +236,11 @@ def first_queries(path: Path) -> FirstQueries | None:
             words.append(len(query.split()))
         has_hit1 = has_hit1 and "hit1" in rec
         if rec.get("hit1"):
-            em_of_hits.append(float(rec["em"]))  # a number: read_questions checked it
+            if not isinstance(
+                rec.get("em"), (int, float)
+            ):  # checked here too: no call order relied on
+                raise InputError(f"{path}:{i}: 'em' is {rec.get('em')!r}, not a number")
+            em_of_hits.append(float(rec["em"]))
     if not n:
         return None
     em_hit1 = (float(np.mean(em_of_hits)) if em_of_hits else math.nan) if has_hit1 else None
