@@ -311,6 +311,14 @@ def set_rng_state(rng: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(rng[k])
 
 
+def free_space(folder: Path) -> str:
+    """The free space of the disk that holds `folder`, as a failed save reports it."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        return "free space unknown"
+
+
 def save_checkpoint(
     run: Path, policy, tokenizer, model, optimizer, step: int, config: dict, gens: dict
 ) -> None:
@@ -335,13 +343,16 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": state, "rng": rng_state(gens)}, tmp / "state.pt")
         (tmp / "config.json.igsearch").write_text(json.dumps(config, indent=2))
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' writers
-        shutil.rmtree(
-            tmp, ignore_errors=True
-        )  # report a full disk as RuntimeError, SafetensorError
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # torch.save and safetensors report a full disk as RuntimeError ("unexpected pos ...") or
+        # SafetensorError, words that do not say "disk": the free space, read before the partial
+        # checkpoint is removed, shows the cause
+        free = free_space(run)
+        shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingError(
-            f"{tmp}: cannot save step {step} ({reason[:200]}); removed it: {kept_checkpoint(run)}"
+            f"{tmp}: cannot save step {step} ({reason[:200]}; {free}); removed it: "
+            f"{kept_checkpoint(run)}"
         ) from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@ and number of threads are bounded. Each case ends in one line and exit 2 before 
 
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -483,10 +484,12 @@ def test_a_save_that_fails_keeps_the_last_checkpoint_and_no_temporary_files(
     run = tmp_path / "run"
     code = train.main(train_args(tiny_run_files, run, 3))
     message = last_error_line(capsys, code)
-    assert f"{run}/checkpoint.tmp: cannot save step 2 (No space left on device)" in message
+    assert f"{run}/checkpoint.tmp: cannot save step 2 (No space left on device; " in message
+    assert re.search(r"; \d+ MiB free on its disk\); removed it", message), message
     assert f"the last complete checkpoint is {run}/checkpoint (step 1)" in message
     assert sorted(os.listdir(run)) == [".lock", "checkpoint", "config.json", "metrics.jsonl"]
     assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+    assert checkpoint.free_space(tmp_path / "gone") == "free space unknown"  # no such folder
 
 
 def test_evaluate_writes_beside_a_checkpoint_not_inside_it(tmp_path):

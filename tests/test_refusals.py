@@ -3,6 +3,7 @@ an input or a model, a resumed run means what it meant, an index never serves a 
 error path never crashes, bounded JSON nesting, flags that mean what they say."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -422,11 +423,21 @@ def test_a_full_disk_in_a_checkpoint_save_is_one_line_and_leaves_no_tmp(
         monkeypatch.setattr(torch, "save", full_disk)
     else:
         monkeypatch.setattr(lora, "save_weights", full_disk_weights)
+    real_usage = shutil.disk_usage
     run = tmp_path / "run"
+    # the run's disk as full: 3 MiB left (the words of the writers' errors do not say so)
+    monkeypatch.setattr(
+        shutil,
+        "disk_usage",
+        lambda p: (
+            real_usage(p)._replace(free=3 * 2**20) if str(p).startswith(str(run)) else real_usage(p)
+        ),
+    )
     code = train.main(train_args(tiny_run_files, run, 3))
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and "Traceback" not in "\n".join(lines), lines[-5:]
     assert f"{run}/checkpoint.tmp: cannot save step 2" in lines[-1]
+    assert "; 3 MiB free on its disk); removed it" in lines[-1]
     assert f"the last complete checkpoint is {run}/checkpoint (step 1)" in lines[-1]
     assert not (run / "checkpoint.tmp").exists()
     monkeypatch.undo()
