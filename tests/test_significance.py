@@ -308,6 +308,36 @@ def test_the_fair_test_figures_come_from_the_committed_runs(capsys):
     assert "EM 0.075  EM given a first hit 0.130" in out  # seed 13
 
 
+def test_the_hit_bonus_control_figures_come_from_the_committed_runs(capsys):
+    """Issue 47, the control: the README's and docs/experiments.md's hit-bonus figures come from
+    all ten committed test runs through the command they show. The hit bonus 0.1997 EM over its 2
+    seeds, first-search hit 0.411; IG-Search's EM not different from it (paired p 0.328), its
+    first-search hit higher (+11.9 points, paired p 5e-05)."""
+    fair = ROOT / "results" / "fair"
+    runs = sorted(str(p) for p in fair.glob("test-*-s*"))
+    assert len(runs) == 10
+    assert significance.main([str(fair / "test-warmup"), *runs]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "hit bonus (centred, alpha 1, neg x0) [noisy]   2 runs  0.1997  sd 0.021  0.214 0.185"
+        in out
+    )
+    ig = out[out.index("[noisy] (4 runs) against hit bonus") :]
+    assert "means 0.2101 and 0.1997, difference +1.0 points" in ig
+    assert "mean difference +1.0 points, two-sided p 0.328" in ig
+    assert (
+        "first-search hit: means 0.530 and 0.411, Welch two-sided p 0.139; over questions: 751 "
+        "questions, mean difference +11.9 points, two-sided p 5e-05"
+    ) in ig
+    hit = out[out.index("[noisy] (2 runs) against outcome-only") :]
+    assert "means 0.1997 and 0.1598, difference +4.0 points" in hit
+    assert "two-sided p 0.323, 95 % CI of the difference -5.9 to +13.9 points" in hit
+    assert "first-search hit: means 0.411 and 0.380, Welch two-sided p 0.452" in hit
+    assert "mean difference +3.0 points, two-sided p 0.00195" in hit
+    assert "EM 0.214  EM given a first hit 0.548" in out  # test-hit-s10
+    assert "mean words   6.7  first-search hit 0.430  EM 0.185  EM given a first hit 0.430" in out
+
+
 def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp_path, capsys):
     """What a run learned on the query task shows in its first queries' length: per run, the share
     of questions searched and the mean words of a first query, counted from questions.jsonl; a file
