@@ -236,9 +236,8 @@ def first_queries(path: Path) -> FirstQueries | None:
             words.append(len(query.split()))
         has_hit1 = has_hit1 and "hit1" in rec
         if rec.get("hit1"):
-            if not isinstance(
-                rec.get("em"), (int, float)
-            ):  # checked here too: no call order relied on
+            # checked here too, so that no call order is relied on
+            if not isinstance(rec.get("em"), (int, float)):
                 raise InputError(f"{path}:{i}: 'em' is {rec.get('em')!r}, not a number")
             em_of_hits.append(float(rec["em"]))
     if not n:
