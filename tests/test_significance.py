@@ -367,16 +367,20 @@ def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp
     assert capsys.readouterr().err == f"error: {path}:3: 'first_query' is 7, not a string or null\n"
 
 
-def test_first_queries_checks_em_itself(tmp_path):
-    """first_queries reads the EM of the questions whose first search hit; it checks that it is a
-    number itself (a file:line error) rather than relying on read_questions having run first."""
+def test_first_queries_takes_the_em_that_read_questions_checked(tmp_path, capsys):
+    """first_queries takes each question's EM from read_questions, which checks it (a file:line
+    error), rather than reading it again unchecked: an EM that is not a number stops the report in
+    one line before any first-query figure is computed."""
     path = tmp_path / "questions.jsonl"
     recs = [
         {"id": "q1", "em": 1, "first_query": "a b", "hit1": True},
         {"id": "q2", "em": "yes", "first_query": "c", "hit1": True},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    with pytest.raises(significance.InputError, match=rf"^{path}:2: 'em' is 'yes', not a number$"):
-        significance.first_queries(path)
+    with pytest.raises(significance.InputError, match=rf"^{path}:2: not an object .* number 'em'$"):
+        significance.read_questions(path)
     path.write_text(json.dumps(recs[0]) + "\n")
-    assert significance.first_queries(path) == significance.FirstQueries(1, 1, 2.0, 1.0)
+    em = significance.read_questions(path)
+    assert significance.first_queries(path, em) == significance.FirstQueries(1, 1, 2.0, 1.0)
+    # the EM given a first hit is the one passed in, by question id
+    assert significance.first_queries(path, {"q1": 0.0}).em_hit1 == 0.0

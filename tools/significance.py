@@ -215,13 +215,13 @@ class FirstQueries(NamedTuple):
     em_hit1: float | None  # EM over the questions whose first search hit; None without hit1
 
 
-def first_queries(path: Path) -> FirstQueries | None:
+def first_queries(path: Path, em: dict[str, float]) -> FirstQueries | None:
     """questions.jsonl's first queries. The query task's noise clause makes a question's first
     query long; a policy that learns to drop it writes short ones (docs/experiments.md), so the
     length says what a run learned. EM = P(first search hit) x EM given a hit, near enough (a miss
     is rarely answered), so EM given a hit says how well the run reads what it found, apart from
-    how well it asks. None for a file written before first queries were recorded, or one without
-    records."""
+    how well it asks. `em`: the file's EM by question id, as read_questions read and checked it.
+    None for a file written before first queries were recorded, or one without records."""
     words: list[int] = []
     em_of_hits: list[float] = []
     n, has_hit1 = 0, True
@@ -236,10 +236,7 @@ def first_queries(path: Path) -> FirstQueries | None:
             words.append(len(query.split()))
         has_hit1 = has_hit1 and "hit1" in rec
         if rec.get("hit1"):
-            # checked here too, so that no call order is relied on
-            if not isinstance(rec.get("em"), (int, float)):
-                raise InputError(f"{path}:{i}: 'em' is {rec.get('em')!r}, not a number")
-            em_of_hits.append(float(rec["em"]))
+            em_of_hits.append(em[str(rec["id"])])
     if not n:
         return None
     em_hit1 = (float(np.mean(em_of_hits)) if em_of_hits else math.nan) if has_hit1 else None
@@ -332,8 +329,10 @@ def report(runs: list[Run], rounds: int = 20_000) -> list[str]:
     refs = references(runs)
     for r in [ref.runs[0] for ref in refs] + [r for m in found for r in m.runs]:
         if questions_file(r).exists():
-            read_questions(questions_file(r))  # the file's shape, checked with file:line errors
-            if (figures := first_queries(questions_file(r))) is not None:
+            em = read_questions(
+                questions_file(r)
+            )  # the file's shape, checked with file:line errors
+            if (figures := first_queries(questions_file(r), em)) is not None:
                 queries.append((r, figures))
     if queries:
         lines.append("test first queries by run (from the per-question files):")
