@@ -367,10 +367,9 @@ def test_the_first_queries_of_each_run_are_described_from_its_questions_file(tmp
     assert capsys.readouterr().err == f"error: {path}:3: 'first_query' is 7, not a string or null\n"
 
 
-def test_first_queries_takes_the_em_that_read_questions_checked(tmp_path, capsys):
-    """first_queries takes each question's EM from read_questions, which checks it (a file:line
-    error), rather than reading it again unchecked: an EM that is not a number stops the report in
-    one line before any first-query figure is computed."""
+def test_first_queries_takes_the_em_that_read_questions_checked(tmp_path):
+    """first_queries takes each question's EM from read_questions, which checks it (an EM that is
+    not a number is a file:line error there), rather than reading it again from the file."""
     path = tmp_path / "questions.jsonl"
     recs = [
         {"id": "q1", "em": 1, "first_query": "a b", "hit1": True},
